@@ -1,0 +1,32 @@
+"""One object per method with the shared prefill/decode interface."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from rkvsim.models import Method, parse_method
+
+from . import fp16, gear, h2o, kivi, snapkv, streaming
+
+MODULES = {"fp16": fp16, "kivi": kivi, "gear": gear, "streamingllm": streaming, "h2o": h2o, "snapkv": snapkv}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """Attention + KV cache of one method. q (B,Hq,n,d); k/v (B,Hkv,n,d); decode n=1. Returns (out (B,Hq,n,d), cache); caches expose num_tokens and nbytes."""
+    method: Method
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor):
+        return MODULES[self.method.kind].prefill(q, k, v, self.method)
+
+    def decode(self, q: Tensor, k_new: Tensor, v_new: Tensor, cache):
+        return MODULES[self.method.kind].decode(q, k_new, v_new, cache, self.method)
+
+
+def make_kernel(method: Method | str) -> Kernel:
+    """Kernel for a Method (or a label such as 'kivi-2', 'h2o-512')."""
+    m = parse_method(method) if isinstance(method, str) else method
+    if m.kind in ("kivi", "gear") and m.group_size <= 0:
+        raise ValueError(f"{m.label}: group_size must be positive")
+    return Kernel(m)

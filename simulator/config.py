@@ -1,0 +1,153 @@
+"""The scenario schema: one YAML file a user copies and edits. Validated with pydantic;
+unknown keys are rejected and every error names the field and how to fix it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rkvsim.models import Method, default_method, parse_method, resolve_hardware, resolve_model
+
+from .workload import WorkloadConfig
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot be run; the message is one line naming the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SchedulerConfig(_Strict):
+    kind: Literal["paged"] = "paged"
+    max_batch_size: int = Field(256, ge=1, description="most requests in one engine iteration")
+    max_batched_tokens: int = Field(8192, ge=16, description="most new tokens (prefill + decode) per iteration")
+    chunked_prefill: bool = False
+    block_size: int = Field(16, ge=1, description="token slots per KV block")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=2, description="context window; default: the model's")
+
+
+class Scenario(_Strict):
+    name: str = "scenario"
+    seed: int = 0
+    model: str
+    hardware: str
+    profile: str | None = Field(None, description="profile folder for calibrated costs (else roofline prior)")
+    tp: int | list[int] = Field(1, description="tensor-parallel degree, or a list to compare several")
+    replicas: int = Field(1, ge=1)
+    methods: list[str | dict] = Field(default_factory=lambda: ["fp16"])
+    router: Literal["round_robin", "least_outstanding", "least_kv"] = "least_kv"
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    workload: WorkloadConfig
+
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, v: str) -> str:
+        try:
+            resolve_model(v)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        return v
+
+    @field_validator("hardware")
+    @classmethod
+    def _hw_known(cls, v: str) -> str:
+        try:
+            resolve_hardware(v)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_valid(cls, v: list) -> list:
+        if not v:
+            raise ValueError("list at least one method, e.g. [fp16, kivi-4]")
+        labels = [m.label for m in (method_from_entry(e) for e in v)]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise ValueError(f"methods repeat {sorted(dup)}; give each setting once")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        m = resolve_model(self.model)
+        for tp in self.tp_list:
+            if tp < 1 or (m.num_kv_heads % tp and tp % m.num_kv_heads):
+                raise ValueError(f"tp={tp} does not split {m.name}'s {m.num_kv_heads} KV heads evenly; "
+                                 "use a divisor or multiple of the KV head count")
+        sc = self.scheduler
+        max_len = sc.max_model_len or m.max_position
+        if not sc.chunked_prefill and sc.max_batched_tokens < max_len:
+            raise ValueError(f"scheduler.max_batched_tokens ({sc.max_batched_tokens}) is below the {max_len}-token "
+                             "context window, so long prompts could never be scheduled; raise it or set "
+                             "scheduler.chunked_prefill: true")
+        return self
+
+    @property
+    def tp_list(self) -> list[int]:
+        return list(self.tp) if isinstance(self.tp, list) else [self.tp]
+
+    @property
+    def method_list(self) -> list[Method]:
+        return [method_from_entry(e) for e in self.methods]
+
+
+def method_from_entry(entry: str | dict) -> Method:
+    """'kivi-2' or {kind: kivi, bits: 2, residual: 64}."""
+    try:
+        if isinstance(entry, str):
+            return parse_method(entry)
+        if isinstance(entry, dict):
+            d = dict(entry)
+            kind = d.pop("kind", None)
+            if kind is None:
+                raise ValueError(f"method {entry} needs a 'kind' (fp16, kivi, gear, streamingllm, h2o, snapkv)")
+            return default_method(str(kind), **d)
+    except TypeError as e:
+        raise ValueError(f"bad method {entry!r}: {e}") from None
+    raise ValueError(f"method entries are names like 'kivi-4' or mappings with 'kind', got {entry!r}")
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key; remove it or check its spelling against the scenario reference in README.md"
+    elif e["type"] == "missing":
+        msg = "required; add it to the scenario"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{loc or 'scenario'}: {msg}{more}"
+
+
+def load_scenario(path: str | Path, overrides: dict | None = None) -> Scenario:
+    """Read and validate a scenario file; raises ScenarioError with a one-line message."""
+    p = Path(path)
+    if not p.is_file():
+        raise ScenarioError(f"{p}: no such scenario file; pass a path to a .yaml file such as scenarios/heavy_kv.yaml")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ScenarioError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{p}: a scenario is a YAML mapping (model:, hardware:, workload: ...)")
+    for k, v in (overrides or {}).items():
+        _set_dotted(data, k, v)
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as e:
+        raise ScenarioError(f"{p}: {_format_error(e)}") from None
+
+
+def _set_dotted(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value

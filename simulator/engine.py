@@ -1,0 +1,108 @@
+"""One simulation: a workload, a router and replicas in one SimPy environment, per method."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import simpy
+
+from rkvsim.models import Method, resolve_hardware, resolve_model
+
+from .config import Scenario
+from .cost_model import CostModel, RooflineCostModel
+from .kv_memory import KVLayout, kv_layout
+from .records import RequestLog
+from .replica import Replica
+from .router import Router
+from .workload import sample_arrivals, sample_lengths
+
+
+@dataclass
+class Workload:
+    prompt: np.ndarray
+    output: np.ndarray
+    arrivals: np.ndarray | None      # None: closed loop
+    concurrency: int = 0
+    think_time_s: float = 0.0
+
+
+@dataclass
+class MethodRun:
+    label: str
+    method: Method
+    tp: int
+    layout: KVLayout
+    log: RequestLog
+    replicas: list[Replica]
+    cost_source: str
+
+
+def build_workload(scn: Scenario, seed: int, base_dir: Path) -> Workload:
+    rng = np.random.default_rng(seed)
+    prompt, output = sample_lengths(scn.workload, rng, base_dir)
+    arrivals = sample_arrivals(scn.workload.arrival, len(prompt), rng)
+    a = scn.workload.arrival
+    return Workload(prompt, output, arrivals, getattr(a, "concurrency", 0), getattr(a, "think_time_s", 0.0))
+
+
+def variants(scn: Scenario) -> list[tuple[str, Method, int]]:
+    """(label, method, tp) for every method at every TP degree the scenario compares."""
+    tps = scn.tp_list
+    return [(m.label if len(tps) == 1 else f"{m.label}@tp{tp}", m, tp) for tp in tps for m in scn.method_list]
+
+
+def make_cost_model(scn: Scenario, method: Method, tp: int) -> CostModel:
+    return RooflineCostModel(resolve_model(scn.model), resolve_hardware(scn.hardware), method, tp)
+
+
+def simulate_method(scn: Scenario, method: Method, wl: Workload, tp: int | None = None,
+                    cost: CostModel | None = None, label: str | None = None) -> MethodRun:
+    model, hw = resolve_model(scn.model), resolve_hardware(scn.hardware)
+    tp = tp or scn.tp_list[0]
+    sc = scn.scheduler
+    layout = kv_layout(model, hw, method, tp, sc.block_size, sc.gpu_memory_utilization,
+                       sc.max_batched_tokens, sc.max_batch_size)
+    cost = cost or make_cost_model(scn, method, tp)
+    max_len = sc.max_model_len or model.max_position
+    log = RequestLog(wl.prompt, wl.output)
+    env = simpy.Environment()
+    pending = iter(range(len(wl.prompt)))
+
+    def next_closed_loop(_rid: int) -> None:
+        rid = next(pending, None)
+        if rid is None:
+            return
+        # Always through an event (even with zero think time): a run of rejected requests
+        # must not recurse through dispatch -> on_done -> dispatch.
+        env.timeout(wl.think_time_s).callbacks.append(lambda _ev: dispatch(rid))
+
+    on_done = next_closed_loop if wl.arrivals is None else (lambda _rid: None)
+    replicas = [Replica(env, i, layout, cost, sc, log, on_done) for i in range(scn.replicas)]
+    router = Router(replicas, scn.router)
+
+    def dispatch(rid: int) -> None:
+        log.arrival[rid] = env.now
+        p, o = int(log.prompt[rid]), int(log.output[rid])
+        if p + o > max_len:
+            log.reject(rid, f"prompt+output {p + o} exceeds the {max_len}-token context window")
+        elif layout.blocks_for(p + o) > layout.num_blocks:
+            log.reject(rid, f"needs {layout.blocks_for(p + o)} KV blocks, the replica has {layout.num_blocks}")
+        else:
+            router.pick().submit(rid)
+            return
+        on_done(rid)
+
+    def open_loop(times: np.ndarray):
+        for rid, t in enumerate(times.tolist()):
+            if t > env.now:
+                yield env.timeout(t - env.now)
+            dispatch(rid)
+
+    if wl.arrivals is None:
+        for _ in range(min(wl.concurrency, len(wl.prompt))):
+            next_closed_loop(-1)
+    else:
+        env.process(open_loop(wl.arrivals))
+    env.run()
+    return MethodRun(label or method.label, method, tp, layout, log, replicas, cost.source)

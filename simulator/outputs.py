@@ -1,0 +1,90 @@
+"""Writing a run's results: summary.json, per-request and per-step tables, report.html.
+Everything is written into a temporary folder beside the target and renamed into place,
+so a failed or interrupted run never leaves a half-written results folder."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .engine import MethodRun
+from .metrics import per_request_columns, summarize
+
+SCHEMA_VERSION = 1
+MAX_SERIES_POINTS = 2000
+
+
+def build_summary(scenario_name: str, seed: int, runs: list[MethodRun], extra: dict) -> dict:
+    sources = sorted({r.cost_source for r in runs})
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "scenario": scenario_name,
+        "seed": seed,
+        "cost_source": sources[0] if len(sources) == 1 else sources,
+        **extra,
+        "methods": {r.label: {**summarize(r.log, [rep.steps for rep in r.replicas], r.layout.num_blocks),
+                                     "kv_capacity_tokens": int(r.layout.num_blocks * r.layout.block_size)}
+                    for r in runs},
+    }
+
+
+def request_table(runs: list[MethodRun]):
+    import pandas as pd
+    frames = []
+    for r in runs:
+        df = pd.DataFrame(per_request_columns(r.log))
+        df.insert(0, "method", r.label)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def series_table(runs: list[MethodRun]):
+    """Per-step KV occupancy and batch size, thinned to at most MAX_SERIES_POINTS per replica."""
+    import pandas as pd
+    frames = []
+    for r in runs:
+        for rep in r.replicas:
+            n = len(rep.steps)
+            if n == 0:
+                continue
+            idx = np.unique(np.linspace(0, n - 1, min(n, MAX_SERIES_POINTS)).astype(np.int64))
+            frames.append(pd.DataFrame({
+                "method": r.label, "replica": rep.index,
+                "time_s": np.frombuffer(rep.steps.t_end)[idx],
+                "kv_fraction": np.frombuffer(rep.steps.kv_fraction)[idx],
+                "batch_size": np.frombuffer(rep.steps.batch, np.int64)[idx],
+                "step_s": np.frombuffer(rep.steps.dt)[idx],
+            }))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["method", "replica", "time_s", "kv_fraction", "batch_size", "step_s"])
+
+
+def write_results(out_dir: Path, summary: dict, runs: list[MethodRun], scenario_text: str) -> Path:
+    from .report import write_report
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+        (tmp / "scenario.yaml").write_text(scenario_text)
+        requests = request_table(runs)
+        series = series_table(runs)
+        requests.to_parquet(tmp / "requests.parquet", index=False)
+        series.to_parquet(tmp / "timeseries.parquet", index=False)
+        write_report(tmp / "report.html", summary, requests, series)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

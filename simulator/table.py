@@ -1,0 +1,25 @@
+"""The per-method table printed after a run."""
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def _f(x, scale=1.0, fmt="{:.2f}"):
+    return "-" if x is None else fmt.format(x * scale)
+
+
+def method_table(summary: dict) -> Table:
+    t = Table(title=f"{summary['scenario']} (seed {summary['seed']})")
+    for col in ("method", "done", "rej", "out tok/s", "req/s", "TTFT p50/p90 s", "TPOT p50/p90 ms",
+                "E2E p50/p90 s", "preempt", "KV peak"):
+        t.add_column(col, justify="right" if col != "method" else "left")
+    for label, m in summary["methods"].items():
+        t.add_row(
+            label, str(m["requests_completed"]), str(m["requests_rejected"]),
+            _f(m["output_tokens_per_s"], fmt="{:.0f}"), _f(m["requests_per_s"]),
+            f"{_f(m['ttft_s']['p50'])}/{_f(m['ttft_s']['p90'])}",
+            f"{_f(m['tpot_s']['p50'], 1e3, '{:.1f}')}/{_f(m['tpot_s']['p90'], 1e3, '{:.1f}')}",
+            f"{_f(m['e2e_s']['p50'])}/{_f(m['e2e_s']['p90'])}",
+            str(m["preemptions"]), _f(m["kv_peak_fraction"], 100, "{:.0f}%"),
+        )
+    return t
