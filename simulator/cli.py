@@ -28,7 +28,8 @@ def cmd_run(args) -> int:
     from .outputs import build_summary, write_results
     from .table import method_table
 
-    console = Console(stderr=False)
+    # Piped output would otherwise be cut to 80 columns, squeezing the table unreadably.
+    console = Console(width=None if sys.stdout.isatty() else 150)
     err = Console(stderr=True)
     path = Path(args.scenario)
     try:

@@ -25,10 +25,27 @@ class RequestLog:
         self.rejected = np.zeros(n, bool)
         self.reject_reason: dict[int, str] = {}
         self.prefill_tokens = 0  # all prefill work, recomputation included
-        self.itl_hist = np.zeros(len(ITL_EDGES) + 1, np.int64)
+        self._itl_hist = np.zeros(len(ITL_EDGES) + 1, np.int64)
+        self._itl_buf: list[np.ndarray] = []
+        self._itl_buffered = 0
 
     def add_itls(self, itl: np.ndarray) -> None:
-        self.itl_hist += np.bincount(np.searchsorted(ITL_EDGES, itl), minlength=len(self.itl_hist))
+        # Binning every step costs more than the step itself; bin in bulk instead.
+        self._itl_buf.append(itl)
+        self._itl_buffered += len(itl)
+        if self._itl_buffered > 200_000:
+            self._flush_itls()
+
+    def _flush_itls(self) -> None:
+        if self._itl_buf:
+            x = np.concatenate(self._itl_buf)
+            self._itl_hist += np.bincount(np.searchsorted(ITL_EDGES, x), minlength=len(self._itl_hist))
+            self._itl_buf, self._itl_buffered = [], 0
+
+    @property
+    def itl_hist(self) -> np.ndarray:
+        self._flush_itls()
+        return self._itl_hist
 
     def reject(self, rid: int, reason: str) -> None:
         self.rejected[rid] = True

@@ -27,7 +27,9 @@ _EMPTY = np.zeros(0, np.int64)
 
 
 class Replica:
-    COLS = ("rid", "ctx", "plen", "gen", "out", "blocks")
+    # Rows of the packed decode columns; ctx and gen are adjacent so one op advances both.
+    CTX, GEN, RID, PLEN, OUT, BLK = range(6)
+    LAST, ITLMAX = range(2)
 
     def __init__(self, env: simpy.Environment, index: int, layout: KVLayout, cost: CostModel,
                  cfg: SchedulerConfig, log: RequestLog, on_done: Callable[[int], None]):
@@ -38,8 +40,11 @@ class Replica:
         # prefilling requests: [rid, tokens done, tokens to prefill, blocks held]
         self.prefilling: list[list[int]] = []
         cap = cfg.max_batch_size
-        self.d = {c: np.zeros(cap, np.int64) for c in self.COLS}
-        self.d_last = np.zeros(cap)  # time of each decoding request's latest token
+        self.D = np.zeros((6, cap), np.int64)
+        self.F = np.zeros((2, cap))  # latest token time, largest inter-token gap so far
+        # vLLM's admission watermark: keep 1% of blocks free for running requests to grow
+        # into, or every admission is paid for by a preemption one step later.
+        self.watermark = max(1, layout.num_blocks // 100)
         self.n_dec = 0
         self.blocks_used = 0
         self.outstanding = 0
@@ -70,12 +75,13 @@ class Replica:
                 continue
             chunks, dec_need = plan
             n = self.n_dec if dec_need is not None else 0
-            d = self.d
+            D = self.D
             batch = StepBatch(
                 prefill_new=np.array([c[1] for c in chunks], np.int64) if chunks else _EMPTY,
                 prefill_past=np.array([c[0][1] for c in chunks], np.int64) if chunks else _EMPTY,
-                decode_ctx=d["ctx"][:n] + 1 if n else _EMPTY,
-                decode_prompt=d["plen"][:n] if n else _EMPTY,
+                prefill_done=np.array([c[0][1] + c[1] >= c[0][2] for c in chunks], bool) if chunks else None,
+                decode_ctx=D[self.CTX, :n] + 1 if n else _EMPTY,
+                decode_prompt=D[self.PLEN, :n] if n else _EMPTY,
             )
             dt = self.cost.step_time(batch)
             yield env.timeout(dt)
@@ -126,7 +132,8 @@ class Replica:
             if take > budget:
                 break
             need = lay.blocks_for(take)
-            if self.blocks_used + need > lay.num_blocks:
+            busy = self.n_dec or self.prefilling
+            if self.blocks_used + need > lay.num_blocks - (self.watermark if busy else 0):
                 break
             self.waiting.popleft()
             self.blocks_used += need
@@ -149,10 +156,10 @@ class Replica:
 
     def _reserve_decode(self) -> np.ndarray:
         """Blocks each decoding request needs after this step; preempts (LIFO) until they fit."""
-        lay, d = self.layout, self.d
+        lay, D = self.layout, self.D
         n = self.n_dec
-        need = lay.blocks_for_vec(lay.cached_vec(d["plen"][:n], d["ctx"][:n] + 1))
-        total = self.blocks_used + int(need.sum() - d["blocks"][:n].sum())
+        need = lay.blocks_for_vec(lay.cached_vec(D[self.PLEN, :n], D[self.CTX, :n] + 1))
+        total = self.blocks_used + int(need.sum() - D[self.BLK, :n].sum())
         while total > lay.num_blocks and n > 0:
             n -= 1
             total -= int(need[n])
@@ -162,39 +169,40 @@ class Replica:
 
     def _preempt_last(self) -> None:
         i = self.n_dec - 1
-        rid = int(self.d["rid"][i])
-        self.log.generated[rid] = self.d["gen"][i]
-        self.log.preemptions[rid] += 1
-        self.log.last_token[rid] = self.d_last[i]
-        self.blocks_used -= int(self.d["blocks"][i])
+        D, log = self.D, self.log
+        rid = int(D[self.RID, i])
+        log.generated[rid] = D[self.GEN, i]
+        log.preemptions[rid] += 1
+        log.last_token[rid] = self.F[self.LAST, i]
+        log.itl_max[rid] = np.fmax(log.itl_max[rid], self.F[self.ITLMAX, i])
+        self.blocks_used -= int(D[self.BLK, i])
         self.n_dec = i
         self.waiting.appendleft(rid)
 
     # ---- applying a finished step ----------------------------------------------------
     def _finish_decode_step(self, n: int, need: np.ndarray, now: float) -> None:
-        d, log = self.d, self.log
-        d["ctx"][:n] += 1
-        d["gen"][:n] += 1
-        d["blocks"][:n] = need
-        itl = now - self.d_last[:n]
+        D, F, log = self.D, self.F, self.log
+        D[self.CTX:self.GEN + 1, :n] += 1
+        D[self.BLK, :n] = need
+        itl = now - F[self.LAST, :n]
         log.add_itls(itl)
-        rids = d["rid"][:n]
-        log.itl_max[rids] = np.fmax(log.itl_max[rids], itl)
-        self.d_last[:n] = now
-        done = d["gen"][:n] >= d["out"][:n]
+        np.maximum(F[self.ITLMAX, :n], itl, out=F[self.ITLMAX, :n])
+        F[self.LAST, :n] = now
+        done = D[self.GEN, :n] >= D[self.OUT, :n]
         if done.any():
             for i in np.flatnonzero(done):
-                self._complete(int(rids[i]), int(d["gen"][i]), now)
-                self.blocks_used -= int(d["blocks"][i])
+                rid = int(D[self.RID, i])
+                log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
+                self._complete(rid, int(D[self.GEN, i]), now)
+                self.blocks_used -= int(D[self.BLK, i])
             keep = ~done
             m = int(keep.sum())
-            for c in self.COLS:
-                d[c][:m] = d[c][:n][keep]
-            self.d_last[:m] = self.d_last[:n][keep]
+            D[:, :m] = D[:, :n][:, keep]
+            F[:, :m] = F[:, :n][:, keep]
             self.n_dec = m
 
     def _finish_prefills(self, now: float) -> None:
-        log, lay, d = self.log, self.layout, self.d
+        log, lay, D, F = self.log, self.layout, self.D, self.F
         still = []
         for entry in self.prefilling:
             rid, done, total, blocks = entry
@@ -218,9 +226,8 @@ class Replica:
             keep_blocks = lay.blocks_for(cached)
             self.blocks_used -= blocks - keep_blocks
             i = self.n_dec
-            d["rid"][i], d["ctx"][i], d["plen"][i] = rid, total, total
-            d["gen"][i], d["out"][i], d["blocks"][i] = gen, log.output[rid], keep_blocks
-            self.d_last[i] = now
+            D[:, i] = (total, gen, rid, total, log.output[rid], keep_blocks)  # CTX GEN RID PLEN OUT BLK
+            F[:, i] = (now, 0.0)
             self.n_dec += 1
         self.prefilling = still
 

@@ -11,7 +11,7 @@ def _f(x, scale=1.0, fmt="{:.2f}"):
 def method_table(summary: dict) -> Table:
     t = Table(title=f"{summary['scenario']} (seed {summary['seed']})")
     for col in ("method", "done", "rej", "out tok/s", "req/s", "TTFT p50/p90 s", "TPOT p50/p90 ms",
-                "E2E p50/p90 s", "preempt", "KV peak"):
+                "E2E p50/p90 s", "preempt", "KV peak", "batch"):
         t.add_column(col, justify="right" if col != "method" else "left")
     for label, m in summary["methods"].items():
         t.add_row(
@@ -21,5 +21,6 @@ def method_table(summary: dict) -> Table:
             f"{_f(m['tpot_s']['p50'], 1e3, '{:.1f}')}/{_f(m['tpot_s']['p90'], 1e3, '{:.1f}')}",
             f"{_f(m['e2e_s']['p50'])}/{_f(m['e2e_s']['p90'])}",
             str(m["preemptions"]), _f(m["kv_peak_fraction"], 100, "{:.0f}%"),
+            _f(m["mean_batch_size"], fmt="{:.1f}"),
         )
     return t
