@@ -209,3 +209,16 @@ def test_bad_scenario_errors_are_one_line_and_name_the_field(tmp_path, capsys):
     assert main(["run", str(f), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "workload.arrival" in err and "rate" in err
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "scenarios").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_scenarios_validate_and_run(path):
+    from rkvsim.simulator.config import load_scenario
+    from rkvsim.simulator.engine import variants
+    scn = load_scenario(path, {"workload.num_requests": 25})
+    wl = build_workload(scn, scn.seed, path.parent)
+    for label, m, tp in variants(scn):
+        run = simulate_method(scn, m, wl, tp=tp, label=label)
+        check_invariants(run, wl)
+        assert np.isfinite(run.log.finish).sum() > 0
