@@ -32,12 +32,15 @@ class TableSchema:
 # decode: one new token per sequence attending a cache built from `kv_len` tokens.
 # Heads are the heads actually timed (see meta.json `reductions` for any cut).
 # cache_tokens / cache_nbytes: the cache the method holds after the step (whole batch).
+# overhead_s_median: work an engine does around the kernel that Vidur times apart
+# (attn_input_reshape + attn_output_reshape + attn_kv_cache_save); empty for collected
+# rows, whose kernels include their cache writes.
 ATTENTION = TableSchema(
     name="attention",
     key=("method", "stage", "batch_size", "kv_len", "new_tokens", "tp"),
     columns=("schema_version", "method", "kind", "stage", "batch_size", "kv_len", "new_tokens", "tp",
              "num_q_heads", "num_kv_heads", "head_dim", "dtype") + TIME_COLUMNS
-    + ("cache_tokens", "cache_nbytes", "source"),
+    + ("overhead_s_median", "cache_tokens", "cache_nbytes", "source"),
 )
 
 # Dense (method independent) operators of ONE decoder layer, plus embedding / LM head /

@@ -65,6 +65,12 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_negatives(args) -> int:
+    from rkvsim.calibration.negatives_cli import cli_main  # lazy: `run` never pays for it
+
+    return cli_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rkvsim", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -75,6 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario field by dotted path, e.g. --set workload.arrival.rate=8")
     r.set_defaults(func=cmd_run)
+    n = sub.add_parser("negatives", help="count negative samples (paper's Algorithm 1) in per-sample LongBench scores")
+    n.add_argument("--scores", required=True, help="folder of {PREFIX}_{task}_eval.json files")
+    n.add_argument("--baseline", required=True, metavar="PREFIX", help="file prefix of the uncompressed run")
+    n.add_argument("--method", dest="methods", action="append", required=True, metavar="NAME=PREFIX")
+    n.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=a,b",
+                   help="negative when every listed method fails")
+    n.add_argument("--threshold", type=float, default=0.1, help="relative score drop that counts as failing")
+    n.add_argument("--compat", choices=["strict", "paper"], default="strict",
+                   help="paper: reproduce the artifact's counting (passage_count twice, 0-vs-0 ties)")
+    n.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    n.add_argument("--plot", metavar="FILE.html", help="write the count-vs-threshold curve")
+    n.set_defaults(func=cmd_negatives)
     args = p.parse_args(argv)
     return args.func(args)
 

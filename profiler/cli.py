@@ -1,0 +1,99 @@
+"""rkvprof: collect per-operator profiles on this device, or import Vidur-format ones."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rkvsim.models import parse_method, resolve_model
+
+from .device import ProfilerError
+
+DEFAULT_METHODS = "fp16,kivi,gear,streamingllm,h2o,snapkv"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .collect import PARTS
+    from .grids import GRIDS
+
+    p = argparse.ArgumentParser(prog="rkvprof", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("collect", help="time attention per method, compression steps and dense ops")
+    c.add_argument("--model", required=True, help="model name or hub id (rkvsim.models)")
+    c.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated method labels (default: {DEFAULT_METHODS}; e.g. kivi-2, h2o-1024)")
+    c.add_argument("--grid", default="quick", choices=sorted(GRIDS))
+    c.add_argument("--out", required=True, type=Path, help="profile folder (resumed if it exists)")
+    c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    c.add_argument("--gpu", default=None,
+                   help="hardware the profile is for; must match the detected device (cpu: only 'cpu')")
+    c.add_argument("--attention-heads", type=int, default=None,
+                   help="query heads to time attention with (default: the model's; cut on CPU for big models)")
+    c.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    c.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+    c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+
+    i = sub.add_parser("import-vidur", help="convert Vidur-format profile CSVs into rkvprof tables")
+    i.add_argument("src", type=Path, help="folder holding <model>-{fp16,kivi,gear,h2o,stream,hf}/ folders")
+    i.add_argument("--gpu", required=True, help="hardware the profiles were measured on, e.g. a6000")
+    i.add_argument("--model", required=True, help="model the profiles are for")
+    i.add_argument("--out", required=True, type=Path)
+    return p
+
+
+def _methods(text: str) -> list:
+    methods, seen = [], set()
+    for part in text.split(","):
+        if part.strip():
+            m = parse_method(part)
+            if m.label not in seen:
+                seen.add(m.label)
+                methods.append(m)
+    if not methods:
+        raise ValueError("--methods is empty")
+    return methods
+
+
+def _collect(args) -> int:
+    from .collect import PARTS, CollectConfig, collect, print_summary
+    from .grids import get_grid
+
+    parts = tuple(s.strip() for s in args.parts.split(",") if s.strip())
+    bad = [s for s in parts if s not in PARTS]
+    if bad:
+        raise ProfilerError(f"unknown --parts {bad}; known: {', '.join(PARTS)}")
+    try:
+        model, methods, grid = resolve_model(args.model), _methods(args.methods), get_grid(args.grid)
+    except (KeyError, ValueError) as e:
+        raise ProfilerError(str(e.args[0]) if e.args else str(e)) from None
+    cfg = CollectConfig(model=model, methods=methods, grid=grid, out=args.out, device=args.device, gpu=args.gpu, attention_q_heads=args.attention_heads,
+                        threads=args.threads, parts=parts,
+                        progress=sys.stderr.isatty() if args.progress is None else args.progress)
+    print_summary(collect(cfg))
+    return 0
+
+
+def _import(args) -> int:
+    from .vidur_import import import_vidur
+
+    res = import_vidur(args.src, args.gpu, args.model, args.out)
+    counts = ", ".join(f"{k} {v}" for k, v in res.rows.items())
+    print(f"rkvprof: imported {len(res.meta['files'])} files from {res.meta['source_path']} into {res.out}: {counts}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _collect(args) if args.command == "collect" else _import(args)
+    except ProfilerError as e:
+        # One line, exit 2: a refusal the user can act on, not a traceback. Anything else
+        # is a bug and keeps its traceback.
+        print(f"rkvprof: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
