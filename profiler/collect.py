@@ -1,6 +1,7 @@
 """`rkvprof collect`: plan every row, skip those a previous run finished, time the rest."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,15 @@ def _plan(cfg: CollectConfig, ctx: Context, heads) -> list[Task]:
     return unique
 
 
+def _load() -> list[float] | None:
+    """1/5/15-minute load averages: other processes on the host inflate CPU timings, and a
+    reader of the profile should be able to see that they were there."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _merge_methods(existing: dict | None, meta: dict) -> None:
     """A rerun may add methods to a profile; meta lists all methods it holds."""
     if not existing:
@@ -78,7 +88,7 @@ def _merge_methods(existing: dict | None, meta: dict) -> None:
     settings.update(meta["method_settings"])
     meta["methods"], meta["method_settings"] = labels, settings
     meta["started"] = existing.get("started", meta["started"])
-    meta["runs"] = existing.get("runs", 0) + 1
+    meta["runs"] = list(existing.get("runs", []))
 
 
 def _progress(enabled: bool, total: int):
@@ -107,7 +117,8 @@ def collect(cfg: CollectConfig) -> CollectResult:
 
     meta = collected_meta(model=cfg.model, methods=cfg.methods, hardware=hardware, device=info,
                           grid=cfg.grid, dtype=ctx.dtype_name, heads=heads, kernel_source=cfg.kernel_source)
-    meta.update(started=now_utc(), status="running", runs=1)
+    run = {"started": now_utc(), "load_avg_at_start": _load()}
+    meta.update(started=run["started"], status="running", runs=[])
     cfg.out.mkdir(parents=True, exist_ok=True)
     meta_path = cfg.out / META_FILE
     existing = read_json(meta_path)
@@ -125,12 +136,17 @@ def collect(cfg: CollectConfig) -> CollectResult:
     tasks = _plan(cfg, ctx, heads)
     pending = [t for t in tasks if t.key not in writers[t.table.name]]
     skipped = len(tasks) - len(pending)
+    oom: list[dict] = []
     try:
         with _progress(cfg.progress, len(pending)) as bar:
             job = bar.add_task("profiling", total=len(pending))
             for task in pending:
                 bar.update(job, description=f"{task.table.name}: {task.label}")
-                writers[task.table.name].append(task.execute())
+                row = _execute(task)
+                if row is None:
+                    oom.append({"table": task.table.name, "task": task.label})
+                else:
+                    writers[task.table.name].append(row)
                 bar.advance(job)
     finally:
         for w in writers.values():
@@ -138,13 +154,28 @@ def collect(cfg: CollectConfig) -> CollectResult:
 
     rows = {name: len(w.keys) for name, w in writers.items()}
     wall = time.perf_counter() - t0
-    meta.update(status="complete", finished=now_utc(), rows=rows,
-                last_run={"planned": len(tasks), "skipped": skipped, "measured": len(pending), "wall_s": round(wall, 3)})
+    # Rows that did not fit in memory are listed, never invented; a rerun retries them.
+    meta["out_of_memory"] = oom
+    # One entry per invocation, so a resumed profile shows every run that added rows to it.
+    run.update(finished=now_utc(), load_avg_at_end=_load(), planned=len(tasks), skipped=skipped,
+               measured=len(pending), wall_s=round(wall, 3))
+    meta["runs"].append(run)
+    meta.update(status="complete" if not oom else "incomplete", finished=run["finished"], rows=rows)
     write_json_atomic(meta_path, meta)
     return CollectResult(cfg.out, len(tasks), skipped, len(pending), wall, rows)
 
 
-def print_summary(res: CollectResult, file=sys.stdout) -> None:
+def _execute(task: Task) -> dict | None:
+    """The task's row, or None when the configuration does not fit in device memory."""
+    import torch
+    try:
+        return task.execute()
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def print_summary(res: CollectResult, file=None) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in res.rows.items())
     print(f"rkvprof: {res.out}: measured {res.measured}, kept {res.skipped} from before, "
-          f"{res.wall_s:.1f} s; rows: {counts}", file=file)
+          f"{res.wall_s:.1f} s; rows: {counts}", file=file or sys.stdout)

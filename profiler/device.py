@@ -1,6 +1,7 @@
 """What this process runs on, and whether that is the hardware the user says the profile is for."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -22,21 +23,23 @@ class DeviceInfo:
     details: dict = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
-    """The CPU's marketing name: py-cpuinfo if installed, else /proc/cpuinfo, else platform."""
-    try:
-        import cpuinfo  # py-cpuinfo
-        name = cpuinfo.get_cpu_info().get("brand_raw")
-        if name:
-            return str(name)
-    except Exception:  # noqa: BLE001 - optional dependency, any failure falls through
-        pass
+    """The CPU's marketing name: /proc/cpuinfo (instant), else py-cpuinfo (slow: it probes
+    the CPU in a subprocess), else platform."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.lower().startswith("model name"):
                     return line.split(":", 1)[1].strip()
     except OSError:
+        pass
+    try:
+        import cpuinfo  # py-cpuinfo
+        name = cpuinfo.get_cpu_info().get("brand_raw")
+        if name:
+            return str(name)
+    except Exception:  # noqa: BLE001 - optional dependency, any failure falls through
         pass
     return platform.processor() or "unknown cpu"
 

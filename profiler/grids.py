@@ -7,7 +7,7 @@ sequence over a cache built from `decode_kv_lens` tokens.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from rkvsim.models import ModelSpec
 
@@ -80,6 +80,3 @@ def attention_heads(model: ModelSpec, device_kind: str, requested_q_heads: int |
                          f"group size {group} and at most {model.num_heads}")
     return AttentionHeads(q, q // group, q != model.num_heads)
 
-
-def with_policy(grid: Grid, **changes) -> Grid:
-    return replace(grid, policy=replace(grid.policy, **changes))

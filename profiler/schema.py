@@ -72,7 +72,6 @@ COMPRESSION = TableSchema(
 TABLES = {t.name: t for t in (ATTENTION, OPERATORS, COMPRESSION)}
 
 META_FILE = "meta.json"
-META_VERSION = SCHEMA_VERSION  # meta.json's `schema_version` follows the tables'
 
 
 def row_key(table: TableSchema, row: dict) -> tuple:
