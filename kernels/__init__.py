@@ -1,10 +1,15 @@
 """rkvsim.kernels: real torch attention kernels, one small module per KV-cache method.
 
-Interface (see factory.Kernel): `make_kernel(method).prefill(q, k, v) -> (out, cache)` and
-`.decode(q, k_new, v_new, cache) -> (out, cache)`, q (B,Hq,n,d), k/v (B,Hkv,n,d), Hq a
-multiple of Hkv, causal prefill. Every cache has `num_tokens` (tokens held per sequence) and
-`nbytes` (bytes held in its tensors), which equals
-B * Hkv * rkvsim.models.kv_bytes_per_head(method, d, prompt_len, total_len, dtype_bytes).
+Interface (see factory.Kernel): `make_kernel(method).prefill(q, k, v) -> (out, cache)`,
+`.extend(q, k_new, v_new, cache, last=True) -> (out, cache)` (chunked prefill: c >= 1 new
+tokens attending causally over the cache plus themselves; last=False while more chunks of
+the prompt follow) and `.decode(q, k_new, v_new, cache) -> (out, cache)`, q (B,Hq,n,d),
+k/v (B,Hkv,n,d), Hq a multiple of Hkv, causal prefill. Every cache has `num_tokens` (tokens
+held per sequence) and `nbytes` (bytes held in its tensors). After an unchunked prefill
+and decode it equals
+B * Hkv * rkvsim.models.kv_bytes_per_head(method, d, prompt_len, total_len, dtype_bytes);
+after a chunked prefill each module's docstring says what it holds (GEAR: one correction
+segment per chunk that quantizes; H2O/SnapKV: the whole prompt until its last chunk).
 Eviction caches also carry `positions` (B,Hkv,n): original positions of kept tokens,
 bookkeeping that nbytes does not count.
 

@@ -12,10 +12,20 @@ from torch import Tensor
 def sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
     """Fused attention with grouped-query heads; never expands K/V in memory.
 
-    `causal` aligns the mask to the top-left, which is right only when q and k have the
-    same length (prefill); decode passes causal=False because its single query sees all.
+    `causal`: the n queries are the LAST n of the L keys (a prompt, or a prompt chunk over
+    a cache), so query i sees keys up to L - n + i. Decode passes causal=False because its
+    single query sees all.
     """
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    gqa = q.shape[1] != k.shape[1]
+    n, length = q.shape[2], k.shape[2]
+    if not causal or n == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if n == length:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # SDPA's is_causal aligns the mask top-left, wrong for a chunk after cached tokens;
+    # an explicit bottom-right mask costs a (n, L) bool tensor and the fused fast path.
+    mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def group_queries(q: Tensor, kv_heads: int) -> Tensor:

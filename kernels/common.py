@@ -22,6 +22,26 @@ def check_decode(q: Tensor, k_new: Tensor, v_new: Tensor) -> None:
         raise ValueError(f"decode takes one token per sequence, got q {tuple(q.shape)}, k {tuple(k_new.shape)}")
 
 
+def check_chunk(q: Tensor, k_new: Tensor, v_new: Tensor) -> None:
+    """A prefill chunk: c >= 1 new tokens, one query per new key."""
+    check_qkv(q, k_new, v_new)
+    if q.shape[2] != k_new.shape[2] or k_new.shape[2] < 1:
+        raise ValueError(f"a chunk needs one query per new token (c >= 1), got q {tuple(q.shape)}, "
+                         f"k {tuple(k_new.shape)}")
+
+
+def append_tokens(past: Tensor | None, new: Tensor) -> Tensor:
+    """past followed by new along the token dim; no copy when there is no past."""
+    if past is None or past.shape[2] == 0:
+        return new.contiguous()
+    return torch.cat([past, new], dim=2)
+
+
+def last_tokens(x: Tensor, n: int) -> Tensor:
+    """The newest n tokens (all of them when fewer are there)."""
+    return x[:, :, max(0, x.shape[2] - n):]
+
+
 def tensor_bytes(*tensors: Tensor | None) -> int:
     """Bytes the given tensors' elements occupy (None entries skipped)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)

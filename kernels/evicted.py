@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .common import gather_tokens, tensor_bytes
+from .common import gather_tokens, tensor_bytes, token_positions
 
 
 @dataclass
@@ -40,3 +40,9 @@ class EvictedCache:
         `per_token` names further per-token tensors to gather alongside K/V."""
         fields = {name: gather_tokens(getattr(self, name), idx) for name in ("k", "v", "positions") + per_token}
         return replace(self, **fields)
+
+    @classmethod
+    def start(cls, k: Tensor, v: Tensor, **extra) -> "EvictedCache":
+        """The cache of a prompt's first tokens (positions 0..n-1), before any eviction."""
+        b, h, n = k.shape[:3]
+        return cls(k.contiguous(), v.contiguous(), token_positions(b, h, 0, n, k.device), n, **extra)

@@ -14,11 +14,21 @@ MODULES = {"fp16": fp16, "kivi": kivi, "gear": gear, "streamingllm": streaming, 
 
 @dataclass(frozen=True)
 class Kernel:
-    """Attention + KV cache of one method. q (B,Hq,n,d); k/v (B,Hkv,n,d); decode n=1. Returns (out (B,Hq,n,d), cache); caches expose num_tokens and nbytes."""
+    """Attention + KV cache of one method. q (B,Hq,n,d); k/v (B,Hkv,n,d); decode n=1. Returns
+    (out (B,Hq,n,d), cache); caches expose num_tokens and nbytes.
+
+    Chunked prefill: `prefill(first, last=False)` then `extend(chunk, cache, last=...)` per
+    further chunk, last=True on the chunk that ends the prompt (where H2O and SnapKV select
+    tokens). Each chunk's queries sit at the newest positions and attend causally over the
+    cache plus the chunk; per-method cache rules are in each module's docstring.
+    """
     method: Method
 
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor):
-        return MODULES[self.method.kind].prefill(q, k, v, self.method)
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, last: bool = True):
+        return MODULES[self.method.kind].prefill(q, k, v, self.method, last=last)
+
+    def extend(self, q: Tensor, k_new: Tensor, v_new: Tensor, cache, last: bool = True):
+        return MODULES[self.method.kind].extend(q, k_new, v_new, cache, self.method, last=last)
 
     def decode(self, q: Tensor, k_new: Tensor, v_new: Tensor, cache):
         return MODULES[self.method.kind].decode(q, k_new, v_new, cache, self.method)

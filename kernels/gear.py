@@ -9,6 +9,14 @@ window) is compressed per (sequence, KV head), K and V separately:
   3. the quantization residual is approximated at rank max(1, ceil(rank_frac*min(n_s, d)))
      and stored as (n_s x r) and (r x d) factors in the K/V dtype.
 Reconstruction = dequantized + low-rank, with outliers written back on top.
+
+Chunked prefill (`extend`, see kivi.extend): each chunk that moves tokens out of the
+residual window is ONE segment of quantized_tokens(n_after) - quantized_tokens(n_before)
+tokens, so a prompt in chunks holds one segment per such chunk instead of one for the
+whole prompt. Quantized payload and residual window match KIVI's (and an unchunked
+prefill's) bytes; the correction terms are the sum of
+rkvsim.models.kv_bytes.gear_segment_bytes over those segments, which
+kv_bytes_per_head(method, d, prompt_len, total_len) (one prefill segment) does not model.
 """
 from __future__ import annotations
 
@@ -134,8 +142,12 @@ def quantize_on_append(cache: GearCache, method: Method) -> GearCache:
     return kivi.quantize_on_append(cache, method)
 
 
-def prefill(q: Tensor, k: Tensor, v: Tensor, method: Method):
-    return kivi.prefill(q, k, v, method, new_cache=empty_cache)
+def extend(q: Tensor, k_new: Tensor, v_new: Tensor, cache: GearCache | None, method: Method, last: bool = True):
+    return kivi.extend(q, k_new, v_new, cache, method, last, new_cache=empty_cache)
+
+
+def prefill(q: Tensor, k: Tensor, v: Tensor, method: Method, last: bool = True):
+    return kivi.prefill(q, k, v, method, last, new_cache=empty_cache)
 
 
 def decode(q: Tensor, k_new: Tensor, v_new: Tensor, cache: GearCache, method: Method):

@@ -4,6 +4,13 @@ Scores need the attention probabilities, which fused attention never materialise
 both prefill and decode run an explicit matmul + softmax pass (that extra cost is what
 the profiler is meant to see). Scores are accumulated over queries and over the query
 heads of each KV group, one fp32 value per cached token per KV head (counted in nbytes).
+
+Chunked prefill (`extend`): each chunk attends causally over the cache plus itself and
+adds its attention mass to the scores; eviction runs only when the prompt's last chunk
+lands (last=True), as after an unchunked prefill. Until then the cache holds every prompt
+token with its score, so a prompt in chunks ends with the scores, kept tokens, outputs
+and bytes of the unchunked prefill (up to fp32 summation order of the scores). Mid-prompt
+(last=False) the cache holds n tokens + n scores, more than kv_bytes_per_head's cap.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from torch import Tensor
 from rkvsim.models import Method
 
 from .attention import attention_with_mass
-from .common import check_decode, check_qkv, tensor_bytes, token_positions
+from .common import check_chunk, check_decode, tensor_bytes
 from .evicted import EvictedCache
 
 
@@ -52,20 +59,27 @@ def evict(cache: H2OCache, method: Method) -> H2OCache:
     return cache if idx is None else cache.kept(idx, "scores")
 
 
-def prefill(q: Tensor, k: Tensor, v: Tensor, method: Method):
-    check_qkv(q, k, v)
-    out, mass = attention_with_mass(q, k, v, q_offset=0)
-    b, h, n, _ = k.shape
-    cache = H2OCache(k.contiguous(), v.contiguous(), token_positions(b, h, 0, n, k.device), n, scores=mass)
-    return out, evict(cache, method)
+def extend(q: Tensor, k_new: Tensor, v_new: Tensor, cache: H2OCache | None, method: Method,
+           last: bool = True):
+    check_chunk(q, k_new, v_new)
+    b, h, c = k_new.shape[:3]
+    zeros = torch.zeros(b, h, c, dtype=torch.float32, device=k_new.device)
+    if cache is None:
+        cache = H2OCache.start(k_new, v_new, scores=zeros)
+    else:
+        cache = cache.appended(k_new, v_new, scores=zeros)
+    # Attend first (the chunk sees the whole cache plus itself, causally), then evict. A
+    # single newest query sees every key, so it skips building the mask.
+    out, mass = attention_with_mass(q, cache.k, cache.v, q_offset=None if c == 1 else cache.num_tokens - c)
+    cache = replace(cache, scores=update_scores(cache.scores, mass))
+    return out, (evict(cache, method) if last else cache)
+
+
+def prefill(q: Tensor, k: Tensor, v: Tensor, method: Method, last: bool = True):
+    return extend(q, k, v, None, method, last)
 
 
 def decode(q: Tensor, k_new: Tensor, v_new: Tensor, cache: H2OCache, method: Method):
     check_decode(q, k_new, v_new)
-    b, h, n = k_new.shape[:3]
-    zeros = torch.zeros(b, h, n, dtype=torch.float32, device=k_new.device)
-    cache = cache.appended(k_new, v_new, scores=zeros)
-    # Attend first (the new token sees the full cache plus itself), then evict, as H2O does.
-    out, mass = attention_with_mass(q, cache.k, cache.v)
-    cache = replace(cache, scores=update_scores(cache.scores, mass))
-    return out, evict(cache, method)
+    # One token is a one-token chunk that ends its "prompt": H2O evicts after every step.
+    return extend(q, k_new, v_new, cache, method, last=True)

@@ -5,6 +5,15 @@ append: whenever the full-precision window reaches residual + G tokens its oldes
 quantized (after prefill, all but the newest residual..residual+G-1 at once), which is
 exactly rkvsim.models.quantized_tokens. Attention dequantizes the whole quantized part
 every step, as KIVI's non-fused path does; prefill attends over the original K/V.
+
+Chunked prefill (`extend`): the chunk's queries attend causally over the cache as held
+(quantized part dequantized, residual window exact) plus the chunk's own exact K/V; then
+the chunk is appended and every token past the window is quantized in one event, up to
+quantized_tokens(n) for the n tokens now held. Quantized counts are multiples of G from
+token 0, so the token groups (and thus the bytes and codes) are those of an unchunked
+prefill of all n tokens: nbytes == kv_bytes_per_head(method, d, n, n). Only the outputs
+differ from an unchunked prefill, where the past would have been seen exact. `last` changes
+nothing here.
 """
 from __future__ import annotations
 
@@ -17,7 +26,7 @@ from rkvsim.models import Method, quantized_tokens
 
 from . import quant
 from .attention import sdpa
-from .common import check_decode, check_qkv, tensor_bytes
+from .common import check_chunk, check_decode, tensor_bytes
 
 
 def quantize_segment(k: Tensor, v: Tensor, method: Method) -> tuple[quant.QTensor, quant.QTensor]:
@@ -77,11 +86,21 @@ def empty_cache(k: Tensor, v: Tensor) -> KiviCache:
     return KiviCache(None, None, k.contiguous(), v.contiguous())
 
 
-def prefill(q: Tensor, k: Tensor, v: Tensor, method: Method, new_cache=empty_cache):
-    check_qkv(q, k, v)
-    out = sdpa(q, k, v, causal=True)
-    cache = new_cache(k, v)
-    return out, cache.quantize_oldest(method, quantized_tokens(method, k.shape[2]))
+def extend(q: Tensor, k_new: Tensor, v_new: Tensor, cache: KiviCache | None, method: Method,
+           last: bool = True, new_cache=empty_cache):
+    check_chunk(q, k_new, v_new)
+    if cache is None:
+        out = sdpa(q, k_new, v_new, causal=True)
+        cache = new_cache(k_new, v_new)
+    else:
+        k_past, v_past = cache.keys_values()
+        out = sdpa(q, torch.cat([k_past, k_new], dim=2), torch.cat([v_past, v_new], dim=2), causal=True)
+        cache = cache.appended(k_new, v_new)
+    return out, cache.quantize_oldest(method, quantized_tokens(method, cache.num_tokens) - cache.num_quantized)
+
+
+def prefill(q: Tensor, k: Tensor, v: Tensor, method: Method, last: bool = True, new_cache=empty_cache):
+    return extend(q, k, v, None, method, last, new_cache)
 
 
 def decode(q: Tensor, k_new: Tensor, v_new: Tensor, cache: KiviCache, method: Method):

@@ -1,4 +1,12 @@
-"""StreamingLLM: keep the first `sink` tokens (attention sinks) and the `recent` newest."""
+"""StreamingLLM: keep the first `sink` tokens (attention sinks) and the `recent` newest.
+
+Chunked prefill (`extend`): the chunk attends causally over the cache as held (sinks +
+recent window) plus itself, then the cap applies at once. Since the kept set is always
+the first `sink` and the newest `recent` tokens seen, any split of a prompt keeps the
+same tokens (and bytes, kv_bytes_per_head(method, d, n, n)) as an unchunked prefill;
+outputs differ only for queries whose unchunked view reached tokens evicted earlier.
+`last` changes nothing here.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,7 +15,7 @@ from torch import Tensor
 from rkvsim.models import Method
 
 from .attention import sdpa
-from .common import check_decode, check_qkv, token_positions
+from .common import check_chunk, check_decode
 from .evicted import EvictedCache
 
 
@@ -22,12 +30,16 @@ def evict(cache: EvictedCache, method: Method) -> EvictedCache:
     return EvictedCache(cut(cache.k), cut(cache.v), cut(cache.positions), cache.seen)
 
 
-def prefill(q: Tensor, k: Tensor, v: Tensor, method: Method):
-    check_qkv(q, k, v)
-    out = sdpa(q, k, v, causal=True)  # the prompt itself is attended in full
-    b, h, n, _ = k.shape
-    cache = EvictedCache(k.contiguous(), v.contiguous(), token_positions(b, h, 0, n, k.device), n)
+def extend(q: Tensor, k_new: Tensor, v_new: Tensor, cache: EvictedCache | None, method: Method,
+           last: bool = True):
+    check_chunk(q, k_new, v_new)
+    cache = EvictedCache.start(k_new, v_new) if cache is None else cache.appended(k_new, v_new)
+    out = sdpa(q, cache.k, cache.v, causal=True)  # a chunk is attended in full, then capped
     return out, evict(cache, method)
+
+
+def prefill(q: Tensor, k: Tensor, v: Tensor, method: Method, last: bool = True):
+    return extend(q, k, v, None, method, last)
 
 
 def decode(q: Tensor, k_new: Tensor, v_new: Tensor, cache: EvictedCache, method: Method):

@@ -5,6 +5,12 @@ and there any selection costs the same work. Decode rows time a step that trigge
 quantization event (after a prefill the residual window holds residual..residual+G-1
 tokens, one more never reaches residual+G); the per-event cost is the compression table's
 `quantize_on_append`, to be amortised over G steps.
+
+Prefill rows with kv_len > 0 time the chunk that ENDS a prompt of kv_len + new_tokens
+tokens: the first kv_len were prefilled untimed with last=False, then `extend(..., last=True)`
+is timed. So they include any quantization event the chunk triggers, and for H2O / SnapKV
+the prompt-end selection; a middle chunk of those methods costs the row minus the
+compression table's `evict` / `select` at kv_len = kv_len + new_tokens.
 """
 from __future__ import annotations
 
@@ -36,29 +42,39 @@ def _measure_step(step: Callable[[], object], ctx: Context) -> dict:
     return row
 
 
-def _prefill_run(kernel, batch: int, n: int, heads: AttentionHeads, d: int, ctx: Context):
+def _qkv(batch: int, n: int, heads: AttentionHeads, d: int, ctx: Context):
+    return (ctx.randn(batch, heads.num_q_heads, n, d), ctx.randn(batch, heads.num_kv_heads, n, d),
+            ctx.randn(batch, heads.num_kv_heads, n, d))
+
+
+def _measure_on(step: Callable[[], object], base, what: str, ctx: Context) -> dict:
+    """Time a step that starts from cache `base` on every repeat."""
+    before = base.num_tokens
+    row = _measure_step(step, ctx)
+    # Every repeat must time the same step from the same cache; a kernel that grew its
+    # input cache in place would make later repeats time a longer context.
+    if base.num_tokens != before:
+        raise RuntimeError(f"{what} modified its input cache in place; repeated timing would drift")
+    return row
+
+
+def _prefill_run(kernel, batch: int, kv_len: int, n: int, heads: AttentionHeads, d: int, ctx: Context):
     def run() -> dict:
-        q = ctx.randn(batch, heads.num_q_heads, n, d)
-        k, v = ctx.randn(batch, heads.num_kv_heads, n, d), ctx.randn(batch, heads.num_kv_heads, n, d)
-        return _measure_step(lambda: kernel.prefill(q, k, v), ctx)
+        q, k, v = _qkv(batch, n, heads, d, ctx)
+        if kv_len == 0:
+            return _measure_step(lambda: kernel.prefill(q, k, v), ctx)
+        # The first kv_len prompt tokens, prefilled by the method as a prompt still open.
+        _, base = kernel.prefill(*_qkv(batch, kv_len, heads, d, ctx), last=False)
+        return _measure_on(lambda: kernel.extend(q, k, v, base, last=True), base, f"{kernel!r}.extend", ctx)
     return run
 
 
 def _decode_run(kernel, batch: int, kv_len: int, heads: AttentionHeads, d: int, ctx: Context):
     def run() -> dict:
-        hq, hkv = heads.num_q_heads, heads.num_kv_heads
         # The cache a request has after a kv_len-token prompt, built by the method itself.
-        _, base = kernel.prefill(ctx.randn(batch, hq, kv_len, d), ctx.randn(batch, hkv, kv_len, d),
-                                 ctx.randn(batch, hkv, kv_len, d))
-        before = base.num_tokens
-        q, k, v = ctx.randn(batch, hq, 1, d), ctx.randn(batch, hkv, 1, d), ctx.randn(batch, hkv, 1, d)
-        row = _measure_step(lambda: kernel.decode(q, k, v, base), ctx)
-        # Every repeat must time the same step from the same cache; a kernel that grew its
-        # input cache in place would make later repeats time a longer context.
-        if base.num_tokens != before:
-            raise RuntimeError(f"{kernel!r}.decode modified its input cache in place; "
-                               "repeated timing would drift")
-        return row
+        _, base = kernel.prefill(*_qkv(batch, kv_len, heads, d, ctx))
+        q, k, v = _qkv(batch, 1, heads, d, ctx)
+        return _measure_on(lambda: kernel.decode(q, k, v, base), base, f"{kernel!r}.decode", ctx)
     return run
 
 
@@ -72,10 +88,10 @@ def attention_tasks(model: ModelSpec, methods: list[Method], grid: Grid, heads: 
                 "num_kv_heads": heads.num_kv_heads, "head_dim": d, "dtype": ctx.dtype_name,
                 "overhead_s_median": None, "source": "rkvprof-collect"}
         for b in grid.prefill_batch_sizes:
-            for n in grid.prefill_tokens:
-                row = {**base, "stage": "prefill", "batch_size": b, "kv_len": 0, "new_tokens": n}
-                tasks.append(Task(ATTENTION, row, _prefill_run(kernel, b, n, heads, d, ctx),
-                                  f"{method.label} prefill b={b} n={n}"))
+            for kv, n in grid.prefill_points():
+                row = {**base, "stage": "prefill", "batch_size": b, "kv_len": kv, "new_tokens": n}
+                tasks.append(Task(ATTENTION, row, _prefill_run(kernel, b, kv, n, heads, d, ctx),
+                                  f"{method.label} prefill b={b} kv={kv} n={n}"))
         for b in grid.decode_batch_sizes:
             for kv in grid.decode_kv_lens:
                 row = {**base, "stage": "decode", "batch_size": b, "kv_len": kv, "new_tokens": 1}

@@ -1,15 +1,18 @@
 """Compression-side steps timed alone, through the functions rkvsim.kernels exposes for it.
 
 Per method (num_tokens = tokens the step works on, kv_len = tokens in the cache it sees):
-- kivi/gear `quantize_segment` / `compress_segment`: the prefill-time block (K and V);
-  gear `low_rank`: its low-rank factorisation alone (one K-shaped residual);
+- kivi/gear `quantize_segment` / `compress_segment`: the prefill-time block (K and V) a
+  whole prompt or a chunk moves out of the residual window (kv_len 0: the block's cost does
+  not depend on the past); gear `low_rank`: its low-rank factorisation alone (one K-shaped
+  residual);
 - kivi/gear `quantize_on_append`: the decode-time event moving the oldest G tokens out of
   the residual window (once every G decode steps), on a cache of kv_len tokens;
 - kivi `dequantize_cache`, gear `reconstruct`: materialising K/V from the compressed cache,
   which attention repeats every decode step;
 - h2o `update_scores`, h2o/streamingllm `evict`: decode-time (cache one over budget) and
-  prefill-time (whole prompt) eviction;
-- snapkv `select`: the prefill-time vote + pooling + top-k.
+  prefill-time (a prompt's last chunk, on all kv_len + new_tokens prompt tokens) eviction;
+- snapkv `select`: the prefill-time vote + pooling + top-k, at every prompt length a
+  prefill row ends.
 fp16 has no compression step.
 """
 from __future__ import annotations
@@ -75,8 +78,8 @@ def _quantizer_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Cont
 
     seg_op = "compress_segment" if m.kind == "gear" else "quantize_segment"
     for b in grid.prefill_batch_sizes:
-        for n in grid.prefill_tokens:
-            n_q = quantized_tokens(m, n)
+        for kv, n in grid.prefill_points():
+            n_q = quantized_tokens(m, kv + n) - quantized_tokens(m, kv)
             if n_q:
                 yield seg_op, b, 0, n_q, segment(b, n_q)
                 if m.kind == "gear":
@@ -121,10 +124,15 @@ def _eviction_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Conte
         yield "evict", b, cap + 1, cap + 1, evict(b, cap + 1)
         if m.kind == "h2o":
             yield "update_scores", b, cap + 1, cap + 1, update(b, cap + 1)
-    for b in grid.prefill_batch_sizes:         # prefill: a whole prompt over the budget
-        for n in grid.prefill_tokens:
+    for b in grid.prefill_batch_sizes:         # prefill: a prompt over the budget
+        for n in _prompt_lengths(grid):
             if n > cap and (b, n) not in seen:
                 yield "evict", b, n, n, evict(b, n)
+
+
+def _prompt_lengths(grid: Grid) -> list[int]:
+    """Prompt lengths at which a prefill row's last chunk ends (where selection runs)."""
+    return sorted({kv + n for kv, n in grid.prefill_points()})
 
 
 def _snapkv_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Context):
@@ -138,7 +146,7 @@ def _snapkv_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Context
         return build
 
     for b in grid.prefill_batch_sizes:
-        for n in grid.prefill_tokens:
+        for n in _prompt_lengths(grid):
             if n > m.budget:
                 yield "select", b, n, n, select(b, n)
 

@@ -1,9 +1,9 @@
 """The configurations a collection times, by name, and the reductions a small host needs.
 
-Prefill rows are whole-prompt prefills (kv_len = 0, new_tokens = prompt length): the
-kernels' prefill builds a cache from a prompt and they have no chunked-prefill-over-a-cache
-path, so `prefill_tokens` doubles as the prefill chunk sizes. Decode rows are one token per
-sequence over a cache built from `decode_kv_lens` tokens.
+Prefill rows are (kv_len = tokens already cached, new_tokens = chunk) points: whole-prompt
+prefills (kv_len 0, new_tokens in `prefill_tokens`) and chunks of `prefill_chunk_tokens`
+landing on a past of `prefill_kv_lens` tokens (see Grid.prefill_points). Decode rows are one
+token per sequence over a cache built from `decode_kv_lens` tokens.
 """
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ class Grid:
     decode_kv_lens: tuple[int, ...]
     dense_tokens: tuple[int, ...]
     policy: TimingPolicy
+    prefill_chunk_tokens: tuple[int, ...] = ()
+    prefill_kv_lens: tuple[int, ...] = ()
+
+    def prefill_points(self) -> list[tuple[int, int]]:
+        """(kv_len, new_tokens) of every prefill row, sorted, without repeats: whole prompts
+        plus every chunk size at every past length."""
+        points = {(0, n) for n in self.prefill_tokens}
+        points |= {(p, c) for p in self.prefill_kv_lens for c in self.prefill_chunk_tokens}
+        return sorted(points)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -32,18 +41,22 @@ class Grid:
 
 GRIDS: dict[str, Grid] = {
     # Test-sized: seconds on two cores, still crosses KIVI's residual window (128) and
-    # SnapKV's window (32).
+    # SnapKV's window (32). Its one chunk (64 tokens on a 160-token past) lands on a partly
+    # quantized past and triggers a KIVI/GEAR quantization event.
     "tiny": Grid("tiny", (1, 2), (64, 192), (1, 2), (64, 192), (1, 16),
-                 TimingPolicy(warmup=1, min_repeats=2, max_repeats=3, budget_s=0.02)),
+                 TimingPolicy(warmup=1, min_repeats=2, max_repeats=3, budget_s=0.02),
+                 prefill_chunk_tokens=(64,), prefill_kv_lens=(160,)),
     # A few minutes on a 2-core CPU for SmolLM2-135M with all six methods.
     "quick": Grid("quick", (1, 4), (128, 512, 2048), (1, 4, 16), (128, 512, 2048),
                   (1, 8, 32, 128, 512, 2048),
-                  TimingPolicy(warmup=1, min_repeats=3, max_repeats=7, budget_s=0.5)),
+                  TimingPolicy(warmup=1, min_repeats=3, max_repeats=7, budget_s=0.5),
+                  prefill_chunk_tokens=(128, 512), prefill_kv_lens=(0, 512, 2048)),
     # Calibration-sized; meant for a GPU (hours on a CPU).
     "full": Grid("full", (1, 2, 4, 8, 16), (64, 128, 256, 512, 1024, 2048, 4096),
                  (1, 2, 4, 8, 16, 32, 64, 128), (128, 256, 512, 1024, 2048, 3072, 4096),
                  (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
-                 TimingPolicy(warmup=3, min_repeats=5, max_repeats=30, budget_s=2.0)),
+                 TimingPolicy(warmup=3, min_repeats=5, max_repeats=30, budget_s=2.0),
+                 prefill_chunk_tokens=(256, 512, 1024, 2048), prefill_kv_lens=(512, 1024, 2048, 3072)),
 }
 
 

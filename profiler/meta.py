@@ -91,8 +91,10 @@ def collected_meta(*, model, methods: list, hardware: str, device, grid, dtype: 
         "attention_heads_profiled": {"num_q_heads": heads.num_q_heads, "num_kv_heads": heads.num_kv_heads},
         "reductions": reductions,
         "notes": [
-            "prefill rows are whole-prompt prefills (kv_len=0): the kernels have no chunked prefill over "
-            "an existing cache",
+            "prefill rows: kv_len=0 is a whole-prompt prefill; kv_len>0 times the chunk of new_tokens that "
+            "ends a prompt whose first kv_len tokens are already cached (kernels extend, last=True): it "
+            "includes H2O/SnapKV's prompt-end selection, which a middle chunk does not do (compression "
+            "evict/select at kv_len+new_tokens)",
             "decode rows time a step without a quantization event; add compression quantize_on_append "
             "divided by group_size for KIVI/GEAR's amortised cost",
         ],

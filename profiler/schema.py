@@ -28,10 +28,12 @@ class TableSchema:
 
 
 # Attention per method. `stage` prefill: `new_tokens` prompt tokens attended causally and
-# cached (kv_len = context already cached before the step; 0 for a whole-prompt prefill);
+# cached (kv_len = context already cached before the step: 0 for a whole-prompt prefill,
+# > 0 for a chunk ending a prompt whose first kv_len tokens are cached; see attention_ops);
 # decode: one new token per sequence attending a cache built from `kv_len` tokens.
 # Heads are the heads actually timed (see meta.json `reductions` for any cut).
-# cache_tokens / cache_nbytes: the cache the method holds after the step (whole batch).
+# cache_tokens / cache_nbytes: the cache the method holds after the step (tokens per
+# sequence, bytes of the whole batch).
 # overhead_s_median: work an engine does around the kernel that Vidur times apart
 # (attn_input_reshape + attn_output_reshape + attn_kv_cache_save); empty for collected
 # rows, whose kernels include their cache writes.

@@ -9,6 +9,7 @@ import torch
 
 from rkvsim.kernels import gear, make_kernel, quant, snapkv
 from rkvsim.models import Method, kv_bytes_per_head, parse_method, quantized_tokens
+from rkvsim.models.kv_bytes import SCORE_BYTES, gear_segment_bytes
 
 # SmolLM2-135M's attention shape: 9 query heads sharing 3 KV heads, head_dim 64.
 B, HQ, HKV, D = 2, 9, 3, 64
@@ -303,6 +304,175 @@ def test_nbytes_small_groups_and_odd_head_dim(label):
     q, k, v = make_qkv(100, d=40)
     for t, _, cache in run(make_kernel(m), q, k, v, prompt=37, steps=63):
         assert cache.nbytes == B * HKV * kv_bytes_per_head(m, 40, 37, t, 4), f"t={t}"
+
+
+# ---------------------------------------------------------------- chunked prefill (extend)
+
+def chunked(kernel, q, k, v, cuts):
+    """Prefill tokens cuts[0]..cuts[1] (cuts[0] == 0) then extend chunk by chunk, last=True
+    on the final one; yields (start, stop, out, cache before the chunk, cache after)."""
+    cache = None
+    for a, b in zip(cuts, cuts[1:]):
+        s, last = slice(a, b), b == cuts[-1]
+        before = cache
+        if cache is None:
+            out, cache = kernel.prefill(q[:, :, s], k[:, :, s], v[:, :, s], last=last)
+        else:
+            out, cache = kernel.extend(q[:, :, s], k[:, :, s], v[:, :, s], cache, last=last)
+        yield a, b, out, before, cache
+
+
+def chunked_out(kernel, q, k, v, cuts):
+    steps = list(chunked(kernel, q, k, v, cuts))
+    return torch.cat([o for _, _, o, _, _ in steps], dim=2), steps[-1][-1]
+
+
+# A single-token chunk, chunks on both sides of KIVI's residual (128) and of the caps (512).
+CUTS = [0, 1, 130, 131, 400, 600]
+
+
+@pytest.mark.parametrize("label", ["fp16", "h2o", "snapkv-256"])
+def test_extend_equals_unchunked_prefill(label):
+    """Methods that attend the whole prompt in prefill: any split gives the same outputs,
+    and (eviction at the prompt's end only) the same kept tokens."""
+    q, k, v = make_qkv(600, seed=7)
+    kernel = make_kernel(label)
+    ref_out, ref = kernel.prefill(q, k, v)
+    out, cache = chunked_out(kernel, q, k, v, CUTS)
+    assert torch.allclose(out, ref_out, atol=1e-5, rtol=1e-4)
+    assert cache.num_tokens == ref.num_tokens and cache.nbytes == ref.nbytes
+    if label != "fp16":
+        assert torch.equal(cache.positions, ref.positions) and torch.equal(cache.k, ref.k)
+
+
+def test_extend_fp16_dtype_and_exact_reference():
+    q, k, v = make_qkv(300, seed=1)
+    kernel = make_kernel("fp16")
+    out, cache = chunked_out(kernel, q, k, v, [0, 100, 101, 300])
+    assert torch.allclose(out.double(), exact_attention(q, k, v, causal=True), atol=1e-5, rtol=1e-4)
+    q16, k16, v16 = (t.half() for t in (q, k, v))
+    out16, cache16 = chunked_out(kernel, q16, k16, v16, [0, 100, 101, 300])
+    assert out16.dtype == torch.float16 and cache16.nbytes == B * HKV * kv_bytes_per_head(kernel.method, D, 300, 300, 2)
+    assert torch.allclose(out16.float(), kernel.prefill(q16, k16, v16)[0].float(), atol=2e-3, rtol=1e-2)
+
+
+def test_h2o_scores_accumulate_over_chunks():
+    """Mid-prompt (last=False) H2O holds every token, scored with the mass of all queries so far."""
+    m = parse_method("h2o")
+    q, k, v = make_qkv(600, seed=2)
+    kernel = make_kernel(m)
+    for a, b, _, _, cache in chunked(kernel, q, k, v, CUTS[:-1] + [599, 600]):
+        if b == 600:
+            break
+        _, whole = kernel.prefill(q[:, :, :b], k[:, :, :b], v[:, :, :b], last=False)
+        assert cache.num_tokens == b and torch.equal(cache.positions, whole.positions)
+        assert torch.allclose(cache.scores, whole.scores, atol=1e-4, rtol=1e-5)
+        full = B * HKV * (kv_bytes_per_head(Method("fp16"), D, b, b, 4) + b * SCORE_BYTES)
+        assert cache.nbytes == full
+    assert cache.num_tokens == m.heavy + m.recent
+
+
+def test_snapkv_votes_span_chunks_and_close_the_prompt():
+    """The window (32) straddles the last chunks: votes still come from the prompt's last 32
+    queries. After the last chunk the prompt is closed: a later chunk only appends."""
+    m = replace(parse_method("snapkv"), budget=128, window=32)
+    q, k, v = make_qkv(420, seed=4)
+    kernel = make_kernel(m)
+    ref_out, ref = kernel.prefill(q[:, :, :400], k[:, :, :400], v[:, :, :400])
+    steps = list(chunked(kernel, q, k, v, [0, 300, 380, 390, 400]))
+    for _, b, _, _, cache in steps[:-1]:
+        assert cache.num_tokens == b and cache.nbytes == B * HKV * kv_bytes_per_head(Method("fp16"), D, b, b, 4)
+    cache = steps[-1][-1]
+    assert torch.equal(cache.positions, ref.positions) and cache.window_q is None
+    assert torch.allclose(torch.cat([step[2] for step in steps], 2), ref_out, atol=1e-5)
+    _, more = kernel.extend(q[:, :, 400:420], k[:, :, 400:420], v[:, :, 400:420], cache)
+    assert torch.equal(more.positions, torch.cat([ref.positions, torch.arange(400, 420).expand(B, HKV, 20)], -1))
+
+
+def test_streamingllm_caps_each_chunk():
+    """Each chunk attends over sinks + recent as held, plus itself; the cap applies as it lands."""
+    m = parse_method("streamingllm")  # 64 sink + 448 recent
+    q, k, v = make_qkv(900, seed=6)
+    for a, b, out, before, cache in chunked(make_kernel(m), q, k, v, [0, 300, 600, 601, 900]):
+        seen = torch.arange(b)
+        expect = seen if b <= 512 else torch.cat([seen[:64], seen[b - 448:]])
+        assert torch.equal(cache.positions, expect.expand(B, HKV, -1))
+        assert cache.nbytes == B * HKV * kv_bytes_per_head(m, D, b, b, 4)
+        past = torch.arange(0) if before is None else before.positions[0, 0]
+        attended = torch.cat([past, torch.arange(a, b)])
+        ref = exact_attention(q[:, :, a:b], k[:, :, attended], v[:, :, attended], causal=True)
+        assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+def test_kivi_chunks_quantize_like_unchunked_and_attend_dequantized_past():
+    m = parse_method("kivi-2")
+    q, k, v = make_qkv(600, seed=8)
+    kernel = make_kernel(m)
+    for a, b, out, before, cache in chunked(kernel, q, k, v, CUTS):
+        assert cache.num_quantized == quantized_tokens(m, b)
+        assert cache.nbytes == B * HKV * kv_bytes_per_head(m, D, b, b, 4)
+        if before is not None:  # the chunk sees the past as held (dequantized), itself exact
+            k_past, v_past = before.keys_values()
+            ref = exact_attention(q[:, :, a:b], torch.cat([k_past, k[:, :, a:b]], 2),
+                                  torch.cat([v_past, v[:, :, a:b]], 2), causal=True)
+            assert torch.allclose(out.double(), ref, atol=1e-5)
+    # Groups start at token 0 whatever the split, so the codes are the unchunked ones.
+    _, ref = kernel.prefill(q, k, v)
+    for field in ("packed", "scale", "zero"):
+        assert torch.equal(getattr(cache.qk, field), getattr(ref.qk, field))
+        assert torch.equal(getattr(cache.qv, field), getattr(ref.qv, field))
+    assert torch.equal(cache.k_res, ref.k_res)
+
+
+@pytest.mark.parametrize("label", ["gear-4", "gear-8"])
+def test_gear_one_segment_per_quantizing_chunk(label):
+    """nbytes = KIVI's payload + window, plus gear_segment_bytes for every quantization event:
+    one per chunk that quantizes, then one per G decode tokens."""
+    m = parse_method(label)
+    base = replace(m, kind="kivi")
+    q, k, v = make_qkv(612, seed=9)
+    segments = []
+    for a, b, _, _, cache in chunked(make_kernel(m), q, k, v, CUTS):
+        if quantized_tokens(m, b) > quantized_tokens(m, a):
+            segments.append(quantized_tokens(m, b) - quantized_tokens(m, a))
+        corr = sum(gear_segment_bytes(m, s, D, 4) for s in segments)
+        assert cache.nbytes == B * HKV * (kv_bytes_per_head(base, D, b, b, 4) + corr), f"after {b}"
+    # Chunks ending at 400 and 600 quantize 256 then 192 tokens; an unchunked prefill: one 448.
+    assert segments == [256, 192] and [c.seg_len for c in cache.k_terms] == segments
+    kernel = make_kernel(m)
+    for t in range(600, 612):  # decode continues with G-token segments (one, at t=608)
+        s = slice(t, t + 1)
+        _, cache = kernel.decode(q[:, :, s], k[:, :, s], v[:, :, s], cache)
+        if quantized_tokens(m, t + 1) > quantized_tokens(m, t):
+            segments.append(m.group_size)
+        corr = sum(gear_segment_bytes(m, s_, D, 4) for s_ in segments)
+        assert cache.nbytes == B * HKV * (kv_bytes_per_head(base, D, t + 1, t + 1, 4) + corr), f"t={t + 1}"
+
+
+CHUNK_BYTE_CASES = ["fp16", "kivi-4", "kivi-2", "streamingllm", "h2o", "snapkv-256"]
+
+
+@pytest.mark.parametrize("label", CHUNK_BYTE_CASES)
+def test_chunked_prefill_then_decode_matches_formula(label):
+    """After a chunked prefill of a P-token prompt and decode to t, bytes and tokens are those
+    of an unchunked prefill of P (every method but GEAR, tested above)."""
+    m = parse_method(label)
+    q, k, v = make_qkv(612, seed=10)
+    *_, cache = list(chunked(make_kernel(m), q, k, v, CUTS))[-1]
+    kernel = make_kernel(m)
+    for t in range(600, 612):  # KIVI's next quantization event lands at t=608
+        assert cache.nbytes == B * HKV * kv_bytes_per_head(m, D, 600, t, 4), f"t={t}"
+        assert cache.num_tokens == m.cached_tokens(600, t)
+        s = slice(t, t + 1)
+        _, cache = kernel.decode(q[:, :, s], k[:, :, s], v[:, :, s], cache)
+
+
+def test_extend_rejects_mismatched_chunks():
+    q, k, v = make_qkv(20)
+    kernel = make_kernel("fp16")
+    _, cache = kernel.prefill(q[:, :, :10], k[:, :, :10], v[:, :, :10])
+    with pytest.raises(ValueError):
+        kernel.extend(q[:, :, 10:12], k[:, :, 10:13], v[:, :, 10:13], cache)
 
 
 def test_make_kernel_accepts_methods_and_labels():

@@ -61,8 +61,9 @@ def test_tiny_grid_writes_tables_and_meta(tiny_profile):
         assert (df["time_s_median"] > 0).all() and (df["time_s_p10"] <= df["time_s_p90"]).all()
         assert meta["rows"][name] == len(df)
     att = tables["attention"]
-    # 6 methods x (2 batch x 2 prompt prefills + 2 batch x 2 kv decodes), real model heads.
-    assert len(att) == 6 * 8
+    # 6 methods x (2 batch x (2 prompt prefills + 1 chunk on a past) + 2 batch x 2 kv decodes),
+    # real model heads.
+    assert len(att) == 6 * 10
     assert set(att["method"]) == {"fp16", "kivi-4", "gear-4", "streamingllm-512", "h2o-512", "snapkv-1024"}
     assert set(att["num_q_heads"]) == {9} and set(att["num_kv_heads"]) == {3} and set(att["head_dim"]) == {64}
     # Quantized caches are smaller than fp16's for the same prompt.
@@ -73,6 +74,35 @@ def test_tiny_grid_writes_tables_and_meta(tiny_profile):
             "lm_head"} <= set(ops["op"])
     comp = tables["compression"]
     assert {"quantize_segment", "quantize_on_append", "compress_segment", "evict", "update_scores"} <= set(comp["op"])
+
+
+def test_tiny_grid_times_chunks_on_a_past(tiny_profile):
+    """Prefill rows with kv_len > 0: a 64-token chunk ending a 224-token prompt whose first
+    160 tokens are cached; the cache after it is the method's for the whole prompt."""
+    from dataclasses import replace
+
+    from rkvsim.models import kv_bytes_per_head, parse_method, quantized_tokens
+    from rkvsim.models.kv_bytes import gear_segment_bytes
+
+    tables = read_tables(tiny_profile)
+    att = tables["attention"]
+    chunks = att[(att.stage == "prefill") & (att.kv_len > 0)]
+    assert set(zip(chunks.kv_len, chunks.new_tokens)) == {(160, 64)} and len(chunks) == 6 * 2
+    assert (chunks.cache_tokens == 224).all()  # per sequence; no method caps 224 tokens
+    row = chunks[chunks.batch_size == 2].set_index("method")
+    per_seq = 2 * 3  # batch x KV heads; fp32 on CPU
+    for label in ("fp16", "kivi-4", "streamingllm-512", "h2o-512", "snapkv-1024"):
+        m = parse_method(label)
+        assert row.loc[label, "cache_nbytes"] == per_seq * kv_bytes_per_head(m, 64, 224, 224, 4), label
+    gear = parse_method("gear-4")
+    segments = (quantized_tokens(gear, 160), quantized_tokens(gear, 224) - quantized_tokens(gear, 160))
+    expect = kv_bytes_per_head(replace(gear, kind="kivi"), 64, 224, 224, 4) + sum(
+        gear_segment_bytes(gear, s, 64, 4) for s in segments)
+    assert row.loc["gear-4", "cache_nbytes"] == per_seq * expect
+    # The chunk's quantization event is also timed alone (kv_len 0: independent of the past).
+    comp = tables["compression"]
+    seg = comp[(comp.op == "compress_segment") & (comp.kv_len == 0)]
+    assert segments[1] in set(seg.num_tokens)
 
 
 def test_rerun_of_complete_profile_measures_nothing(tiny_profile, tmp_path, capsys):
@@ -191,8 +221,11 @@ def test_attention_timer_with_stand_in_kernel(tmp_path):
             return 2 * self.k.numel() * self.k.element_size()
 
     class StandIn:
-        def prefill(self, q, k, v):
+        def prefill(self, q, k, v, last=True):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), Cache(k)
+
+        def extend(self, q, k, v, cache, last=True):
+            return q, Cache(torch.cat([cache.k, k], dim=2))
 
         def decode(self, q, k, v, cache):
             return q, Cache(torch.cat([cache.k, k], dim=2))
@@ -202,9 +235,11 @@ def test_attention_timer_with_stand_in_kernel(tmp_path):
                         kernel_source="test stand-in")
     res = collect(cfg)
     df = pd.read_csv(tmp_path / "standin" / "attention.csv")
-    assert res.measured == len(df) == 8
+    assert res.measured == len(df) == 10
     dec = df[(df.stage == "decode") & (df.kv_len == 192) & (df.batch_size == 2)].iloc[0]
     assert dec.cache_tokens == 193 and dec.cache_nbytes == 2 * 2 * 3 * 193 * 64 * 4
+    chunk = df[(df.stage == "prefill") & (df.kv_len == 160) & (df.batch_size == 2)].iloc[0]
+    assert chunk.new_tokens == 64 and chunk.cache_tokens == 224
 
 
 def test_cpu_reduces_heads_of_big_models_and_says_so():
