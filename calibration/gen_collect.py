@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .gen_configs import SEED_MODES, GenConfig, default_configs, request_seed, select_configs
 from .gen_meta import MetaMismatch, RunSettings, build_meta, command_line, git_commit, load_meta, save_meta
-from .gen_store import RowWriter, load_rows, part_path, read_rows, write_jsonl_atomic
+from .gen_store import RowWriter, load_rows, part_path, write_jsonl_atomic
 
 KV_DTYPES = ("float16", "float32", "bfloat16")
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-prompt-tokens", type=int, default=1500,
                    help="skip prompts longer than this under the chat template")
-    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float16",
-                   help="dtype the kernels hold K/V in (default float16, the paper's baseline)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float32",
+                   help="dtype the kernels hold K/V in (default float32: fp16 attention is several "
+                        "times slower on this CPU; see gen_attention)")
     p.add_argument("--part", default="0", help="part file name, distinct per parallel worker")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--max-rows", type=int, default=None,
@@ -102,7 +103,6 @@ def collect(out: Path, n: int, configs: list[GenConfig], settings: RunSettings, 
     from rich.console import Console
 
     from .gen_attention import use_kernels
-    from .gen_decode import Request, generate_group
     from .gen_model import ModelMissing, load_model
     from .gen_prompts import chat_ids, load_pairs, sample_prompts
 
@@ -135,33 +135,47 @@ def collect(out: Path, n: int, configs: list[GenConfig], settings: RunSettings, 
                   "kv_heads": model.config.num_key_value_heads, "head_dim": model.config.head_dim,
                   "attention": "rkvsim.kernels via transformers AttentionInterface (gen_attention)",
                   "stop_tokens": stop_tokens(tok)}
-    try:
-        meta = build_meta(model=model_info, settings=settings, configs=configs, prompt_stats=stats, n=n,
-                          command=command_line(), threads=torch.get_num_threads(), part=part,
-                          code=git_commit(REPO), previous=load_meta(out))
-    except MetaMismatch as e:
-        console.print(f"error: {e}")
-        return 2
-    save_meta(out, meta)
-    prompts_file = out / "prompts.jsonl"
-    if not prompts_file.exists() or len(read_rows(prompts_file)[0]) <= len(prompts):
-        write_jsonl_atomic(prompts_file, [p.record() for p in prompts])
+    # Take the part file's lock first, so a second run on it fails before touching meta.json.
+    with RowWriter(part_path(out, part)) as writer:
+        try:
+            meta = build_meta(model=model_info, settings=settings, configs=configs, prompt_stats=stats, n=n,
+                              command=command_line(), threads=torch.get_num_threads(), part=part,
+                              code=git_commit(REPO), previous=load_meta(out))
+        except MetaMismatch as e:
+            console.print(f"error: {e}")
+            return 2
+        save_meta(out, meta)
+        prompts_file = out / "prompts.jsonl"
+        if not prompts_file.exists() or _count_lines(prompts_file) <= len(prompts):
+            write_jsonl_atomic(prompts_file, [p.record() for p in prompts])
+        return _run(model, tok, out, prompts, configs, settings, writer, console, max_rows)
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _run(model, tok, out, prompts, configs, settings, writer, console, max_rows) -> int:
+    import torch
+
+    from .gen_decode import Request, generate_group
 
     done, bad = load_rows(out)
     todo = todo_pairs(prompts, configs, set(done))
-    already = len(prompts) * len(configs) - len(todo)
+    total = len(prompts) * len(configs)
+    finished = total - len(todo)
     if max_rows is not None:
         keep = {p.prompt_id for p, _ in todo[:max_rows]}
         todo = [(p, c) for p, c in todo if p.prompt_id in keep]
-    console.print(f"{already} of {len(prompts) * len(configs)} rows already done"
-                  f"{f', {bad} torn/bad lines ignored' if bad else ''}; {len(todo)} to run "
-                  f"-> {part_path(out, part)}")
+    console.print(f"{finished} of {total} rows already done"
+                  f"{f', {bad} torn/bad lines ignored' if bad else ''}; {len(todo)} to run -> {writer.path}")
     kv_dtype = getattr(torch, settings.kv_dtype)
     stops = stop_tokens(tok)
     pending = {}
     for p, c in todo:
         pending.setdefault(p.prompt_id, (p, set()))[1].add(c.label)
-    with RowWriter(part_path(out, part)) as writer, _progress(console) as progress:
+    with _progress(console) as progress:
         task = progress.add_task("generating", total=len(todo), rate="")
         tokens, busy = 0, 0.0
         for prompt, labels in pending.values():
@@ -184,9 +198,10 @@ def collect(out: Path, n: int, configs: list[GenConfig], settings: RunSettings, 
                                        f"({g.finish_reason}), prompt {prompt.num_tokens}",
                                        markup=False, highlight=False)
             busy += group_wall
+            finished += len(labels)
             progress.update(task, advance=len(labels), rate=f"{tokens / busy:.1f} tok/s")
-            progress.console.print(f"prompt {prompt.prompt_id} done in {group_wall:.1f}s; "
-                                   f"{tokens / busy:.1f} tok/s so far", markup=False, highlight=False)
+            progress.console.print(f"prompt {prompt.prompt_id} done in {group_wall:.1f}s; rows {finished}/{total}; "
+                                   f"{tokens / busy:.1f} tok/s this run", markup=False, highlight=False)
     return 0
 
 

@@ -52,6 +52,10 @@ SCALING = {
     "kivi": "2 and 4 bits, group 32 (paper), residual 32 (paper 128)",
     "gear": "4 bits (paper) and 2 bits, group 32, residual 32 (paper 128), rank 2%, outliers 2% (paper)",
     "controls": "fp16 at T=0.9 and T=1.1 (paper Table 9), fp16 at T=1.0 on an independent stream",
+    "precision": "label 'fp16' = uncompressed; K/V are held in the run's kv_dtype (default float32 on "
+                 "CPU, see gen_attention), quantizer scales too",
+    "prefill": "every method attends the prompt exactly (as the kernels do); compression acts on "
+               "the cache, so a prompt's configs share one prefill forward",
 }
 
 

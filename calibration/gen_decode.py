@@ -20,7 +20,7 @@ import torch
 
 from rkvsim.models import Method
 
-from .gen_attention import KernelRun, RunGroup
+from .gen_attention import DEFAULT_KV_DTYPE, KernelRun, RunGroup
 
 STOP = "stop"       # the model emitted an end-of-turn / end-of-text token
 LENGTH = "length"   # max_new_tokens reached
@@ -63,7 +63,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
 
 
 def generate_group(model, prompt_ids: list[int], requests: list[Request | None], *,
-                   max_new_tokens: int = 512, stop_ids=(), kv_dtype: torch.dtype = torch.float16
+                   max_new_tokens: int = 512, stop_ids=(), kv_dtype: torch.dtype = DEFAULT_KV_DTYPE
                    ) -> list[Generation | None]:
     """Generate for each request (None: an idle row, kept for a fixed batch layout).
 
@@ -106,7 +106,7 @@ def generate_group(model, prompt_ids: list[int], requests: list[Request | None],
 
 def generate(model, prompt_ids: list[int], method: Method | str, *, temperature: float = 1.0,
              top_p: float = 1.0, max_new_tokens: int = 512, seed: int = 0, stop_ids=(),
-             kv_dtype: torch.dtype = torch.float16) -> Generation:
+             kv_dtype: torch.dtype = DEFAULT_KV_DTYPE) -> Generation:
     """One request alone (a group of one row)."""
     return generate_group(model, prompt_ids, [Request(method, temperature, seed, top_p)],
                           max_new_tokens=max_new_tokens, stop_ids=stop_ids, kv_dtype=kv_dtype)[0]

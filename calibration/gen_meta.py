@@ -20,8 +20,8 @@ from .gen_store import read_json, write_json_atomic
 
 META_NAME = "meta.json"
 SCHEMA = "rkvsim-lengths-v1"
-REQUIRED = ("schema", "model", "versions", "fingerprint", "configs", "scaling", "prompts", "n",
-            "created", "updated", "runs")
+REQUIRED = ("schema", "date", "command", "seed", "model", "versions", "fingerprint", "settings",
+            "configs", "scaling", "prompts", "n", "created", "updated", "runs")
 
 
 class MetaMismatch(ValueError):
@@ -35,7 +35,7 @@ class RunSettings:
     max_new_tokens: int = 512
     top_p: float = 1.0
     max_prompt_tokens: int = 1500
-    kv_dtype: str = "float16"
+    kv_dtype: str = "float32"
 
 
 def now_utc() -> str:
@@ -83,8 +83,9 @@ def build_meta(*, model: dict, settings: RunSettings, configs: list[GenConfig], 
     run = {"started": now_utc(), "command": " ".join(command), "n": n, "configs": list(described),
            "part": part, "torch_threads": threads, "code": code, "versions": versions(),
            "batch_rows": len(described)}   # a prompt's configs decode as one batch of this size
+    latest = {"date": run["started"], "command": run["command"], "seed": settings.seed}
     if previous is None:
-        return {"schema": SCHEMA, "model": model, "versions": run["versions"], "fingerprint": fp,
+        return {**latest, "schema": SCHEMA, "model": model, "versions": run["versions"], "fingerprint": fp,
                 "settings": asdict(settings), "configs": described, "scaling": SCALING,
                 "prompts": prompt_stats, "n": n, "created": run["started"], "updated": run["started"],
                 "runs": [run]}
@@ -97,6 +98,7 @@ def build_meta(*, model: dict, settings: RunSettings, configs: list[GenConfig], 
     merged["versions"] = run["versions"]   # the newest run's; each run keeps its own too
     merged["updated"] = run["started"]
     merged["runs"] = list(previous.get("runs", [])) + [run]
+    merged.update(latest)
     return merged
 
 

