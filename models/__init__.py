@@ -3,10 +3,10 @@ from .architectures import MODELS, ModelSpec, resolve_model
 from .hardware import HARDWARE, HardwareSpec, hardware_for_device, resolve_hardware
 from .kv_bytes import (kv_bytes, kv_bytes_per_head, kv_bytes_per_token, kv_fixed_overhead,
                        quantized_tokens)
-from .methods import EVICTING, KINDS, QUANTIZED, Method, default_method, parse_method
+from .methods import EVICTING, KINDS, QUANTIZED, Method, cached_tokens_vec, default_method, parse_method
 
 __all__ = [
     "MODELS", "ModelSpec", "resolve_model", "HARDWARE", "HardwareSpec", "hardware_for_device",
     "resolve_hardware", "kv_bytes", "kv_bytes_per_head", "kv_bytes_per_token", "kv_fixed_overhead",
-    "quantized_tokens", "Method", "default_method", "parse_method", "KINDS", "QUANTIZED", "EVICTING",
+    "quantized_tokens", "Method", "cached_tokens_vec", "default_method", "parse_method", "KINDS", "QUANTIZED", "EVICTING",
 ]

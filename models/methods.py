@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
+
 KINDS = ("fp16", "kivi", "gear", "streamingllm", "h2o", "snapkv")
 QUANTIZED = ("kivi", "gear")
 EVICTING = ("streamingllm", "h2o", "snapkv")
@@ -67,6 +69,16 @@ class Method:
         if self.kind == "snapkv":
             return min(prompt_len, self.budget) + (total_len - prompt_len)
         return total_len
+
+
+def cached_tokens_vec(method: Method, prompt: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Method.cached_tokens over arrays of requests (the simulator's and roofline's hot path)."""
+    cap = method.token_cap
+    if cap is not None:
+        return np.minimum(total, cap)
+    if method.kind == "snapkv":
+        return np.minimum(prompt, method.budget) + (total - prompt)
+    return total
 
 
 def default_method(kind: str, **overrides) -> Method:

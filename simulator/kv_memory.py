@@ -41,16 +41,6 @@ class KVLayout:
     def blocks_for_vec(self, cached_tokens: np.ndarray) -> np.ndarray:
         return np.ceil(cached_tokens / self.block_size + self.overhead_blocks).astype(np.int64)
 
-    def cached_vec(self, prompt: np.ndarray, ctx: np.ndarray) -> np.ndarray:
-        """Vectorised Method.cached_tokens for requests past prefill."""
-        m = self.method
-        cap = m.token_cap
-        if cap is not None:
-            return np.minimum(ctx, cap)
-        if m.kind == "snapkv":
-            return np.minimum(prompt, m.budget) + (ctx - prompt)
-        return ctx
-
     def peak_blocks(self, prompt: int, output: int) -> int:
         """Most blocks a request ever holds: the whole prompt during prefill (eviction runs
         after the prompt is attended), then its cached tokens while decoding."""

@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 import simpy
 
+from rkvsim.models import cached_tokens_vec
+
 from .config import SchedulerConfig
 from .cost_model import CostModel, StepBatch
 from .kv_memory import KVLayout
@@ -158,7 +160,7 @@ class Replica:
         """Blocks each decoding request needs after this step; preempts (LIFO) until they fit."""
         lay, D = self.layout, self.D
         n = self.n_dec
-        need = lay.blocks_for_vec(lay.cached_vec(D[self.PLEN, :n], D[self.CTX, :n] + 1))
+        need = lay.blocks_for_vec(cached_tokens_vec(lay.method, D[self.PLEN, :n], D[self.CTX, :n] + 1))
         total = self.blocks_used + int(need.sum() - D[self.BLK, :n].sum())
         while total > lay.num_blocks and n > 0:
             n -= 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from rkvsim.models import HardwareSpec, Method
+from rkvsim.models import HardwareSpec, Method, cached_tokens_vec
 from rkvsim.models.kv_bytes import INDEX_BYTES, SCORE_BYTES
 
 
@@ -81,16 +81,6 @@ def quantized_tokens_vec(method: Method, n: np.ndarray) -> np.ndarray:
     """models.quantized_tokens over an int64 array."""
     g, r = method.group_size, method.residual
     return np.maximum(n - r, 0) // g * g
-
-
-def cached_tokens_vec(method: Method, prompt: np.ndarray, total: np.ndarray) -> np.ndarray:
-    """Method.cached_tokens over arrays."""
-    cap = method.token_cap
-    if cap is not None:
-        return np.minimum(total, cap)
-    if method.kind == "snapkv":
-        return np.minimum(prompt, method.budget) + (total - prompt)
-    return total
 
 
 def quant_bytes_per_token(method: Method, head_dim: int, dtype_bytes: int) -> float:
