@@ -25,6 +25,7 @@ def cmd_run(args) -> int:
     from .config import ScenarioError, load_scenario
     from .engine import build_workload, simulate_method, variants
     from .kv_memory import DoesNotFitError
+    from .verbosity import load_inflation
     from .outputs import build_summary, write_results
     from .table import method_table
 
@@ -36,6 +37,7 @@ def cmd_run(args) -> int:
         scn = load_scenario(path, _parse_set(args.set))
         seed = scn.seed if args.seed is None else args.seed
         wl = build_workload(scn, seed, path.resolve().parent)
+        inflation = load_inflation(scn, path.resolve().parent)
     except (ScenarioError, ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2
@@ -49,14 +51,16 @@ def cmd_run(args) -> int:
         for label, m, tp in todo:
             prog.update(task, description=f"simulating {label}")
             try:
-                runs.append(simulate_method(scn, m, wl, tp=tp, label=label))
+                runs.append(simulate_method(scn, m, wl, tp=tp, label=label, inflation=inflation))
             except DoesNotFitError as e:
                 err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
                 return 2
             prog.advance(task)
     wall = time.perf_counter() - t0
     extra = {"model": scn.model, "hardware": scn.hardware, "tp": scn.tp, "replicas": scn.replicas,
-             "router": scn.router, "num_requests": int(len(wl.prompt))}
+             "router": scn.router, "num_requests": int(len(wl.prompt)),
+             "verbosity": "none" if inflation is None else
+             f"inflation model fitted on {scn.verbosity.data} ({inflation.info['n_prompts']} prompts)"}
     summary = build_summary(scn.name, seed, runs, extra)
     write_results(out, summary, runs, path.read_text())
     console.print(method_table(summary))
@@ -93,6 +97,30 @@ def _add_lengths(sub) -> None:
     e.add_argument("--model", help="model file (default: the cache dir's, for --features)")
     e.add_argument("--features", choices=["basic", "minilm"], default="basic")
     e.set_defaults(func=cmd_lengths)
+    _add_inflation(lsub)
+
+
+def cmd_inflation(args) -> int:
+    from rkvsim.calibration.inflation_report import cli_main  # lazy: numpy + rich only
+
+    return cli_main(args)
+
+
+def _add_inflation(lsub) -> None:
+    """`rkvsim lengths report|fit`: length inflation under compression (generation rows)."""
+    rp = lsub.add_parser("report", help="length differences per compression config vs the paper's Table 9")
+    rp.add_argument("--data", help="generation folder (default: calibration/data/lengths)")
+    rp.add_argument("--baseline", default="fp16", help="config label of the uncompressed run")
+    rp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rp.set_defaults(func=cmd_inflation)
+    f = lsub.add_parser("fit", help="fit the length-inflation model, print held-out scores")
+    f.add_argument("--data", help="generation folder (default: calibration/data/lengths)")
+    f.add_argument("--baseline", default="fp16")
+    f.add_argument("--seed", type=int, default=0, help="held-out prompt split seed")
+    f.add_argument("--test-fraction", type=float, default=0.25)
+    f.add_argument("--out", help="write the fitted model as JSON here")
+    f.add_argument("--json", action="store_true", help="print held-out scores as JSON")
+    f.set_defaults(func=cmd_inflation)
 
 
 def main(argv: list[str] | None = None) -> int:

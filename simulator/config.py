@@ -31,6 +31,15 @@ class SchedulerConfig(_Strict):
     max_model_len: int | None = Field(None, ge=2, description="context window; default: the model's")
 
 
+class VerbosityConfig(_Strict):
+    """Compression makes answers longer (the paper's observation 3). When `data` is set, each
+    compressed method's output lengths are the workload's (uncompressed) lengths times ratios
+    drawn from the inflation model fitted on measured generations."""
+    data: str | None = Field(None, description="'shipped' (calibration/data/lengths installed with rkvsim) "
+                                                "or a generation dataset folder; null: no inflation")
+    min_prompts: int = Field(30, ge=1, description="refuse datasets with fewer complete prompts than this")
+
+
 class Scenario(_Strict):
     name: str = "scenario"
     seed: int = 0
@@ -43,6 +52,7 @@ class Scenario(_Strict):
     router: Literal["round_robin", "least_outstanding", "least_kv"] = "least_kv"
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     workload: WorkloadConfig
+    verbosity: VerbosityConfig = Field(default_factory=VerbosityConfig)
 
     @field_validator("model")
     @classmethod

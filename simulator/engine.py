@@ -15,11 +15,13 @@ from .kv_memory import KVLayout, kv_layout
 from .records import RequestLog
 from .replica import Replica
 from .router import Router
+from .verbosity import method_outputs
 from .workload import sample_arrivals, sample_lengths
 
 
 @dataclass
 class Workload:
+    seed: int
     prompt: np.ndarray
     output: np.ndarray
     arrivals: np.ndarray | None      # None: closed loop
@@ -43,7 +45,7 @@ def build_workload(scn: Scenario, seed: int, base_dir: Path) -> Workload:
     prompt, output = sample_lengths(scn.workload, rng, base_dir)
     arrivals = sample_arrivals(scn.workload.arrival, len(prompt), rng)
     a = scn.workload.arrival
-    return Workload(prompt, output, arrivals, getattr(a, "concurrency", 0), getattr(a, "think_time_s", 0.0))
+    return Workload(seed, prompt, output, arrivals, getattr(a, "concurrency", 0), getattr(a, "think_time_s", 0.0))
 
 
 def variants(scn: Scenario) -> list[tuple[str, Method, int]]:
@@ -57,7 +59,7 @@ def make_cost_model(scn: Scenario, method: Method, tp: int) -> CostModel:
 
 
 def simulate_method(scn: Scenario, method: Method, wl: Workload, tp: int | None = None,
-                    cost: CostModel | None = None, label: str | None = None) -> MethodRun:
+                    cost: CostModel | None = None, label: str | None = None, inflation=None) -> MethodRun:
     model, hw = resolve_model(scn.model), resolve_hardware(scn.hardware)
     tp = tp or scn.tp_list[0]
     sc = scn.scheduler
@@ -65,7 +67,8 @@ def simulate_method(scn: Scenario, method: Method, wl: Workload, tp: int | None 
                        sc.max_batched_tokens, sc.max_batch_size)
     cost = cost or make_cost_model(scn, method, tp)
     max_len = sc.max_model_len or model.max_position
-    log = RequestLog(wl.prompt, wl.output)
+    outputs = method_outputs(method, wl.prompt, wl.output, wl.seed, inflation, max_len)
+    log = RequestLog(wl.prompt, outputs)
     env = simpy.Environment()
     pending = iter(range(len(wl.prompt)))
 

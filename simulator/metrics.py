@@ -67,6 +67,7 @@ def summarize(log: RequestLog, steps: list, num_blocks: int) -> dict:
         "requests_per_s": int(done.sum()) / span if done.any() else 0.0,
         "prefill_tokens_per_s": log.prefill_tokens / span if done.any() else 0.0,
         "makespan_s": span,
+        "mean_output_tokens": float(log.output.mean()) if len(log.output) else 0.0,
         "ttft_s": latency_stats(cols["ttft_s"]),
         "tpot_s": latency_stats(cols["tpot_s"]),
         "e2e_s": latency_stats(cols["e2e_s"]),

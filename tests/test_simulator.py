@@ -222,3 +222,43 @@ def test_shipped_scenarios_validate_and_run(path):
         run = simulate_method(scn, m, wl, tp=tp, label=label)
         check_invariants(run, wl)
         assert np.isfinite(run.log.finish).sum() > 0
+
+
+class _Doubling:
+    """A stand-in inflation model: every compressed answer twice as long."""
+    def for_method(self, method):
+        return None if method.kind == "fp16" else method.label
+
+    def sample_ratio(self, label, prompt_tokens, rng):
+        return np.full(len(prompt_tokens), 2.0)
+
+
+def test_verbosity_lengthens_compressed_answers_and_e2e():
+    scn = scenario(methods=["fp16", "kivi-4"])
+    wl = build_workload(scn, 0, ".")
+    base = simulate_method(scn, parse_method("kivi-4"), wl)
+    verbose = simulate_method(scn, parse_method("kivi-4"), wl, inflation=_Doubling())
+    fp16 = simulate_method(scn, parse_method("fp16"), wl, inflation=_Doubling())
+    assert np.array_equal(verbose.log.output, np.minimum(2 * wl.output, 4096 - wl.prompt))
+    assert np.array_equal(fp16.log.output, wl.output)
+    e2e = lambda r: np.nanmean(r.log.finish - r.log.arrival)  # noqa: E731
+    assert e2e(verbose) > 1.3 * e2e(base)
+    check_invariants(verbose, wl)
+
+
+def test_verbosity_from_the_shipped_dataset(tmp_path, capsys):
+    from rkvsim.simulator.verbosity import shipped_dataset
+    if not any(shipped_dataset().glob("part-*.jsonl")):
+        pytest.skip("no generation rows shipped")
+    f = tmp_path / "s.yaml"
+    body = ("model: llama-2-7b\nhardware: a6000\nmethods: [fp16, kivi-4, h2o-512]\nworkload:\n  num_requests: 20\n"
+            "  arrival: {process: poisson, rate: 2}\n  prompt: {dist: fixed, value: 100}\n"
+            "  output: {dist: fixed, value: 50}\n")
+    f.write_text(body + "verbosity: {data: shipped, min_prompts: 100000}\n")
+    assert main(["run", str(f), "--out", str(tmp_path / "a")]) == 2
+    assert "verbosity.min_prompts" in capsys.readouterr().err
+    f.write_text(body + "verbosity: {data: shipped, min_prompts: 1}\n")
+    assert main(["run", str(f), "--out", str(tmp_path / "b")]) == 0
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["verbosity"].startswith("inflation model fitted on shipped")
+    assert s["methods"]["fp16"]["mean_output_tokens"] == 50

@@ -1,0 +1,51 @@
+"""Per-method output lengths: the workload gives each request's uncompressed length; under a
+compressed method it is scaled by a ratio drawn from the length-inflation model."""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from rkvsim.models import Method
+
+from .config import Scenario, ScenarioError
+
+
+def shipped_dataset() -> Path:
+    import rkvsim.calibration
+    return Path(rkvsim.calibration.__file__).parent / "data" / "lengths"
+
+
+def load_inflation(scn: Scenario, base_dir: Path):
+    """The fitted inflation model for a scenario, or None when verbosity is off."""
+    v = scn.verbosity
+    if v.data is None:
+        return None
+    from rkvsim.calibration.inflation import fit_inflation, load_dataset
+    path = shipped_dataset() if v.data == "shipped" else Path(v.data)
+    if not path.is_absolute() and v.data != "shipped":
+        path = (base_dir / path) if (base_dir / path).exists() else path
+    if not path.is_dir():
+        raise ScenarioError(f"verbosity.data: {path} is not a generation dataset folder; use 'shipped' or a path "
+                            "written by python -m rkvsim.calibration.gen_collect")
+    model = fit_inflation(load_dataset(path), seed=scn.seed)
+    n = model.info["n_prompts"]
+    if n < v.min_prompts:
+        raise ScenarioError(f"verbosity.data: {path} has {n} prompts with paired generations, fewer than "
+                            f"verbosity.min_prompts={v.min_prompts}; collect more (gen_collect resumes) or lower it")
+    return model
+
+
+def method_outputs(method: Method, prompt: np.ndarray, output: np.ndarray, seed: int, inflation,
+                   max_len: int) -> np.ndarray:
+    """Output lengths under `method`; unchanged without a model or for FP16."""
+    label = inflation.for_method(method) if inflation is not None else None
+    if label is None:
+        return output
+    # Seeded per (run seed, method) so that methods are independent and reruns identical.
+    rng = np.random.default_rng([seed, zlib.crc32(method.label.encode())])
+    r = inflation.sample_ratio(label, prompt, rng)
+    inflated = np.rint(output * r).astype(np.int64)
+    # A longer answer still ends at the context window.
+    return np.clip(inflated, 1, np.maximum(max_len - prompt, 1))

@@ -1,0 +1,196 @@
+"""Length-inflation model and `rkvsim lengths report|fit` (rkvsim.calibration.inflation*)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rkvsim.calibration import gen_store
+from rkvsim.calibration.inflation import (InflationModel, d_shares, fit_inflation, for_method,
+                                          load_dataset, load_model, pairs_from_rows, save_model,
+                                          split_prompts)
+from rkvsim.calibration.inflation_report import build_report
+from rkvsim.models import default_method, parse_method
+from rkvsim.simulator.cli import main
+
+REAL = Path(__file__).resolve().parents[1] / "calibration" / "data" / "lengths"
+LABELS = {"fp16": "fp16", "fp16-reseed": "fp16", "kivi-4": "kivi", "kivi-2": "kivi", "gear-4": "gear",
+          "gear-2": "gear", "streamingllm-128": "streamingllm", "streamingllm-64": "streamingllm",
+          "h2o-128": "h2o", "h2o-64": "h2o", "snapkv-64": "snapkv", "snapkv-32": "snapkv"}
+
+
+def row(pid, config, resp, prompt=50, cap=512):
+    return {"prompt_id": pid, "config": config, "method": LABELS.get(config, "fp16"), "settings": {},
+            "temperature": 1.0, "prompt_tokens": prompt, "response_tokens": resp,
+            "hit_cap": resp >= cap, "finish_reason": "length" if resp >= cap else "stop"}
+
+
+def synthetic(n=80, seed=1):
+    """Every compressed config doubles the baseline length (times small noise)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        pid, pt = f"p{i}", 10 + (i * 389) // max(n - 1, 1)   # distinct prompt lengths 10..399
+        base = int(rng.integers(20, 200))
+        rows.append(row(pid, "fp16", base, pt, cap=10_000))
+        for lb in LABELS:
+            if lb != "fp16":
+                rows.append(row(pid, lb, int(round(2 * base * rng.uniform(0.9, 1.1))), pt, cap=10_000))
+    return rows
+
+
+def test_d_shares_on_hand_made_rows():
+    rows = [row("a", "fp16", 100), row("a", "kivi-4", 40),      # D = 0.6  -> >= 50%
+            row("b", "fp16", 100), row("b", "kivi-4", 150),     # D = -0.5 -> <= -50% (edge counts)
+            row("c", "fp16", 100), row("c", "kivi-4", 100),     # D = 0
+            row("d", "fp16", 100), row("d", "kivi-4", 50),      # D = 0.5  -> >= 50% (edge counts)
+            row("e", "kivi-4", 999)]                            # no baseline: ignored
+    pairs = pairs_from_rows(rows)
+    assert {p.prompt_id for p in pairs} == {"a", "b", "c", "d"}
+    s = d_shares(pairs)
+    assert s["n"] == 4 and s["d_ge_50"] == pytest.approx(0.5) and s["d_le_m50"] == pytest.approx(0.25)
+    assert np.isnan(d_shares([])["d_ge_50"])
+
+
+def test_cap_flags_and_zero_length_floor():
+    pairs = pairs_from_rows([row("a", "fp16", 0), row("a", "h2o-64", 512)])
+    (p,) = pairs
+    assert p.cap and not p.base_cap and p.ratio == 512.0   # floor 1 token, no inf
+
+
+def test_split_by_prompt_is_disjoint_stable_and_nonempty():
+    ids = [f"p{i}" for i in range(40)]
+    train, test = split_prompts(ids, seed=3)
+    assert set(train) | set(test) == set(ids) and not set(train) & set(test)
+    assert split_prompts(list(reversed(ids)), seed=3) == (train, test)
+    # growing the dataset never moves an existing prompt across the split
+    train2, test2 = split_prompts(ids + [f"q{i}" for i in range(40)], seed=3)
+    assert set(test) <= set(test2) and set(train) <= set(train2)
+    assert split_prompts(ids, seed=4) != (train, test)
+    tr, te = split_prompts(["x", "y"], seed=0)
+    assert len(tr) == 1 and len(te) == 1
+
+
+def test_fit_holds_out_whole_prompts():
+    rows = synthetic()
+    m = fit_inflation(rows, seed=0)
+    train, test = split_prompts({r["prompt_id"] for r in rows}, seed=0)
+    assert m.info["n_test_prompts"] == len(test) > 0
+    assert m.configs["kivi-4"].n == len(train)          # one pair per training prompt only
+    assert all(h["n"] == len(test) for h in m.heldout.values())
+
+
+def test_expected_ratio_matches_held_in_mean_when_length_doubles():
+    rows = synthetic()
+    m = fit_inflation(rows, seed=0)
+    train, _ = split_prompts({r["prompt_id"] for r in rows}, seed=0)
+    pairs = [p for p in pairs_from_rows(rows) if p.label == "h2o-64" and p.prompt_id in train]
+    d = m.configs["h2o-64"]
+    assert len(d.log_r) == 3                             # 60 training pairs -> 3 bins of >= 20
+    for pt in (15, 200, 390):
+        b = int(d.bin_of(pt))
+        held_in = [p.ratio for p in pairs if int(d.bin_of(p.prompt_tokens)) == b]
+        assert m.expected_ratio("h2o-64", pt) == pytest.approx(np.mean(held_in))
+        assert m.expected_ratio("h2o-64", pt) == pytest.approx(2.0, abs=0.05)
+    h = m.heldout["h2o-64"]
+    assert abs(h["mean_log_err"]) < 0.05 and h["mean_ratio_pred"] == pytest.approx(2.0, abs=0.05)
+
+
+def test_small_config_is_pooled():
+    m = fit_inflation(synthetic(n=20), seed=0)
+    assert all(len(d.log_r) == 1 and d.edges == [] for d in m.configs.values())
+
+
+def test_sampling_is_deterministic_per_seed():
+    m = fit_inflation(synthetic(), seed=0)
+    pt = np.array([20, 100, 300, 50, 380])
+    a = m.sample_ratio("kivi-2", pt, np.random.default_rng(7))
+    b = m.sample_ratio("kivi-2", pt, np.random.default_rng(7))
+    c = m.sample_ratio("kivi-2", pt, np.random.default_rng(8))
+    assert a.shape == (5,) and np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.all((a > 1.7) & (a < 2.3))
+    m2 = fit_inflation(synthetic(), seed=0)
+    assert m2.to_json() == m.to_json()
+    with pytest.raises(KeyError):
+        m.sample_ratio("kivi-3", pt, np.random.default_rng(0))
+
+
+def test_for_method_mapping():
+    m = fit_inflation(synthetic(n=12), seed=0)
+    assert for_method(default_method("fp16"), m) is None
+    assert m.for_method(parse_method("kivi-4")) == "kivi-4"
+    assert m.for_method(parse_method("kivi-2")) == "kivi-2"
+    assert m.for_method(parse_method("gear-8")) == "gear-4"           # nearest bits
+    # eviction at the paper's budgets -> the larger (milder) scaled config
+    assert m.for_method(parse_method("streamingllm-512")) == "streamingllm-128"
+    assert m.for_method(parse_method("h2o-512")) == "h2o-128"
+    assert m.for_method(parse_method("snapkv-1024")) == "snapkv-64"
+    assert m.for_method(parse_method("h2o-32")) == "h2o-128"          # default ignores the budget
+    assert m.resolve("fp16", 0) is None
+    only_kivi = fit_inflation([r for r in synthetic(n=12) if r["config"] in ("fp16", "kivi-2")])
+    with pytest.raises(ValueError):
+        only_kivi.resolve("gear", 4)
+
+
+def test_json_round_trip(tmp_path):
+    m = fit_inflation(synthetic(), seed=2)
+    path = save_model(m, tmp_path / "sub" / "inflation.json")
+    back = load_model(path)
+    assert back.to_json() == m.to_json() and back.labels() == m.labels()
+    pt = np.array([30, 250])
+    assert np.array_equal(back.sample_ratio("gear-4", pt, np.random.default_rng(1)),
+                          m.sample_ratio("gear-4", pt, np.random.default_rng(1)))
+    assert not list(path.parent.glob("*.tmp"))           # atomic write left nothing behind
+    bad = json.loads(path.read_text()) | {"schema": "other"}
+    with pytest.raises(ValueError):
+        InflationModel.from_json(bad)
+
+
+def _write_dataset(folder: Path, rows, n_target: int):
+    with gen_store.RowWriter(gen_store.part_path(folder)) as w:
+        for r in rows:
+            w.append(r)
+    with open(gen_store.part_path(folder), "ab") as f:
+        f.write(b'{"prompt_id": "torn", "conf')                   # a writer's torn tail
+    configs = {lb: {"label": lb, "method": k} for lb, k in LABELS.items()}
+    gen_store.write_json_atomic(folder / "meta.json", {"n": n_target, "configs": configs,
+                                                      "model": {"name": "tiny"},
+                                                      "settings": {"max_new_tokens": 512}})
+
+
+def test_report_on_tmp_dataset(tmp_path, capsys):
+    rows = [row("a", "fp16", 100)] + [row("a", lb, 200) for lb in LABELS if lb != "fp16"]
+    rows += [row("b", "fp16", 100)] + [row("b", lb, 512) for lb in LABELS if lb != "fp16"]
+    _write_dataset(tmp_path, rows, n_target=5)
+    assert len(load_dataset(tmp_path)) == len(rows)
+    assert main(["lengths", "report", "--data", str(tmp_path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["incomplete"] and rep["n_complete_prompts"] == 2 and rep["n_target"] == 5
+    kivi = next(c for c in rep["configs"] if c["config"] == "kivi-4")
+    assert kivi["d_le_m50"] == 1.0 and kivi["cap_share"] == 0.5 and kivi["paper_row"] == "KIVI"
+    assert kivi["paper_d_le_m50"] == pytest.approx(0.449)
+    assert main(["lengths", "report", "--data", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "still being collected" in out and "noise floor" in out and "StreamingLLM" in out
+    assert main(["lengths", "fit", "--data", str(tmp_path), "--out", str(tmp_path / "m.json")]) == 0
+    assert load_model(tmp_path / "m.json").info["n_prompts"] == 2
+
+
+def test_real_dataset_smoke():
+    if not REAL.is_dir():
+        pytest.skip("no calibration/data/lengths")
+    rows = load_dataset(REAL)
+    counts = Counter(r["prompt_id"] for r in rows)
+    if sum(c >= 14 for c in counts.values()) < 2:
+        pytest.skip("fewer than 2 complete prompts collected so far")
+    complete = {p for p, c in counts.items() if c >= 14}
+    rows = [r for r in rows if r["prompt_id"] in complete]
+    m = fit_inflation(rows, seed=0)
+    assert {"kivi-4", "h2o-128", "streamingllm-128", "snapkv-64"} <= set(m.labels())
+    r = m.sample_ratio(m.for_method(parse_method("h2o-512")), np.array([30, 300]), np.random.default_rng(0))
+    assert np.all(np.isfinite(r) & (r > 0))
+    rep = build_report(rows, None)
+    assert all(c["n"] == len(complete) for c in rep["configs"])
