@@ -115,6 +115,11 @@ class Replica:
                     budget -= take
             self._admit(budget, chunks, chunked=True)
             if not chunks and dec_need is None:
+                if len(self.prefilling) > 1:
+                    # Partial prefills hold blocks none of them can grow into: without this
+                    # they would wait on each other forever. A lone request always fits.
+                    self._preempt_prefill()
+                    return self._plan_step()
                 return None
             return chunks, dec_need
         chunks: list = []
@@ -179,6 +184,12 @@ class Replica:
         log.itl_max[rid] = np.fmax(log.itl_max[rid], self.F[self.ITLMAX, i])
         self.blocks_used -= int(D[self.BLK, i])
         self.n_dec = i
+        self.waiting.appendleft(rid)
+
+    def _preempt_prefill(self) -> None:
+        rid, _done, _total, blocks = self.prefilling.pop()
+        self.blocks_used -= blocks
+        self.log.preemptions[rid] += 1
         self.waiting.appendleft(rid)
 
     # ---- applying a finished step ----------------------------------------------------

@@ -262,3 +262,28 @@ def test_verbosity_from_the_shipped_dataset(tmp_path, capsys):
     s = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert s["verbosity"].startswith("inflation model fitted on shipped")
     assert s["methods"]["fp16"]["mean_output_tokens"] == 50
+
+
+def test_partial_prefills_that_block_each_other_are_broken_up():
+    """Two partly prefilled requests hold every block and neither can grow: the replica must
+    preempt the newer one instead of sleeping forever."""
+    import simpy
+
+    from rkvsim.simulator.kv_memory import kv_layout
+    from rkvsim.simulator.records import RequestLog
+    from rkvsim.simulator.replica import Replica
+    scn = scenario(hardware="l4", scheduler={"chunked_prefill": True, "max_batched_tokens": 512})
+    m = parse_method("fp16")
+    sc = scn.scheduler
+    lay = kv_layout(resolve_model("llama-2-7b"), resolve_hardware("l4"), m, 1, sc.block_size,
+                    sc.gpu_memory_utilization, sc.max_batched_tokens, sc.max_batch_size)
+    half = lay.num_blocks // 2
+    total = half * lay.block_size + 1000  # each needs more than half the pool to finish
+    log = RequestLog(np.array([total, total]), np.array([5, 5]))
+    rep = Replica(simpy.Environment(), 0, lay, make_cost_model(scn, m, 1), sc, log, lambda _r: None)
+    rep.prefilling = [[0, half * lay.block_size, total, half], [1, half * lay.block_size, total, half]]
+    rep.blocks_used = 2 * half
+    chunks, dec = rep._plan_step()
+    assert [e[0] for e, _ in chunks] == [0] and dec is None
+    assert list(rep.waiting) == [1] and log.preemptions[1] == 1
+    assert rep.blocks_used == half + lay.blocks_for(half * lay.block_size + chunks[0][1]) - half
