@@ -1,0 +1,1 @@
+"""What-if questions on top of the simulator: sweeps over scenario fields and capacity plans."""
