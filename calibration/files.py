@@ -31,3 +31,8 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """atomic_write of a ready byte string."""
+    atomic_write(path, lambda f: f.write(data))

@@ -23,6 +23,15 @@ from .methods import Method
 
 INDEX_BYTES = 4   # int32 outlier positions
 SCORE_BYTES = 4   # fp32 accumulated attention scores (H2O)
+# llama.cpp KV types: (values per block, bytes per block) as ggml stores them. q8_0: 32 int8 +
+# one fp16 scale = 34 bytes; q4_0: 32 4-bit values + one fp16 scale = 18 bytes.
+GGML_BLOCK = {"f16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18)}
+
+
+def ggml_row_bytes(kv_type: str, n: int) -> int:
+    """Bytes of n values (one token's K or V for one head) stored as a llama.cpp KV type."""
+    per, size = GGML_BLOCK[kv_type]
+    return -(-n // per) * size
 
 
 def quantized_tokens(method: Method, n: int) -> int:
@@ -66,6 +75,8 @@ def kv_bytes_per_head(method: Method, head_dim: int, prompt_len: int, total_len:
     if total_len < prompt_len:
         raise ValueError("total_len must be >= prompt_len")
     full = 2 * head_dim * dtype_bytes  # K and V of one token in full precision
+    if method.kind in GGML_BLOCK:
+        return total_len * 2 * ggml_row_bytes(method.kind, head_dim)
     if method.kind in ("kivi", "gear"):
         n_q = quantized_tokens(method, total_len)
         b = (total_len - n_q) * full + _quant_payload(method, n_q, head_dim, dtype_bytes)
@@ -99,6 +110,8 @@ def kv_bytes_per_token(model: ModelSpec, method: Method, tp: int = 1, dtype_byte
         return (kv_bytes(model, method, prompt, hi, tp, dtype_bytes)
                 - kv_bytes(model, method, prompt, lo, tp, dtype_bytes)) / (hi - lo)
     heads = max(1, model.num_kv_heads // tp)
+    if method.kind in GGML_BLOCK:
+        return model.num_layers * heads * 2 * ggml_row_bytes(method.kind, model.head_dim)
     per = 2 * model.head_dim * dtype_bytes + (SCORE_BYTES if method.kind == "h2o" else 0)
     return model.num_layers * heads * per
 

@@ -5,9 +5,12 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-KINDS = ("fp16", "kivi", "gear", "streamingllm", "h2o", "snapkv")
+KINDS = ("fp16", "kivi", "gear", "streamingllm", "h2o", "snapkv", "f16", "q8_0", "q4_0")
 QUANTIZED = ("kivi", "gear")
 EVICTING = ("streamingllm", "h2o", "snapkv")
+# llama.cpp's KV-cache types (-ctk/-ctv): the "method" of a llama.cpp server. Block-quantized
+# by ggml (models.kv_bytes.GGML_BLOCK), no residual window, no eviction.
+LLAMACPP_KV = ("f16", "q8_0", "q4_0")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class Method:
             return f"h2o-{self.heavy + self.recent}"
         if self.kind == "snapkv":
             return f"snapkv-{self.budget}"
+        if self.kind in LLAMACPP_KV:
+            return self.kind
         return "fp16"
 
     @property

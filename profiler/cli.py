@@ -7,6 +7,9 @@ from pathlib import Path
 
 from rkvsim.models import parse_method, resolve_model
 
+from . import engine_cli
+from rkvsim.calibration.step_fit import FitError as _FitError
+
 from .device import ProfilerError
 
 DEFAULT_METHODS = "fp16,kivi,gear,streamingllm,h2o,snapkv"
@@ -34,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
+    engine_cli.add_collect_args(c)   # --engine llamacpp --kv ...
+    engine_cli.add_parser(sub)       # rkvprof engine build llamacpp
+    __import__("rkvsim.calibration.fit_cli", fromlist=["add_parsers"]).add_parsers(sub)  # fit, install
 
     i = sub.add_parser("import-vidur", help="convert Vidur-format profile CSVs into rkvprof tables")
     i.add_argument("src", type=Path, help="folder holding <model>-{fp16,kivi,gear,h2o,stream,hf}/ folders")
@@ -87,8 +93,12 @@ def _import(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if engine_cli.wants_engine(args):
+            return engine_cli.run(args)
+        if getattr(args, "calib_func", None):
+            return args.calib_func(args)
         return _collect(args) if args.command == "collect" else _import(args)
-    except ProfilerError as e:
+    except (ProfilerError, _FitError) as e:
         # One line, exit 2: a refusal the user can act on, not a traceback. Anything else
         # is a bug and keeps its traceback.
         print(f"rkvprof: error: {' '.join(str(e).split())}", file=sys.stderr)

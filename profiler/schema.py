@@ -73,6 +73,22 @@ COMPRESSION = TableSchema(
 
 TABLES = {t.name: t for t in (ATTENTION, OPERATORS, COMPRESSION)}
 
+# Whole engine iterations of a real serving engine (llama.cpp's batched-bench), per KV type
+# (`method`: f16, q8_0, q4_0). One row per (stage, batch_size, prompt_tokens, gen_tokens):
+#   prefill: `batch_size` prompts of `prompt_tokens` tokens each, processed in `steps`
+#            llama_decode calls of at most `n_batch` tokens; times = the whole prefill.
+#   decode:  `gen_tokens` steps of `batch_size` sequences (one token each) whose contexts grow
+#            from prompt_tokens + 1; times = seconds per step (mean context
+#            prompt_tokens + (gen_tokens + 1) / 2).
+# Kept apart from TABLES: engine profiles live in their own folders (see profiler.engine_collect).
+ENGINE_STEPS = TableSchema(
+    name="engine_steps",
+    key=("engine", "method", "stage", "batch_size", "prompt_tokens", "gen_tokens"),
+    columns=("schema_version", "engine", "method", "stage", "batch_size", "prompt_tokens", "gen_tokens",
+             "steps", "n_batch", "n_ubatch", "threads") + TIME_COLUMNS + ("source",),
+)
+ENGINE_TABLES = {ENGINE_STEPS.name: ENGINE_STEPS}
+
 META_FILE = "meta.json"
 
 

@@ -23,7 +23,8 @@ def cmd_run(args) -> int:
     from rich.console import Console
 
     from .config import ScenarioError, load_scenario
-    from .engine import build_workload, simulate_method, variants
+    from .engine import build_workload
+    from .fleet import plan_variants, predict_lengths, simulate_variant, uses_fleets
     from .kv_memory import DoesNotFitError
     from .verbosity import load_inflation
     from .outputs import build_summary, write_results
@@ -38,6 +39,8 @@ def cmd_run(args) -> int:
         seed = scn.seed if args.seed is None else args.seed
         wl = build_workload(scn, seed, path.resolve().parent)
         inflation = load_inflation(scn, path.resolve().parent)
+        todo = plan_variants(scn)
+        preds = predict_lengths(scn, wl) if any(v.router == "compression_aware" for v in todo) else None
     except (ScenarioError, ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2
@@ -46,13 +49,12 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     from rich.progress import Progress
     with Progress(transient=True, console=err) as prog:
-        todo = variants(scn)
         task = prog.add_task("simulating", total=len(todo))
-        for label, m, tp in todo:
-            prog.update(task, description=f"simulating {label}")
+        for v in todo:
+            prog.update(task, description=f"simulating {v.label}")
             try:
-                runs.append(simulate_method(scn, m, wl, tp=tp, label=label, inflation=inflation))
-            except DoesNotFitError as e:
+                runs.append(simulate_variant(scn, v, wl, inflation=inflation, predictions=preds))
+            except (DoesNotFitError, ScenarioError) as e:
                 err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
                 return 2
             prog.advance(task)
@@ -61,9 +63,15 @@ def cmd_run(args) -> int:
              "router": scn.router, "num_requests": int(len(wl.prompt)),
              "verbosity": "none" if inflation is None else
              f"inflation model fitted on {scn.verbosity.data} ({inflation.info['n_prompts']} prompts)"}
+    if uses_fleets(scn):
+        extra["setups"] = {v.label: v.describe() for v in todo}
+        extra["length_predictions"] = preds.source if preds else None
     summary = build_summary(scn.name, seed, runs, extra)
     write_results(out, summary, runs, path.read_text())
     console.print(method_table(summary))
+    if scn.arms:
+        from .routing_table import routing_table
+        console.print(routing_table(summary))
     console.print(f"costs: {summary['cost_source']}   simulated in {wall:.1f} s wall")
     console.print(f"results: {out}/summary.json   report: {out / 'report.html'}")
     return 0
@@ -146,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--plot", metavar="FILE.html", help="write the count-vs-threshold curve")
     n.set_defaults(func=cmd_negatives)
     _add_lengths(sub)
+    __import__("rkvsim.planning.cli", fromlist=["add_parser"]).add_parser(sub)  # sweep, plan
+    __import__("rkvsim.validation.serving_cli", fromlist=["add_parser"]).add_parser(sub)  # validate-serving
+    __import__("rkvsim.validation.steps_cli", fromlist=["add_parser"]).add_parser(sub)  # validate
     args = p.parse_args(argv)
     return args.func(args)
 

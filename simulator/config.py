@@ -3,13 +3,15 @@ unknown keys are rejected and every error names the field and how to fix it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from rkvsim.models import Method, default_method, parse_method, resolve_hardware, resolve_model
 
+from .fleet_schema import Arm, FleetEntry, RouterName, RoutingConfig, check_fleets
+from .slots_config import SlotsSchedulerConfig, check_slots, scheduler_kind
 from .workload import WorkloadConfig
 
 
@@ -31,6 +33,11 @@ class SchedulerConfig(_Strict):
     max_model_len: int | None = Field(None, ge=2, description="context window; default: the model's")
 
 
+# paged (vLLM-like, the default when `kind` is absent) or slots (llama.cpp server).
+AnyScheduler = Annotated[Union[Annotated[SchedulerConfig, Tag("paged")], Annotated[SlotsSchedulerConfig, Tag("slots")]],
+                         Discriminator(scheduler_kind)]
+
+
 class VerbosityConfig(_Strict):
     """Compression makes answers longer (the paper's observation 3). When `data` is set, each
     compressed method's output lengths are the workload's (uncompressed) lengths times ratios
@@ -49,8 +56,11 @@ class Scenario(_Strict):
     tp: int | list[int] = Field(1, description="tensor-parallel degree, or a list to compare several")
     replicas: int = Field(1, ge=1)
     methods: list[str | dict] = Field(default_factory=lambda: ["fp16"])
-    router: Literal["round_robin", "least_outstanding", "least_kv"] = "least_kv"
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    router: RouterName = "least_kv"
+    fleet: list[FleetEntry] | None = Field(None, description="mixed fleet; see simulator/fleet_schema.py")
+    arms: list[Arm] | None = Field(None, description="(router, fleet) set-ups compared per method")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    scheduler: AnyScheduler = Field(default_factory=SchedulerConfig)
     workload: WorkloadConfig
     verbosity: VerbosityConfig = Field(default_factory=VerbosityConfig)
 
@@ -91,11 +101,16 @@ class Scenario(_Strict):
                 raise ValueError(f"tp={tp} does not split {m.name}'s {m.num_kv_heads} KV heads evenly; "
                                  "use a divisor or multiple of the KV head count")
         sc = self.scheduler
+        if sc.kind == "slots":
+            check_slots(self)   # a llama.cpp server: its own rules (simulator/slots_config.py)
+            check_fleets(self)
+            return self
         max_len = sc.max_model_len or m.max_position
         if not sc.chunked_prefill and sc.max_batched_tokens < max_len:
             raise ValueError(f"scheduler.max_batched_tokens ({sc.max_batched_tokens}) is below the {max_len}-token "
                              "context window, so long prompts could never be scheduled; raise it or set "
                              "scheduler.chunked_prefill: true")
+        check_fleets(self)
         return self
 
     @property

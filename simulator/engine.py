@@ -9,7 +9,7 @@ import simpy
 
 from rkvsim.models import Method, resolve_hardware, resolve_model
 
-from .config import Scenario
+from .config import Scenario, ScenarioError
 from .cost_model import CostModel, RooflineCostModel
 from .kv_memory import KVLayout, kv_layout
 from .records import RequestLog
@@ -55,7 +55,21 @@ def variants(scn: Scenario) -> list[tuple[str, Method, int]]:
 
 
 def make_cost_model(scn: Scenario, method: Method, tp: int) -> CostModel:
-    return RooflineCostModel(resolve_model(scn.model), resolve_hardware(scn.hardware), method, tp)
+    if scn.scheduler.kind == "slots":
+        from .engine_cost import engine_cost_model   # llama.cpp: its engine profile's costs
+        return engine_cost_model(scn, method)
+    model, hw = resolve_model(scn.model), resolve_hardware(scn.hardware)
+    from rkvsim.calibration.profiles import calibrated_cost_model, find_profile
+    from rkvsim.calibration.step_fit import FitError
+    try:
+        folder = find_profile(hw, model, scn.profile)
+        if folder is None:
+            return RooflineCostModel(model, hw, method, tp)
+        sc = scn.scheduler
+        return calibrated_cost_model(folder, model, hw, method, tp, sc.max_batched_tokens, sc.max_batch_size,
+                                     sc.max_model_len or model.max_position)
+    except (FitError, LookupError) as e:
+        raise ScenarioError(f"profile: {' '.join(str(e).split())}") from None
 
 
 def simulate_method(scn: Scenario, method: Method, wl: Workload, tp: int | None = None,
@@ -63,10 +77,15 @@ def simulate_method(scn: Scenario, method: Method, wl: Workload, tp: int | None 
     model, hw = resolve_model(scn.model), resolve_hardware(scn.hardware)
     tp = tp or scn.tp_list[0]
     sc = scn.scheduler
-    layout = kv_layout(model, hw, method, tp, sc.block_size, sc.gpu_memory_utilization,
-                       sc.max_batched_tokens, sc.max_batch_size)
+    slots = sc.kind == "slots"   # a llama.cpp server: fixed slots (simulator/slots.py)
+    if slots:
+        from .slots import SlotReplica, slot_layout
+        layout = slot_layout(model, method, sc)
+    else:
+        layout = kv_layout(model, hw, method, tp, sc.block_size, sc.gpu_memory_utilization,
+                           sc.max_batched_tokens, sc.max_batch_size)
     cost = cost or make_cost_model(scn, method, tp)
-    max_len = sc.max_model_len or model.max_position
+    max_len = sc.ctx_slot if slots else (sc.max_model_len or model.max_position)
     outputs = method_outputs(method, wl.prompt, wl.output, wl.seed, inflation, max_len)
     log = RequestLog(wl.prompt, outputs)
     env = simpy.Environment()
@@ -81,7 +100,8 @@ def simulate_method(scn: Scenario, method: Method, wl: Workload, tp: int | None 
         env.timeout(wl.think_time_s).callbacks.append(lambda _ev: dispatch(rid))
 
     on_done = next_closed_loop if wl.arrivals is None else (lambda _rid: None)
-    replicas = [Replica(env, i, layout, cost, sc, log, on_done) for i in range(scn.replicas)]
+    replicas = [(SlotReplica if slots else Replica)(env, i, layout, cost, sc, log, on_done)
+                for i in range(scn.replicas)]
     router = Router(replicas, scn.router)
 
     def dispatch(rid: int) -> None:

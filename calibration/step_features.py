@@ -1,0 +1,136 @@
+"""Physics features of profiled operators: the FLOPs and bytes one timed row did.
+
+A regressor fitted on these (rather than on batch size and token counts alone) transfers
+across model shapes: a 13B layer's QKV projection at 512 tokens is "this many FLOPs over
+this many bytes" like a 7B one, just more. Every function takes arrays (one entry per row)
+and returns a dict of named columns; the columns a predictor uses are listed in FEATURES.
+
+Dense operators follow profiler/schema.py's vocabulary (Vidur's names). Attention rows use
+the method's cache as models/kv_bytes.py defines it: the bytes a decode step streams are the
+compressed cache's, while eviction methods that score the whole context (H2O's accumulated
+attention; StreamingLLM's profiled kernel) are measured at the raw context length, so both
+the raw and the cached token counts are offered.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from rkvsim.models import Method, parse_method
+from rkvsim.models.kv_bytes import kv_bytes_per_head
+
+DENSE_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj",
+             "post_attention_layernorm", "mlp_up_proj", "mlp_act", "mlp_down_proj", "add",
+             "lm_head", "sample")
+# Ops run once per layer; the rest once per step.
+PER_LAYER_OPS = frozenset(DENSE_OPS) - {"emb", "lm_head", "sample"}
+
+# Columns each predictor family regresses on (besides a constant).
+DENSE_FEATURES = ("flops", "vflops", "bytes")
+DECODE_FEATURES = ("batch", "flops", "kv_bytes", "raw_bytes", "score_work")
+PREFILL_FEATURES = ("tokens", "flops", "kv_bytes", "score_work")
+
+
+def _f(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def dense_work(op: str, t, hidden, inter, q_heads, kv_heads, head_dim, vocab, tp=1,
+               dtype_bytes: int = 2) -> dict[str, np.ndarray]:
+    """Work of one dense operator over t tokens on one TP rank (weights sharded as Megatron)."""
+    t, h, dt = _f(t), _f(hidden), float(dtype_bytes)
+    tp = _f(tp)
+    qs = _f(q_heads) / tp * _f(head_dim)
+    kvs = np.maximum(1.0, _f(kv_heads) / tp) * _f(head_dim)
+    i = _f(inter) / tp
+    v = _f(vocab) / tp
+    z = np.zeros_like(t)
+    if op == "emb":
+        fl, vf, by = z, z, 2 * t * h * dt
+    elif op in ("input_layernorm", "post_attention_layernorm"):
+        fl, vf, by = z, 5 * t * h, 2 * t * h * dt + h * dt
+    elif op == "attn_pre_proj":
+        out = qs + 2 * kvs
+        fl, vf, by = 2 * t * h * out, z, dt * (h * out + t * h + t * out)
+    elif op == "attn_rope":
+        fl, vf, by = z, 3 * t * (qs + kvs), dt * 2 * t * (qs + kvs)
+    elif op == "attn_post_proj":
+        fl, vf, by = 2 * t * qs * h, z, dt * (qs * h + t * qs + t * h)
+    elif op == "mlp_up_proj":      # gate and up fused: 2 x intermediate outputs
+        fl, vf, by = 4 * t * h * i, z, dt * (2 * h * i + t * h + 2 * t * i)
+    elif op == "mlp_act":
+        fl, vf, by = z, 5 * t * i, dt * 3 * t * i
+    elif op == "mlp_down_proj":
+        fl, vf, by = 2 * t * i * h, z, dt * (i * h + t * i + t * h)
+    elif op == "add":
+        fl, vf, by = z, t * h, 3 * t * h * dt
+    elif op == "lm_head":
+        fl, vf, by = 2 * t * h * v, z, dt * (h * v + t * h) + 4 * t * v
+    elif op == "sample":
+        fl, vf, by = z, 5 * t * v, 4 * t * v
+    else:
+        raise KeyError(f"unknown dense operator {op!r}; known: {', '.join(DENSE_OPS)}")
+    return {"tokens": t, "flops": fl, "vflops": vf, "bytes": by}
+
+
+@lru_cache(maxsize=64)
+def _method(label: str) -> Method:
+    return parse_method(label)
+
+
+def _kv_bytes_head(method: Method, head_dim: int, prompt: np.ndarray, total: np.ndarray,
+                   dtype_bytes: int) -> np.ndarray:
+    """models.kv_bytes_per_head over arrays, evaluated once per distinct (prompt, total)."""
+    pairs = np.stack([prompt, total], axis=1).astype(np.int64)
+    uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
+    vals = np.array([kv_bytes_per_head(method, head_dim, int(p), int(n), dtype_bytes) for p, n in uniq],
+                    dtype=np.float64)
+    return vals[inv.reshape(-1)]
+
+
+def cached_tokens(method: Method, prompt: np.ndarray, total: np.ndarray) -> np.ndarray:
+    from rkvsim.models import cached_tokens_vec
+    return cached_tokens_vec(method, np.asarray(prompt, np.int64), np.asarray(total, np.int64)).astype(np.float64)
+
+
+def decode_work(method: Method, batch, ctx, q_heads, kv_heads, head_dim, prompt=None,
+                dtype_bytes: int = 2) -> dict[str, np.ndarray]:
+    """One decode step of `batch` requests with `ctx` tokens seen each (per layer, per rank).
+    flops: QK^T and PV over the cached tokens; kv_bytes: the compressed cache streamed;
+    raw_bytes: what an FP16 cache of the raw context would be; score_work: q heads x raw
+    context (scores an eviction method keeps over everything it has seen)."""
+    b, c = _f(batch), np.asarray(ctx, np.int64)
+    c = np.broadcast_to(c, np.broadcast(b, c).shape)
+    p = c if prompt is None else np.broadcast_to(np.asarray(prompt, np.int64), c.shape)
+    hq, hkv, d = _f(q_heads), _f(kv_heads), int(np.max(head_dim))
+    kept = cached_tokens(method, p, c)
+    per_head = _kv_bytes_head(method, d, p, c, dtype_bytes)
+    full = 2 * d * dtype_bytes
+    return {"batch": b, "ctx": c.astype(np.float64), "flops": 4 * b * kept * d * hq,
+            "kv_bytes": b * hkv * per_head, "raw_bytes": b * hkv * c * full,
+            "score_work": b * hq * c}
+
+
+def prefill_work(method: Method, new, past, q_heads, kv_heads, head_dim,
+                 dtype_bytes: int = 2) -> dict[str, np.ndarray]:
+    """One prefill chunk of `new` tokens over `past` cached tokens (per layer, per rank).
+    Causal: on average past + new/2 keys per query."""
+    n, pst = _f(new), np.asarray(past, np.int64)
+    hq, hkv, d = _f(q_heads), _f(kv_heads), int(np.max(head_dim))
+    area = n * (_f(pst) + n / 2)
+    total = (pst + np.asarray(new, np.int64)).astype(np.int64)
+    per_head = _kv_bytes_head(method, d, total, total, dtype_bytes)
+    return {"tokens": n, "past": _f(pst), "flops": 4 * area * d * hq,
+            "kv_bytes": hkv * per_head, "score_work": hq * area}
+
+
+def design(work: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:
+    """[1, features...] matrix for the linear physics fit."""
+    n = len(next(iter(work.values())))
+    return np.column_stack([np.ones(n)] + [np.asarray(work[k], np.float64) for k in names])
+
+
+def log_features(work: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:
+    """log1p of the physics columns: shape-agnostic inputs for the tree-based candidates."""
+    return np.column_stack([np.log1p(np.asarray(work[k], np.float64)) for k in names])

@@ -1,0 +1,69 @@
+"""One unit of sweep work: a point's scenario at one seed, every set-up it compares, as tidy rows.
+
+The same function runs in a local worker process and in a Ray task, and reads nothing but its
+arguments and installed package data, so both backends return identical rows.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rkvsim.simulator.engine import build_workload
+from rkvsim.simulator.fleet import plan_variants, predict_lengths, simulate_variant
+from rkvsim.simulator.kv_memory import DoesNotFitError
+from rkvsim.simulator.outputs import build_summary
+from rkvsim.simulator.verbosity import load_inflation
+
+from .axes import cell
+from .spec import build_scenario
+
+ROW_SCHEMA_VERSION = 1
+_INFLATION: dict = {}
+
+
+def _inflation(scn, base_dir: Path):
+    """Fitted once per worker process per (data, seed): fitting reads the generation rows."""
+    v = scn.verbosity
+    if v.data is None:
+        return None
+    key = (v.data, v.min_prompts, scn.seed, str(base_dir))
+    if key not in _INFLATION:
+        _INFLATION[key] = load_inflation(scn, base_dir)
+    return _INFLATION[key]
+
+
+def flatten_metrics(m: dict) -> dict:
+    """{'ttft_s': {'p90': x}} -> {'ttft_s_p90': x}; numbers as float so every row has one type."""
+    out = {}
+    for k, v in m.items():
+        if isinstance(v, dict):
+            for q, x in v.items():
+                out[f"{k}_{q}"] = math.nan if x is None else float(x)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+def run_task(base: dict, base_dir: str, overrides: dict, seed: int, point: int, key: str) -> list[dict]:
+    """Rows (one per compared set-up) of one point at one seed."""
+    scn = build_scenario(base, overrides)
+    bd = Path(base_dir)
+    wl = build_workload(scn, seed, bd)
+    inflation = _inflation(scn, bd)
+    variants = plan_variants(scn)
+    preds = predict_lengths(scn, wl) if any(v.router == "compression_aware" for v in variants) else None
+    head = {"schema_version": ROW_SCHEMA_VERSION, "point": point, "point_key": key, "seed": seed}
+    axes = {path: cell(value) for path, value in overrides.items()}
+    rows = []
+    for v in variants:
+        desc = {"method": v.label, "compress": v.method.label, "tp": v.tp, "arm": v.arm, "router": v.router,
+                "fleet": v.fleet_label, "gpus": v.gpus}
+        try:
+            run = simulate_variant(scn, v, wl, inflation=inflation, predictions=preds)
+        except DoesNotFitError as e:
+            rows.append({**head, **desc, **axes, "status": f"does not fit: {e}", "cost_source": ""})
+            continue
+        summary = build_summary(scn.name, seed, [run], {})
+        rows.append({**head, **desc, **axes, "status": "ok", "cost_source": run.cost_source,
+                     **flatten_metrics(summary["methods"][v.label])})
+    return rows

@@ -1,0 +1,177 @@
+"""Step cost from a calibrated profile: lookups compiled by calibration/step_compile.py plus
+fitted engine terms, numpy only (no regressor runs inside the event loop).
+
+    step = scale_s * (dense[T] + head[logits] + attention + all-reduce) + fixed_s + per_seq_s * seqs
+
+s is the step's stage: "prefill" when any prompt chunk is in it, else "decode". The engine
+terms default to the roofline prior's stated overheads (scale 1); `rkvsim validate` fits them
+on measured engine throughput and can install them beside the profile.
+"""
+from __future__ import annotations
+
+import json
+from bisect import bisect_left
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rkvsim.models import cached_tokens_vec
+
+from .cost_model import RooflineCostModel, StepBatch
+
+ENGINE_FILE = "engine_terms.json"
+
+
+@dataclass(frozen=True)
+class StageTerms:
+    scale: float = 1.0       # engine time per profiled dense-operator second (fusion, launches, sync)
+    attn_scale: float = 1.0  # engine time per profiled attention second (the engine's own kernels)
+    fixed_s: float = 0.0     # per step: scheduling, input preparation, sampling sync
+    per_seq_s: float = 0.0   # per sequence in the step: block tables, detokenisation
+
+    def apply(self, dense_s: float, attn_s: float, seqs: int) -> float:
+        return self.scale * dense_s + self.attn_scale * attn_s + self.fixed_s + self.per_seq_s * seqs
+
+
+@dataclass(frozen=True)
+class EngineTerms:
+    """Shared terms per stage, optionally overridden per method label (`per_method[label]`
+    = {"prefill": StageTerms, "decode": StageTerms}) where the fit had that method's rows."""
+    prefill: StageTerms = StageTerms()
+    decode: StageTerms = StageTerms()
+    source: str = "roofline-prior overheads"
+    fitted_on: list = field(default_factory=list)
+    per_method: dict = field(default_factory=dict)
+
+    def for_method(self, label: str) -> tuple[StageTerms, StageTerms]:
+        pm = self.per_method.get(label)
+        return (pm["prefill"], pm["decode"]) if pm else (self.prefill, self.decode)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "EngineTerms":
+        pm = {k: {st: StageTerms(**v[st]) for st in ("prefill", "decode")} for k, v in d.get("per_method", {}).items()}
+        return cls(StageTerms(**d["prefill"]), StageTerms(**d["decode"]), d.get("source", ""),
+                   list(d.get("fitted_on", [])), pm)
+
+    @classmethod
+    def prior(cls, roofline: RooflineCostModel) -> "EngineTerms":
+        e = roofline.eff
+        st = StageTerms(1.0, 1.0, e.step_overhead_s, e.per_seq_overhead_s)
+        return cls(st, st, "roofline-prior overheads")
+
+
+def load_engine_terms(folder: Path) -> EngineTerms | None:
+    p = Path(folder) / ENGINE_FILE
+    if not p.exists():
+        return None
+    return EngineTerms.from_json(json.loads(p.read_text()))
+
+
+class CalibratedCostModel:
+    """CostModel over compiled lookups; the roofline prior fills what no profile row covers
+    (LM head/sampling when unprofiled, TP all-reduce)."""
+
+    def __init__(self, compiled, roofline: RooflineCostModel, engine: EngineTerms | None = None):
+        self.c = compiled
+        self.rl = roofline
+        self.engine = engine or EngineTerms.prior(roofline)
+        self.method = roofline.method
+        notes = list(compiled.notes)
+        if compiled.head is None:
+            notes.append("LM head/sampling: roofline prior (not in the profile)")
+        if roofline.tp > 1:
+            notes.append("TP all-reduce: roofline prior")
+        notes.append(f"engine terms: {self.engine.source}")
+        self.notes = notes
+        self.source = compiled.origin
+        self._cached = compiled.decode_key == "cached"
+        self._pre_terms, self._dec_terms = self.engine.for_method(roofline.method.label)
+        # Plain lists and arrays for the per-step lookups.
+        self._dec_b, self._dec_c = compiled.dec_b.tolist(), compiled.dec_c.tolist()
+        self._pre_n, self._pre_p = compiled.pre_n.tolist(), compiled.pre_p.tolist()
+        self._dec_tab, self._pre_tab = compiled.dec.tolist(), compiled.pre.tolist()
+        self._cap = self.method.token_cap if self._cached else None
+        self._dense = compiled.dense
+        self._slope = float(compiled.dense[-1] - compiled.dense[-2])
+
+    def _dense_t(self, t: int) -> float:
+        n = len(self._dense) - 1
+        return float(self._dense[t]) if t <= n else float(self._dense[n] + (t - n) * self._slope)
+
+    def _head_t(self, n: int) -> float:
+        h = self.c.head
+        if h is None:
+            return sum(self.rl._head(n))
+        last = len(h) - 1
+        return float(h[n]) if n <= last else float(h[last] * n / last)
+
+    def _grid_at(self, xg: list, yg: list, tab: np.ndarray, x: float, y: float) -> float:
+        """Scalar bilinear lookup (bisect on Python lists: no numpy call per step)."""
+        i = min(max(bisect_left(xg, x) - 1, 0), len(xg) - 2)
+        j = min(max(bisect_left(yg, y) - 1, 0), len(yg) - 2)
+        tx = (x - xg[i]) / (xg[i + 1] - xg[i])
+        ty = (y - yg[j]) / (yg[j + 1] - yg[j])
+        row0, row1 = tab[i], tab[i + 1]
+        a, b, c, d = row0[j], row1[j], row0[j + 1], row1[j + 1]
+        v = (a + (b - a) * tx) * (1 - ty) + (c + (d - c) * tx) * ty
+        return v if v > 0.0 else 0.0
+
+    def _decode_attn(self, b: StepBatch, nd: int) -> float:
+        if self._cap is not None:
+            key = float(np.minimum(b.decode_ctx, self._cap).mean())
+        elif self._cached:
+            key = float(cached_tokens_vec(self.method, b.decode_prompt, b.decode_ctx).mean())
+        else:
+            key = float(b.decode_ctx.mean())
+        return self._grid_at(self._dec_b, self._dec_c, self._dec_tab, float(nd), key)
+
+    def _prefill_attn(self, b: StepBatch) -> float:
+        return sum(self._grid_at(self._pre_n, self._pre_p, self._pre_tab, float(n), float(p))
+                   for n, p in zip(b.prefill_new.tolist(), b.prefill_past.tolist()))
+
+    def _split(self, b: StepBatch) -> tuple[float, float, int, int]:
+        nd, npf = len(b.decode_ctx), len(b.prefill_new)
+        if nd == 0 and npf == 0:
+            return 0.0, 0.0, 0, 0
+        t_new = (int(b.prefill_new.sum()) if npf else 0) + nd
+        n_done = self.rl._n_done(b) if npf else 0
+        dense = self._dense_t(t_new) + self._head_t(nd + n_done) + self.rl._comm(t_new)
+        attn = (self._decode_attn(b, nd) if nd else 0.0) + (self._prefill_attn(b) if npf else 0.0)
+        return dense, attn, nd, npf
+
+    def _parts(self, b: StepBatch) -> tuple[dict[str, float], int, int]:
+        nd, npf = len(b.decode_ctx), len(b.prefill_new)
+        t_new = (int(b.prefill_new.sum()) if npf else 0) + nd
+        n_done = self.rl._n_done(b) if npf else 0
+        parts = {"dense": self._dense_t(t_new), "lm_head+sampling": self._head_t(nd + n_done),
+                 "allreduce": self.rl._comm(t_new)}
+        if nd:
+            parts["attn_decode"] = self._decode_attn(b, nd)
+        if npf:
+            parts["attn_prefill"] = self._prefill_attn(b)
+        return parts, nd, npf
+
+    def step_time(self, batch: StepBatch) -> float:
+        dense, attn, nd, npf = self._split(batch)
+        if nd == 0 and npf == 0:
+            return 0.0
+        return (self._pre_terms if npf else self._dec_terms).apply(dense, attn, nd + npf)
+
+    def operator_split(self, batch: StepBatch) -> tuple[float, float]:
+        """(dense + head + all-reduce, attention) seconds of the profiled operators alone, no
+        engine terms: what the engine-term fit starts from."""
+        dense, attn, _, _ = self._split(batch)
+        return dense, attn
+
+    def breakdown(self, batch: StepBatch) -> dict[str, float]:
+        parts, nd, npf = self._parts(batch)
+        if nd == 0 and npf == 0:
+            return {}
+        st = self._pre_terms if npf else self._dec_terms
+        out = {k: (st.attn_scale if k.startswith("attn_") else st.scale) * v for k, v in parts.items()}
+        out["step_overhead"] = st.fixed_s + st.per_seq_s * (nd + npf)
+        return out

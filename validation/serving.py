@@ -1,0 +1,206 @@
+"""`rkvsim validate-serving`: a real llama-server against the simulator, on one workload.
+
+1. The scenario (scheduler kind slots) is loaded and its workload sampled with its seed:
+   arrival times, prompt and output lengths, exactly what `rkvsim run` simulates.
+2. The engine (rkvprof engine build) and an engine profile for this machine are found, or
+   built / collected (quick grid) first, saying so.
+3. llama-server starts with the scenario's settings and the method's KV type; the workload
+   is replayed against it (validation.serving_client) and the server is stopped, always.
+4. The same workload is simulated with the engine profile's step costs.
+5. Measured and simulated figures are compared (validation.serving_compare) and written as
+   validation_serving.json (atomically), requests_measured.csv and an HTML report.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rkvsim.calibration.files import atomic_write
+from rkvsim.profiler.device import ProfilerError
+from rkvsim.profiler.engine_bench import BenchSettings
+from rkvsim.profiler.engine_build import EngineBuild, build_engine, cpu_name, find_engine
+from rkvsim.profiler.engine_collect import ENGINE_GRIDS, EngineCollectConfig, collect_engine, model_gguf, profile_key
+from rkvsim.profiler.store import read_json, write_json_atomic
+from rkvsim.simulator.config import Scenario, ScenarioError
+from rkvsim.simulator.engine import build_workload, simulate_method
+from rkvsim.simulator.engine_cost import packaged_engine_profiles
+
+from .llamacpp_server import ServerError, running_server, server_args
+from .serving_client import replay
+from .serving_compare import error_pct, measured_summary, simulated_summary
+from .serving_prompts import PromptBank
+
+RESULT_FILE = "validation_serving.json"
+SCHEMA_VERSION = 1
+
+
+class ValidationError(RuntimeError):
+    """A run that cannot be done; one line naming the cause and the fix."""
+
+
+def profile_cache_root() -> Path:
+    env = os.environ.get("RKVSIM_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "rkvsim") / "engine-profiles"
+
+
+def bench_settings(sched) -> BenchSettings:
+    return BenchSettings(n_batch=sched.n_batch, n_ubatch=sched.n_ubatch, threads=sched.threads,
+                         flash_attn="on" if sched.flash_attn else "off", poll=sched.poll)
+
+
+def _matches(meta: dict | None, eng: EngineBuild, sha: str, settings: BenchSettings, kv: set[str]) -> bool:
+    """Is this engine profile a measurement of this machine, engine build, model and settings?"""
+    if not meta or meta.get("status") != "complete":
+        return False
+    s = meta.get("settings", {})
+    return (meta.get("llamacpp_commit") == eng.info.get("llamacpp_commit") and meta.get("model_sha256") == sha
+            and meta.get("cpu") == cpu_name() and meta.get("threads") == settings.threads
+            and all(s.get(k) == getattr(settings, k) for k in ("n_batch", "n_ubatch", "threads", "flash_attn", "poll"))
+            and kv <= set(meta.get("kv_types", [])))
+
+
+def engine_profile_for(scn: Scenario, eng: EngineBuild, say=print) -> Path:
+    """The scenario's `profile:` if set; else a shipped or cached engine profile measured on this
+    machine with these settings; else a quick-grid collection into the cache (said aloud)."""
+    kv = {m.kind for m in scn.method_list}
+    if scn.profile:
+        return Path(scn.profile)
+    settings = bench_settings(scn.scheduler)
+    _gguf, sha = model_gguf(scn.model)
+    cache = profile_cache_root() / profile_key(scn.model, settings, eng, sha)
+    for folder in [*packaged_engine_profiles(scn.model, scn.hardware), cache]:
+        if _matches(read_json(folder / "meta.json"), eng, sha, settings, kv):
+            return folder
+    say(f"validate-serving: no engine profile of this machine for KV {','.join(sorted(kv))} yet; "
+        f"collecting the quick grid into {cache} (about a minute per KV type)")
+    old = read_json(cache / "meta.json") or {}
+    kv_all = sorted(kv | set(old.get("kv_types", [])))
+    collect_engine(EngineCollectConfig(model=scn.model, kv_types=kv_all, grid=ENGINE_GRIDS["quick"], out=cache,
+                                       settings=settings, engine=eng, progress=True), say=say)
+    return cache
+
+
+@dataclass
+class ServingRun:
+    result: dict
+    measured_cols: dict
+    simulated_cols: dict
+    out: Path
+
+
+def load_description(arrival) -> str:
+    d = arrival.model_dump()
+    return " ".join(f"{k}={v}" for k, v in d.items())
+
+
+def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str | None = None,
+                     deadline_s: float = 900.0, say=print, engine: EngineBuild | None = None,
+                     bank: PromptBank | None = None) -> ServingRun:
+    if scn.scheduler.kind != "slots":
+        raise ValidationError("scheduler.kind: validate-serving drives a llama.cpp server; use a scenario with "
+                              "scheduler: {kind: slots, ...} such as scenarios/llamacpp_f16.yaml")
+    methods = {m.label: m for m in scn.method_list}
+    label = method_label or next(iter(methods))
+    if label not in methods:
+        raise ValidationError(f"--method {label}: the scenario's methods are {', '.join(methods)}")
+    method = methods[label]
+    if engine is None:
+        engine = find_engine()
+        if engine is None:
+            say("validate-serving: llama.cpp is not built on this machine yet; building it first")
+            engine = build_engine(say=say)
+    profile = engine_profile_for(scn, engine, say)
+    scn = scn.model_copy(update={"profile": str(profile)})
+    wl = build_workload(scn, scn.seed, base_dir)
+    sched = scn.scheduler
+    too_long = [i for i in range(len(wl.prompt)) if wl.prompt[i] + wl.output[i] > sched.ctx_slot]
+    gguf, _sha = model_gguf(scn.model)
+    out.mkdir(parents=True, exist_ok=True)
+    open_loop = wl.arrivals is not None
+
+    # ---- measure ------------------------------------------------------------------------
+    def argv(port: int) -> list[str]:
+        return server_args(engine.server, gguf, method.kind, sched, port)
+
+    keep = [i for i in range(len(wl.prompt)) if i not in set(too_long)]
+    if too_long:
+        say(f"validate-serving: {len(too_long)} requests exceed the {sched.ctx_slot}-token slot context; "
+            "they are not sent (the simulator rejects them too)")
+    say(f"validate-serving: llama-server ({engine.label}) -np {sched.n_parallel} -c {sched.ctx_size} "
+        f"-ctk/-ctv {method.kind} -t {sched.threads}: replaying {len(keep)} requests ({load_description(scn.workload.arrival)})")
+    t_start = time.time()
+    load_before = os.getloadavg()
+    with running_server(argv, out / "server.log") as server:
+        bank = bank or PromptBank(server.tokenize)
+        bank.tokenize = server.tokenize
+        prompts_all = bank.prompts(wl.prompt, scn.seed)
+        prompts = [prompts_all[i] for i in keep]
+        arrivals = wl.arrivals[keep] if open_loop else None
+        from rich.progress import Progress
+        with Progress(transient=True) as prog:
+            task = prog.add_task(f"{label}: requests", total=len(keep))
+            ms, wall = replay(server.host, server.port, prompts, wl.output[keep], arrivals,
+                              concurrency=wl.concurrency, think_time_s=wl.think_time_s, deadline_s=deadline_s,
+                              on_done=lambda _m: prog.advance(task))
+    for m, i in zip(ms, keep):
+        m.rid = i
+    bad_counts = [m.rid for m in ms if m.ok and m.prompt_n not in (-1, m.prompt)]
+    if bad_counts:
+        raise ValidationError(f"the server evaluated other prompt lengths than sent for requests {bad_counts[:5]}")
+
+    # ---- simulate -----------------------------------------------------------------------
+    run = simulate_method(scn, method, wl)
+    measured = measured_summary(ms, open_loop)
+    simulated = simulated_summary(run, open_loop)
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "scenario": scn.name,
+        "method": label,
+        "requests": len(wl.prompt),
+        "requests_sent": len(keep),
+        "seed": scn.seed,
+        "load": load_description(scn.workload.arrival),
+        "engine": engine.label,
+        "engine_commit": engine.info.get("llamacpp_commit"),
+        "server_settings": sched.model_dump(),
+        "cost_source": run.cost_source,
+        "engine_profile": str(profile),
+        "cpu": cpu_name(),
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(os.getloadavg()),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+        "replay_wall_s": wall,
+        "measured": measured,
+        "simulated": simulated,
+        "error_pct": error_pct(measured, simulated),
+        "failures": sorted({m.error for m in ms if m.error})[:10],
+    }
+    mcols = {"ttft_s": [m.first_token - m.sent for m in ms if m.ok], "e2e_s": [m.finish - m.sent for m in ms if m.ok],
+             "tpot_s": [(m.finish - m.first_token) / (m.output - 1) for m in ms if m.ok and m.output > 1]}
+    log = run.log
+    done = np.isfinite(log.finish)
+    scols = {"ttft_s": (log.first_token - log.arrival)[done], "e2e_s": (log.finish - log.arrival)[done],
+             "tpot_s": ((log.finish - log.first_token) / np.maximum(log.output - 1, 1))[done & (log.output > 1)]}
+    write_json_atomic(out / RESULT_FILE, result)
+    _write_requests(out / "requests_measured.csv", ms)
+    from .serving_report import write_report
+    write_report(out / "validation_serving.html", result, mcols, scols)
+    return ServingRun(result, mcols, scols, out)
+
+
+def _write_requests(path: Path, ms: list) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["request_id", "prompt_tokens", "output_tokens", "sent_s", "first_token_s", "finish_s",
+                "tokens_received", "prompt_ms", "error"])
+    for m in ms:
+        w.writerow([m.rid, m.prompt, m.output, m.sent, m.first_token, m.finish, m.received, m.prompt_ms, m.error or ""])
+    data = buf.getvalue().encode()
+    atomic_write(path, lambda f: f.write(data))
+
