@@ -8,21 +8,30 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call write(f) on a temp file beside `path`, then rename it into place: readers see the
-    old file or the whole new one, and a crash leaves no partial file."""
+def atomic_path(path: Path, fill: Callable[[str], object]) -> None:
+    """fill(tmp) writes a temp file beside `path` by name (for writers that want a path, such as
+    pandas' to_parquet), then it is renamed into place: readers see the old file or the whole
+    new one, and a crash leaves no partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        fill(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """atomic_path with write(f) on the open temp file."""
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+    atomic_path(path, fill)
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:

@@ -8,30 +8,14 @@ it finishes, so a killed sweep keeps every finished point and a resumed one redo
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from rkvsim.calibration.files import atomic_path as atomic_write_bytes
 from rkvsim.simulator.config import ScenarioError
 
 from .spec import Point, Sweep
 
 STORE_VERSION = 1
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """write(tmp_path) fills a temporary file beside `path`, then it is renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def part_name(point: Point, seed: int) -> str:

@@ -48,6 +48,43 @@ def build_workload(scn: Scenario, seed: int, base_dir: Path) -> Workload:
     return Workload(seed, prompt, output, arrivals, getattr(a, "concurrency", 0), getattr(a, "think_time_s", 0.0))
 
 
+class Arrivals:
+    """Feeds a workload's requests to dispatch(rid): at their arrival times (open loop), or
+    `concurrency` at a time, the next one `think_time_s` after each finishes (closed loop).
+    Replicas call on_done(rid) when a request leaves."""
+
+    def __init__(self, env: simpy.Environment, wl: Workload):
+        self.env, self.wl = env, wl
+        self.pending = iter(range(len(wl.prompt)))
+        self.dispatch = None
+        self.closed = wl.arrivals is None
+
+    def on_done(self, _rid: int) -> None:
+        if not self.closed:
+            return
+        rid = next(self.pending, None)
+        if rid is None:
+            return
+        # Always through an event (even with zero think time): a run of rejected requests
+        # must not recurse through dispatch -> on_done -> dispatch.
+        self.env.timeout(self.wl.think_time_s).callbacks.append(lambda _ev: self.dispatch(rid))
+
+    def _open_loop(self, times: np.ndarray):
+        env = self.env
+        for rid, t in enumerate(times.tolist()):
+            if t > env.now:
+                yield env.timeout(t - env.now)
+            self.dispatch(rid)
+
+    def start(self, dispatch) -> None:
+        self.dispatch = dispatch
+        if self.closed:
+            for _ in range(min(self.wl.concurrency, len(self.wl.prompt))):
+                self.on_done(-1)
+        else:
+            self.env.process(self._open_loop(self.wl.arrivals))
+
+
 def variants(scn: Scenario) -> list[tuple[str, Method, int]]:
     """(label, method, tp) for every method at every TP degree the scenario compares."""
     tps = scn.tp_list
@@ -89,18 +126,8 @@ def simulate_method(scn: Scenario, method: Method, wl: Workload, tp: int | None 
     outputs = method_outputs(method, wl.prompt, wl.output, wl.seed, inflation, max_len)
     log = RequestLog(wl.prompt, outputs)
     env = simpy.Environment()
-    pending = iter(range(len(wl.prompt)))
-
-    def next_closed_loop(_rid: int) -> None:
-        rid = next(pending, None)
-        if rid is None:
-            return
-        # Always through an event (even with zero think time): a run of rejected requests
-        # must not recurse through dispatch -> on_done -> dispatch.
-        env.timeout(wl.think_time_s).callbacks.append(lambda _ev: dispatch(rid))
-
-    on_done = next_closed_loop if wl.arrivals is None else (lambda _rid: None)
-    replicas = [(SlotReplica if slots else Replica)(env, i, layout, cost, sc, log, on_done)
+    feed = Arrivals(env, wl)
+    replicas = [(SlotReplica if slots else Replica)(env, i, layout, cost, sc, log, feed.on_done)
                 for i in range(scn.replicas)]
     router = Router(replicas, scn.router)
 
@@ -114,18 +141,8 @@ def simulate_method(scn: Scenario, method: Method, wl: Workload, tp: int | None 
         else:
             router.pick().submit(rid)
             return
-        on_done(rid)
+        feed.on_done(rid)
 
-    def open_loop(times: np.ndarray):
-        for rid, t in enumerate(times.tolist()):
-            if t > env.now:
-                yield env.timeout(t - env.now)
-            dispatch(rid)
-
-    if wl.arrivals is None:
-        for _ in range(min(wl.concurrency, len(wl.prompt))):
-            next_closed_loop(-1)
-    else:
-        env.process(open_loop(wl.arrivals))
+    feed.start(dispatch)
     env.run()
     return MethodRun(label or method.label, method, tp, layout, log, replicas, cost.source)

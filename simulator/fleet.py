@@ -21,7 +21,7 @@ from rkvsim.models import Method, resolve_hardware, resolve_model
 
 from .config import Scenario, method_from_entry
 from .cost_model import StepBatch
-from .engine import MethodRun, Workload, make_cost_model, simulate_method, variants
+from .engine import Arrivals, MethodRun, Workload, make_cost_model, simulate_method, variants
 from .fleet_schema import PREDICTIVE, Arm
 from .kv_memory import kv_layout
 from .records import RequestLog
@@ -235,15 +235,8 @@ def simulate_fleet(scn: Scenario, v: Variant, wl: Workload, inflation=None,
     compared = next((i for i, (m, _t) in enumerate(keys) if m == v.method), 0)
     log = RequestLog(wl.prompt, outputs[compared])
     env = simpy.Environment()
-    pending = iter(range(len(prompt)))
-
-    def next_closed_loop(_rid: int) -> None:
-        rid = next(pending, None)
-        if rid is None:
-            return
-        env.timeout(wl.think_time_s).callbacks.append(lambda _ev: dispatch(rid))
-
-    on_done = next_closed_loop if wl.arrivals is None else (lambda _rid: None)
+    feed = Arrivals(env, wl)
+    on_done = feed.on_done
     replicas = [Replica(env, i, layouts[c], costs[c], sc, log, on_done) for i, c in enumerate(config_of)]
     router = Router(replicas, v.router, ctx)
     # Without a context the router would not filter: give it one with feasibility only.
@@ -267,17 +260,7 @@ def simulate_fleet(scn: Scenario, v: Variant, wl: Workload, inflation=None,
         log.output[rid] = outputs[config_of[r.index]][rid]
         r.submit(rid)
 
-    def open_loop(times: np.ndarray):
-        for rid, t in enumerate(times.tolist()):
-            if t > env.now:
-                yield env.timeout(t - env.now)
-            dispatch(rid)
-
-    if wl.arrivals is None:
-        for _ in range(min(wl.concurrency, len(prompt))):
-            next_closed_loop(-1)
-    else:
-        env.process(open_loop(wl.arrivals))
+    feed.start(dispatch)
     env.run()
     sources = sorted({c.source for c in costs})
     return FleetRun(v.label, v.method, v.tp, layouts[compared], log, replicas, "; ".join(sources),
