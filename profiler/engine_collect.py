@@ -49,7 +49,7 @@ ENGINE_GRIDS = {
     "tiny": EngineGrid("tiny", (16, 64), (8,), (1, 2), 1, probe_batches=(1, 2)),
     # About a minute per KV type on a quiet 2-core host (SmolLM2-135M): prompt lengths and
     # batch sizes that bracket the shipped 4-slot llamacpp_* scenarios (prompts <= 512).
-    "quick": EngineGrid("quick", (32, 128, 512), (32,), (1, 2, 4), 2),
+    "quick": EngineGrid("quick", (32, 128, 512), (32,), (1, 2, 4), 3),
     "full": EngineGrid("full", (32, 64, 128, 256, 512, 1024, 2048), (32, 128), (1, 2, 3, 4, 6, 8, 12, 16), 3),
 }
 

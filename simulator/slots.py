@@ -87,6 +87,20 @@ class SlotReplica:
     def active(self) -> int:
         return sum(1 for s in self.slots if s.busy)
 
+    # The paged replica's state names, so checks written for it read a slot replica too:
+    # blocks are one-token cells here.
+    @property
+    def blocks_used(self) -> int:
+        return self.cells_used
+
+    @property
+    def n_dec(self) -> int:
+        return sum(1 for s in self.slots if s.busy and s.done_prompt == s.prompt)
+
+    @property
+    def prefilling(self) -> list[Slot]:
+        return [s for s in self.slots if s.busy and s.done_prompt < s.prompt]
+
     def submit(self, rid: int) -> None:
         self.waiting.append(rid)
         self.outstanding += 1

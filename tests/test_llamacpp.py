@@ -154,17 +154,9 @@ def test_real_llama_server_end_to_end(tmp_path):
     # every request measured: one CSV line each, all tokens received
     lines = (out / "requests_measured.csv").read_text().strip().splitlines()[1:]
     assert len(lines) == 24 and all(line.endswith(",") for line in lines)   # empty error column
-    # the server is gone: nobody listens on its port any more and its process has exited
-    assert not _server_processes(eng.server)
-
-
-def _server_processes(binary: Path) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if str(binary) in (p / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(p.name))
-            except OSError:
-                pass
-    return pids
+    # the server is gone: its process has exited and nobody listens on its port any more
+    srv = res["server_process"]
+    assert not Path(f"/proc/{srv['pid']}").exists()
+    import socket
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", srv["port"]), timeout=2).close()

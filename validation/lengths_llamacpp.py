@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ def collect(n: int, out: Path, kv_types: list[str], seed: int = 0, max_tokens: i
     with RowWriter(part_path(out)) as writer:
         for kv in kv_types:
             with running_server(lambda port: server_args(eng.server, gguf, kv, sched, port),
-                                out / f".server-{kv}.log") as server:
+                                Path(tempfile.gettempdir()) / f"rkvsim-lengths-server-{kv}.log") as server:
                 if prompts is None:
                     # Raw-text token count for the length filter (the template adds a few tokens).
                     prompts, sstats = sample_prompts(pairs, n, server.tokenize, seed,

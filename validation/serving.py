@@ -137,6 +137,7 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
     t_start = time.time()
     load_before = os.getloadavg()
     with running_server(argv, out / "server.log") as server:
+        server_id = {"pid": server.proc.pid, "port": server.port}
         bank = bank or PromptBank(server.tokenize)
         bank.tokenize = server.tokenize
         prompts_all = bank.prompts(wl.prompt, scn.seed)
@@ -169,6 +170,7 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
         "engine": engine.label,
         "engine_commit": engine.info.get("llamacpp_commit"),
         "server_settings": sched.model_dump(),
+        "server_process": server_id,    # stopped before the comparison is written
         "cost_source": run.cost_source,
         "engine_profile": str(profile),
         "cpu": cpu_name(),
