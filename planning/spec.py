@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rkvsim.simulator.config import Scenario, ScenarioError, _format_error, _set_dotted, load_scenario
+from rkvsim.simulator.config import Scenario, ScenarioError, _format_error, _set_dotted, load_scenario, read_yaml
 
 from .axes import AxisError, Range, check_path, grid_points, lhs_points, parse_axis, point_key
 
@@ -87,12 +86,7 @@ def build_scenario(base: dict, overrides: dict) -> Scenario:
 def load_sweep(path: str | Path) -> Sweep:
     """Read, check every axis path and validate every point's scenario; raises ScenarioError."""
     p = Path(path)
-    if not p.is_file():
-        raise ScenarioError(f"{p}: no such sweep file; see scenarios/sweeps/ for examples")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ScenarioError(f"{p}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    raw = read_yaml(p, "sweep file; see scenarios/sweeps/ for examples")
     try:
         spec = SweepFile.model_validate(raw)
     except ValidationError as e:
@@ -104,7 +98,7 @@ def load_sweep(path: str | Path) -> Sweep:
         for k in spec.set:
             check_path(k)
         load_scenario(base_path, spec.set)   # a broken base fails here, naming its field
-        base = yaml.safe_load(base_path.read_text())
+        base = read_yaml(base_path, "base scenario")
         for k, v in spec.set.items():
             _set_dotted(base, k, v)
         axes = {k: parse_axis(k, v) for k, v in spec.axes.items()}

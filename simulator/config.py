@@ -150,17 +150,22 @@ def _format_error(err: ValidationError) -> str:
     return f"{loc or 'scenario'}: {msg}{more}"
 
 
-def load_scenario(path: str | Path, overrides: dict | None = None) -> Scenario:
-    """Read and validate a scenario file; raises ScenarioError with a one-line message."""
-    p = Path(path)
+def read_yaml(p: Path, missing_hint: str):
+    """A YAML file's content, or a one-line ScenarioError (missing file, bad syntax with its line)."""
     if not p.is_file():
-        raise ScenarioError(f"{p}: no such scenario file; pass a path to a .yaml file such as scenarios/heavy_kv.yaml")
+        raise ScenarioError(f"{p}: no such {missing_hint}")
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ScenarioError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+
+
+def load_scenario(path: str | Path, overrides: dict | None = None) -> Scenario:
+    """Read and validate a scenario file; raises ScenarioError with a one-line message."""
+    p = Path(path)
+    data = read_yaml(p, "scenario file; pass a path to a .yaml file such as scenarios/heavy_kv.yaml")
     if not isinstance(data, dict):
         raise ScenarioError(f"{p}: a scenario is a YAML mapping (model:, hardware:, workload: ...)")
     for k, v in (overrides or {}).items():
