@@ -27,9 +27,20 @@ def build_summary(scenario_name: str, seed: int, runs: list[MethodRun], extra: d
         "cost_source": sources[0] if len(sources) == 1 else sources,
         **extra,
         "methods": {r.label: {**summarize(r.log, [rep.steps for rep in r.replicas], r.layout.num_blocks),
-                                     "kv_capacity_tokens": int(r.layout.num_blocks * r.layout.block_size)}
+                                     "kv_capacity_tokens": int(r.layout.num_blocks * r.layout.block_size),
+                                     **_cost_notes(r)}
                     for r in runs},
     }
+
+
+def _cost_notes(r: MethodRun) -> dict:
+    """How a calibrated cost model filled what its profile lacks (borrowed fits, priors)."""
+    notes = []
+    for rep in r.replicas:
+        for n in getattr(getattr(rep, "cost", None), "notes", None) or []:
+            if n not in notes:
+                notes.append(n)
+    return {"cost_notes": notes} if notes else {}
 
 
 def request_table(runs: list[MethodRun]):

@@ -234,6 +234,9 @@ def test_run_uses_installed_profile(profile, fit, tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cost_source"] == "profile:a6000@2026-11-23"
+    notes = summary["methods"]["h2o-512"]["cost_notes"]
+    assert any("applied to llama-2-13b" in n for n in notes)          # shape transfer, said
+    assert any("h2o attention not profiled" in n for n in notes)      # borrowed FP16 attention, said
     # The same scenario with the prior forced says so.
     r = subprocess.run([sys.executable, "-m", "rkvsim.simulator.cli", "run", str(scn), "--out", str(tmp_path / "r2"),
                         "--set", "profile=roofline"], env=env, capture_output=True, text=True)
