@@ -92,8 +92,7 @@ def _fit_for(folder: str, sha: str) -> StepFit:
     cached = cache_root() / "fits" / sha
     if (cached / FIT_PICKLE).exists():
         try:
-            fit = load_fit_from(cached, f)
-            return fit
+            return load_fit(f, cached)
         except FitError:
             pass
     from rkvsim.profiler.profile import load_profile
@@ -101,18 +100,6 @@ def _fit_for(folder: str, sha: str) -> StepFit:
     print(f"rkvsim: fitting step costs on {f} (once; cached in {cached})", file=sys.stderr)
     fit = fit_profile(load_profile(f))
     save_fit(fit, cached)
-    return fit
-
-
-def load_fit_from(fit_dir: Path, profile_dir: Path) -> StepFit:
-    import pickle
-    from .step_fit import FIT_VERSION
-    try:
-        fit = pickle.loads((fit_dir / FIT_PICKLE).read_bytes())
-    except Exception as e:
-        raise FitError(f"{fit_dir} unreadable: {e}") from None
-    if getattr(fit, "version", None) != FIT_VERSION or fit.tables_sha256 != _tables_sha(profile_dir):
-        raise FitError(f"{fit_dir} is stale")
     return fit
 
 

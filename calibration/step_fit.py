@@ -342,10 +342,10 @@ class FitError(RuntimeError):
     pass
 
 
-def load_fit(profile_dir: str | Path) -> StepFit:
-    """The fit saved beside a profile; refuses one fitted on different tables."""
+def load_fit(profile_dir: str | Path, fit_dir: str | Path | None = None) -> StepFit:
+    """The fit saved beside a profile (or in `fit_dir`); refuses one fitted on different tables."""
     folder = Path(profile_dir)
-    path = fit_folder(folder) / FIT_PICKLE
+    path = Path(fit_dir or fit_folder(folder)) / FIT_PICKLE
     if not path.exists():
         raise FitError(f"{folder} has no fitted step costs; run: rkvprof fit {folder}")
     try:
