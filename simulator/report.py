@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import html
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from rkvsim.calibration.files import write_bytes
 
 if TYPE_CHECKING:  # pandas stays off the simulator's import path
     import pandas as pd
@@ -26,19 +26,8 @@ _LATENCIES = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))
 
 def write_report(path: Path | str, summary: dict, requests: "pd.DataFrame", timeseries: "pd.DataFrame") -> None:
     """Write the report to `path` atomically (a reader never sees half a file)."""
-    path = Path(path)
     text = render_report(summary, requests, timeseries)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes(Path(path), text.encode("utf-8"))
 
 
 def render_report(summary: dict, requests: "pd.DataFrame", timeseries: "pd.DataFrame") -> str:
