@@ -38,7 +38,6 @@ class CompiledCosts:
     pre_n: np.ndarray
     pre_p: np.ndarray
     pre: np.ndarray
-    decode_key: str               # "ctx": tables keyed by context seen; "cached": by tokens kept
     attention_from: str           # profile method whose attention fit is used
     notes: list[str] = field(default_factory=list)
 
@@ -65,18 +64,17 @@ def anchored(f: OpFit, build, use_transfer: bool = False, **inputs) -> np.ndarra
     return y * f.physics.predict(w_raw) / f.physics.predict(w_clip)
 
 
-def pick_attention(fit: StepFit, method: Method) -> tuple[str, Method, str, str | None]:
-    """(profile method label, method to compute features with, decode key, note). Decode
-    attention is keyed by the tokens the cache holds (after eviction)."""
+def pick_attention(fit: StepFit, method: Method) -> tuple[str, Method, str | None]:
+    """(profile method label, method to compute features with, note)."""
     have = set(fit.methods("decode")) & set(fit.methods("prefill"))
     if method.label in have:
-        return method.label, method, "cached", None
+        return method.label, method, None
     same = sorted(m for m in have if parse_method(m).kind == method.kind)
     if same:
-        return same[0], method, "cached", (f"attention of {method.label} from the {same[0]} fit "
+        return same[0], method, (f"attention of {method.label} from the {same[0]} fit "
                                            f"(its bytes and cached tokens computed for {method.label})")
     if "fp16" in have and method.kind in ("snapkv", "streamingllm", "h2o"):
-        return "fp16", parse_method("fp16"), "cached", (
+        return "fp16", parse_method("fp16"), (
             f"{method.kind} attention not profiled: FP16 attention over the tokens {method.label} keeps "
             "(its selection/eviction work is not included)")
     raise LookupError(f"the profile has no attention for {method.kind} and no FP16 attention to stand in; "
@@ -119,7 +117,7 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     if not [op for op in HEAD_OPS if op in missing]:
         head = np.interp(t_all, np.concatenate([[0], tg]), np.concatenate([[0.0], head_g]))
 
-    label, feat_method, key, note = pick_attention(fit, method)
+    label, feat_method, note = pick_attention(fit, method)
     if note:
         notes.append(note)
     hq, hkv = max(1, model.num_heads // tp), max(1, model.num_kv_heads // tp)
@@ -150,4 +148,4 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     pre = L * anchored(pre_f, pre_build, transfer, tokens=N.ravel().astype(float),
                        past=P.ravel().astype(float)).reshape(N.shape)
     return CompiledCosts(fit.origin, L, dense, head, bg.astype(np.float64), cg.astype(np.float64), dec,
-                         ng.astype(np.float64), pg.astype(np.float64), pre, key, label, notes)
+                         ng.astype(np.float64), pg.astype(np.float64), pre, label, notes)

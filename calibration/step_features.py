@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from rkvsim.models import Method, parse_method
+from rkvsim.models import Method, cached_tokens_vec, parse_method
 from rkvsim.models.kv_bytes import kv_bytes_per_head
 
 DENSE_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj",
@@ -90,13 +90,13 @@ def _kv_bytes_head(method: Method, head_dim: int, prompt: np.ndarray, total: np.
 
 
 def cached_tokens(method: Method, prompt: np.ndarray, total: np.ndarray) -> np.ndarray:
-    from rkvsim.models import cached_tokens_vec
     return cached_tokens_vec(method, np.asarray(prompt, np.int64), np.asarray(total, np.int64)).astype(np.float64)
 
 
 def decode_work(method: Method, batch, ctx, q_heads, kv_heads, head_dim, prompt=None,
                 dtype_bytes: int = 2) -> dict[str, np.ndarray]:
-    """One decode step of `batch` requests with `ctx` tokens seen each (per layer, per rank).
+    """One decode step of `batch` requests with `ctx` tokens each (per layer, per rank; callers
+    pass the tokens the cache holds, with prompt = ctx).
     flops: QK^T and PV over the cached tokens; kv_bytes: the compressed cache streamed;
     raw_bytes: what an FP16 cache of the raw context would be; score_work: q heads x raw
     context (scores an eviction method keeps over everything it has seen)."""

@@ -88,13 +88,11 @@ class CalibratedCostModel:
         notes.append(f"engine terms: {self.engine.source}")
         self.notes = notes
         self.source = compiled.origin
-        self._cached = compiled.decode_key == "cached"
         self._pre_terms, self._dec_terms = self.engine.for_method(roofline.method.label)
         # Plain lists and arrays for the per-step lookups.
         self._dec_b, self._dec_c = compiled.dec_b.tolist(), compiled.dec_c.tolist()
         self._pre_n, self._pre_p = compiled.pre_n.tolist(), compiled.pre_p.tolist()
         self._dec_tab, self._pre_tab = compiled.dec.tolist(), compiled.pre.tolist()
-        self._cap = self.method.token_cap if self._cached else None
         self._dense = compiled.dense
         self._slope = float(compiled.dense[-1] - compiled.dense[-2])
 
@@ -121,12 +119,8 @@ class CalibratedCostModel:
         return v if v > 0.0 else 0.0
 
     def _decode_attn(self, b: StepBatch, nd: int) -> float:
-        if self._cap is not None:
-            key = float(np.minimum(b.decode_ctx, self._cap).mean())
-        elif self._cached:
-            key = float(cached_tokens_vec(self.method, b.decode_prompt, b.decode_ctx).mean())
-        else:
-            key = float(b.decode_ctx.mean())
+        # Decode attention is keyed by the tokens each cache holds (after eviction).
+        key = float(cached_tokens_vec(self.method, b.decode_prompt, b.decode_ctx).mean())
         return self._grid_at(self._dec_b, self._dec_c, self._dec_tab, float(nd), key)
 
     def _prefill_attn(self, b: StepBatch) -> float:
