@@ -34,6 +34,23 @@ def cell_list(loads: list[float], cv: float) -> list[tuple[str, dict | None, flo
     return cells
 
 
+def resimulate(scn, base_dir: Path, res: dict, res_path: Path) -> dict:
+    """The cell's measured side as it was; its simulated side and errors from the code as it is."""
+    from rkvsim.models.methods import parse_method
+    from rkvsim.profiler.store import write_json_atomic
+    from rkvsim.simulator.engine import build_workload, simulate_method
+    from rkvsim.validation.serving import engine_profile_for
+    from rkvsim.validation.serving_compare import error_pct, simulated_summary
+    from rkvsim.profiler.engine_build import find_engine
+    scn = scn.model_copy(update={"profile": str(engine_profile_for(scn, find_engine()))})
+    run = simulate_method(scn, parse_method(res["method"]), build_workload(scn, scn.seed, base_dir))
+    sim = simulated_summary(run, res["measured"].get("offered_requests_per_s") is not None)
+    res = {**res, "simulated": sim, "error_pct": error_pct(res["measured"], sim), "cost_source": run.cost_source,
+           "engine_profile": scn.profile, "resimulated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_json_atomic(res_path, res)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kv", default="f16,q8_0,q4_0")
@@ -43,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_serving")
     ap.add_argument("--timeout-s", type=float, default=600.0, help="per cell")
     ap.add_argument("--only", default=None, help="comma-separated cell names to run (default: all)")
+    ap.add_argument("--profile", default=None, help="engine profile folder to simulate with (default: the "
+                    "shipped or cached one measured on this machine with the scenario's settings)")
+    ap.add_argument("--resimulate", action="store_true",
+                    help="keep the measurements of cells already run; simulate them again with the current "
+                         "simulator and engine profile (to compare cost models on the same measurements)")
     args = ap.parse_args(argv)
 
     from rich.console import Console
@@ -71,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"{kv}: the closed-loop cell must run first (it measures capacity)")
                 over = {"workload.arrival": {**arrival, "rate": round(frac * capacity, 4)}}
             over["workload.num_requests"] = args.requests
+            if args.profile:
+                over["profile"] = args.profile
             res_path = out / RESULT_FILE
             if res_path.is_file():
                 res = json.loads(res_path.read_text())
-            elif only is not None and name not in only:
+                if args.resimulate:
+                    res = resimulate(load_scenario(path, over), path.parent, res, res_path)
+            elif args.resimulate or (only is not None and name not in only):
                 continue
             else:
                 scn = load_scenario(path, over)

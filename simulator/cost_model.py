@@ -66,6 +66,10 @@ class StepBatch:
     # Optional: True where the chunk finishes its prompt (it produces a logit; SnapKV votes and
     # H2O evicts there). None = every chunk finishes its prompt (exact without chunked prefill).
     prefill_done: np.ndarray | None = None
+    # Optional: the sequence (llama.cpp server slot) of each decode and prefill entry. An engine
+    # that batches per sequence (simulator/ubatch.py) costs a step by how its slots line up.
+    decode_seq: np.ndarray | None = None
+    prefill_seq: np.ndarray | None = None
 
 
 @runtime_checkable

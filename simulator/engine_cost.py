@@ -1,22 +1,25 @@
 """Step cost of a llama.cpp server iteration, from an engine profile (rkvprof collect --engine).
 
-The profile's batched-bench rows are llama_decode calls of known shape. Every call (and every
-server iteration) is reduced to three numbers:
-  T      tokens in the call (decode tokens + prompt-chunk tokens): the dense layers;
-  A_dec  keys attended by decode tokens = sum of their context lengths (KV read per token);
-  A_pre  keys attended by prompt tokens = sum over chunks of n * past + n (n + 1) / 2 (causal).
+The cost is paid per physical batch (ubatch): llama.cpp cuts every llama_decode call into
+ubatches (simulator/ubatch.py), and each ubatch reads all the weights once. A ubatch is
+reduced to three numbers:
+  T      tokens in it (decode tokens + prompt tokens): the dense layers;
+  A_dec  keys attended by its decode tokens = sum of their context lengths (KV read per token);
+  A_pre  keys attended by its prompt tokens = sum over sequences of n * past + n (n + 1) / 2;
 and its time is modelled as
-  t = g(T) + k_dec * A_dec + k_pre * A_pre
-with g piecewise linear through one knot per token count the bench measured (linear
-extrapolation past the last knot) and k_dec, k_pre >= 0, plus what the server adds around
-llama_decode (sampling and streaming a token for each slot that produces one):
+  u = g(T) + k_dec * A_dec + k_pre * A_pre
+with g piecewise linear through one knot per ubatch size the bench produced (linear
+extrapolation past the last knot) and k_dec, k_pre >= 0. A bench row or a server iteration
+costs the sum over its ubatches, so the bench rows are cut exactly as llama.cpp cut them
+(one KV stream per sequence: llama-batched-bench sizes n_seq_max to its largest batch) and a
+server iteration is cut by its slots' sequence ids (StepBatch.decode_seq / prefill_seq; slots
+in a row compute together, a gap between slots costs a second ubatch). What the server adds
+around llama_decode (sampling and streaming a token for each slot that produces one) is
   + server_step_s + server_seq_s * (decode tokens + prompts that end in the step)
 fitted (both >= 0) to the profile's `server_decode` rows (profiler/engine_server_probe.py):
-the server's measured decode iterations minus the bench model's prediction for them. The knots and slopes come from one
-weighted least-squares fit (weights 1/t: relative error) over the KV type's rows, so the
-model interpolates the measurements linearly in tokens and in KV length, never by nearest
-neighbour. Decode rows at one batch size but different prompt lengths fix k_dec; prefill
-rows with the same tokens per call but different prompt lengths fix k_pre.
+the server's measured decode iterations minus the bench model's prediction for them. The knots
+and slopes come from one weighted least-squares fit (weights 1/t: relative error) over the KV
+type's rows: the sums over ubatches keep the problem linear in the knot values.
 
 Reads plain CSV/JSON: the simulator imports neither torch nor rkvsim.profiler.
 """
@@ -31,6 +34,7 @@ import numpy as np
 
 from rkvsim.models import Method
 
+from . import ubatch
 from .cost_model import StepBatch
 
 ENGINE_SOURCE = "rkvprof-engine"
@@ -75,33 +79,65 @@ def origin(meta: dict) -> str:
             f"({meta.get('threads')} threads, {meta.get('cpu')})")
 
 
-def _observations(rows: list[dict], kv: str) -> np.ndarray:
-    """(T, A_dec, A_pre, seconds) per llama_decode call, one line per profile row."""
+Ubatch = tuple[float, float, float]   # (T, A_dec, A_pre) of one physical batch
+
+
+def _bench_streams(rows: list[dict], kv: str) -> int:
+    """KV streams of the bench's context: llama-batched-bench sets n_seq_max to its largest batch."""
+    return max([int(r["batch_size"]) for r in rows if r["method"] == kv and r["stage"] in ("prefill", "decode")] or [1])
+
+
+def _observations(rows: list[dict], kv: str) -> list[tuple[list[Ubatch], float]]:
+    """The ubatches of each bench row's measured time (a prefill, or one decode step)."""
+    streams = _bench_streams(rows, kv)
     obs = []
     for r in rows:
         if r["method"] != kv:
             continue
-        pl, pp, tg, steps = (int(r[k]) for k in ("batch_size", "prompt_tokens", "gen_tokens", "steps"))
+        pl, pp, tg = (int(r[k]) for k in ("batch_size", "prompt_tokens", "gen_tokens"))
+        n_ub, n_batch = int(r.get("n_ubatch") or 512), int(r.get("n_batch") or 2048)
         t = float(r["time_s_median"])
         if r["stage"] == "decode":
-            # Step i (0-based) feeds position pp + i, attending pp + i + 1 keys.
-            obs.append((pl, pl * (pp + (tg + 1) / 2), 0.0, t))
+            # Step i (0-based) feeds position pp + i, attending pp + i + 1 keys; sequences 0..pl-1.
+            ubs = ubatch.split([(j, 1) for j in range(pl)], n_ub, streams)
+            obs.append(([(float(sum(n for _, n in u)), len(u) * (pp + (tg + 1) / 2), 0.0) for u in ubs], t))
         elif r["stage"] == "prefill":
-            # The bench's prefill batch holds whole sequences in order; each call gets an equal share.
-            obs.append((pl * pp / steps, 0.0, pl * pp * (pp + 1) / 2 / steps, t / steps))
-    return np.array(obs, dtype=np.float64).reshape(-1, 4)
+            # The bench queues sequence after sequence and decodes them n_batch tokens at a time.
+            ubs: list[Ubatch] = []
+            done = {j: 0 for j in range(pl)}
+            for view in _views([(j, pp) for j in range(pl)], n_batch):
+                for u in ubatch.split(view, n_ub, streams):
+                    ubs.append(_prompt_ubatch(u, done))
+            obs.append((ubs, t))
+    return obs
+
+
+def _views(segments: list[tuple[int, int]], n_batch: int) -> list[list[tuple[int, int]]]:
+    """A batch cut into llama_decode calls of n_batch tokens (split_simple does exactly that)."""
+    return ubatch.split_simple(segments, n_batch)
+
+
+def _prompt_ubatch(u: list[tuple[int, int]], done: dict[int, int]) -> Ubatch:
+    a_pre = 0.0
+    for seq, n in u:
+        p = done[seq]
+        a_pre += n * p + n * (n + 1) / 2
+        done[seq] = p + n
+    return float(sum(n for _, n in u)), 0.0, a_pre
 
 
 class EngineCostModel:
-    """CostModel of one llama.cpp KV type. See the module docstring for the model."""
+    """CostModel of one llama.cpp KV type on a server that cuts batches into n_ubatch-token
+    ubatches over `streams` KV streams (1: unified KV). See the module docstring for the model."""
 
-    def __init__(self, meta: dict, rows: list[dict], method: Method):
+    def __init__(self, meta: dict, rows: list[dict], method: Method, n_ubatch: int = 512, streams: int = 4):
         kv = method.kind
         obs = _observations(rows, kv)
         if len(obs) < 4:
             raise EngineProfileError(f"methods: the engine profile has {len(obs)} rows for KV type {kv!r}; "
                                      f"collect it: rkvprof collect --engine llamacpp --kv {kv}")
         self.method, self.meta = method, meta
+        self.n_ubatch, self.streams = n_ubatch, streams
         self.source = origin(meta)
         self.knots, self.values, self.k_dec, self.k_pre = _fit(obs)
         self.fit_error = self._fit_error(obs)
@@ -109,20 +145,48 @@ class EngineCostModel:
 
     # ---- the CostModel protocol --------------------------------------------------------
     def step_time(self, batch: StepBatch) -> float:
-        n, a_dec, a_pre = _reduce(batch)
-        if n == 0:
+        ubs = self.ubatches(batch)
+        if not ubs:
             return 0.0
-        return (self._g(n) + self.k_dec * a_dec + self.k_pre * a_pre
-                + self.server_step_s + self.server_seq_s * _n_logits(batch))
+        return sum(self._u(u) for u in ubs) + self.server_step_s + self.server_seq_s * _n_logits(batch)
 
     def breakdown(self, batch: StepBatch) -> dict[str, float]:
-        n, a_dec, a_pre = _reduce(batch)
-        if n == 0:
+        ubs = self.ubatches(batch)
+        if not ubs:
             return {}
-        return {"dense": self._g(n), "attn_decode": self.k_dec * a_dec, "attn_prefill": self.k_pre * a_pre,
-                "server": self.server_step_s + self.server_seq_s * _n_logits(batch)}
+        return {"dense": sum(self._g(t) for t, _, _ in ubs), "attn_decode": self.k_dec * sum(a for _, a, _ in ubs),
+                "attn_prefill": self.k_pre * sum(a for _, _, a in ubs),
+                "server": self.server_step_s + self.server_seq_s * _n_logits(batch), "ubatches": float(len(ubs))}
+
+    def ubatches(self, b: StepBatch) -> list[Ubatch]:
+        """(T, A_dec, A_pre) of each ubatch llama.cpp makes of this iteration."""
+        n_dec, n_pre = len(b.decode_ctx), len(b.prefill_new)
+        if n_dec + n_pre == 0:
+            return []
+        # Without slot ids the sequences are taken as adjacent slots: decodes, then prompts.
+        dseq = b.decode_seq if b.decode_seq is not None else np.arange(n_dec)
+        pseq = b.prefill_seq if b.prefill_seq is not None else np.arange(n_dec, n_dec + n_pre)
+        ctx = dict(zip(dseq.tolist(), b.decode_ctx.tolist()))
+        done = dict(zip(pseq.tolist(), b.prefill_past.tolist()))
+        segs = sorted((s, 1) for s in ctx) + sorted(zip(pseq.tolist(), b.prefill_new.tolist()))
+        out = []
+        for u in ubatch.split(segs, self.n_ubatch, self.streams):
+            t = a_dec = a_pre = 0.0
+            for seq, n in u:
+                t += n
+                if seq in ctx:
+                    a_dec += ctx[seq]
+                else:
+                    p = done[seq]
+                    a_pre += n * p + n * (n + 1) / 2
+                    done[seq] = p + n
+            out.append((t, a_dec, a_pre))
+        return out
 
     # ---- internals -----------------------------------------------------------------------
+    def _u(self, u: Ubatch) -> float:
+        return self._g(u[0]) + self.k_dec * u[1] + self.k_pre * u[2]
+
     def _g(self, n: float) -> float:
         x, y = self.knots, self.values
         if n <= x[-1] or len(x) == 1:
@@ -155,9 +219,10 @@ class EngineCostModel:
             a, b = 0.0, max(0.0, float((o * c).sum() / (c * c).sum()))
         return float(a), float(b)
 
-    def _fit_error(self, obs: np.ndarray) -> dict:
-        pred = np.array([self._g(t) + self.k_dec * ad + self.k_pre * ap for t, ad, ap, _ in obs])
-        rel = np.abs(pred - obs[:, 3]) / obs[:, 3]
+    def _fit_error(self, obs: list[tuple[list[Ubatch], float]]) -> dict:
+        pred = np.array([sum(self._u(u) for u in ubs) for ubs, _ in obs])
+        y = np.array([t for _, t in obs])
+        rel = np.abs(pred - y) / y
         return {"mean_abs_rel": float(rel.mean()), "max_abs_rel": float(rel.max()), "rows": int(len(obs))}
 
 
@@ -169,30 +234,39 @@ def _n_logits(b: StepBatch) -> int:
     return n
 
 
-def _reduce(b: StepBatch) -> tuple[int, float, float]:
-    n_dec = len(b.decode_ctx)
-    a_dec = float(b.decode_ctx.sum()) if n_dec else 0.0
-    if len(b.prefill_new):
-        new = b.prefill_new.astype(np.float64)
-        a_pre = float((new * b.prefill_past).sum() + (new * (new + 1)).sum() / 2)
-        return n_dec + int(b.prefill_new.sum()), a_dec, a_pre
-    return n_dec, a_dec, 0.0
+KNOT_GAP = 0.03   # ubatch sizes within 3% share a knot (510 = 3 x 170 beside 512)
 
 
-def _fit(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Knot values of g and the two attention slopes: weighted least squares, slopes >= 0,
-    then g made non-decreasing (more tokens never cost less)."""
-    t_tok, a_dec, a_pre, y = obs.T
-    knots = np.unique(np.round(t_tok, 6))
-    # Hat basis: g(T) = sum_k v_k * hat_k(T); one-hot when T is a knot (always, here).
-    basis = np.zeros((len(obs), len(knots)))
-    for i, t in enumerate(t_tok):
-        j = int(np.searchsorted(knots, t))
-        if j < len(knots) and math.isclose(knots[j], t):
-            basis[i, j] = 1.0
-        else:
-            w = (t - knots[j - 1]) / (knots[j] - knots[j - 1])
-            basis[i, j - 1], basis[i, j] = 1 - w, w
+def _knots(sizes: np.ndarray) -> np.ndarray:
+    kept: list[float] = []
+    for t in np.unique(np.round(sizes, 6)):
+        if not kept or t > kept[-1] * (1 + KNOT_GAP):
+            kept.append(float(t))
+    return np.array(kept)
+
+
+def _hat(knots: np.ndarray, t: float) -> np.ndarray:
+    """Weights of g's knot values that give g(t): interpolation inside, the last segment's line past the end."""
+    row = np.zeros(len(knots))
+    if len(knots) == 1:
+        row[0] = 1.0
+        return row
+    j = int(np.clip(np.searchsorted(knots, t), 1, len(knots) - 1))
+    w = (t - knots[j - 1]) / (knots[j] - knots[j - 1])
+    if t < knots[0]:
+        w = 0.0
+    row[j - 1], row[j] = 1 - w, w
+    return row
+
+
+def _fit(obs: list[tuple[list[Ubatch], float]]) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Knot values of g and the two attention slopes: weighted least squares over rows that
+    are sums of ubatches, slopes >= 0, then g made non-decreasing (more tokens never cost less)."""
+    knots = _knots(np.array([u[0] for ubs, _ in obs for u in ubs]))
+    basis = np.array([sum(_hat(knots, u[0]) for u in ubs) for ubs, _ in obs])
+    a_dec = np.array([sum(u[1] for u in ubs) for ubs, _ in obs])
+    a_pre = np.array([sum(u[2] for u in ubs) for ubs, _ in obs])
+    y = np.array([t for _, t in obs])
     w = 1.0 / y
     free = [0, 1]   # which attention slopes are still fitted
     cols = [a_dec, a_pre]
@@ -233,9 +307,12 @@ def engine_cost_model(scn, method: Method) -> EngineCostModel:
     folder = find_engine_profile(scn)
     rows_file = folder / STEPS_FILE
     # Keyed on the table's mtime too: a profile collected again is read again.
-    key = (str(folder.resolve()), method.kind, rows_file.stat().st_mtime_ns if rows_file.exists() else 0)
+    sched = scn.scheduler
+    streams = 1 if sched.kv_unified else sched.n_parallel
+    key = (str(folder.resolve()), method.kind, rows_file.stat().st_mtime_ns if rows_file.exists() else 0,
+           sched.n_ubatch, streams)
     hit = _CACHE.get(key)
     if hit is None:
         meta, rows = read_engine_profile(folder)
-        hit = _CACHE[key] = EngineCostModel(meta, rows, method)
+        hit = _CACHE[key] = EngineCostModel(meta, rows, method, n_ubatch=sched.n_ubatch, streams=streams)
     return hit

@@ -9,7 +9,8 @@ pre_decode() in llama.cpp 0c1e570, the version rkvprof builds):
   4. a slot whose prompt ended in this batch samples its first token; every generating slot
      samples its next one; a slot that reached its n_predict is released.
 New requests are handed to free slots between iterations (the least recently used free slot,
-as the server picks when no prompt cache matches); when no slot is free they wait in FIFO
+as the server picks when no prompt cache matches; a slot's id is its llama.cpp sequence id, so
+which slots decode together decides how the step is cut into ubatches, simulator/ubatch.py); when no slot is free they wait in FIFO
 order. Without a unified KV cache each slot holds ctx_size / n_parallel tokens, and a request
 that cannot fit its slot's context is rejected before it queues (engine.simulate_method
 checks prompt + output against the slot context; llama.cpp refuses a prompt longer than the
@@ -72,6 +73,9 @@ class SlotReplica:
         self.steps = StepLog()
         self.waiting: deque[int] = deque()
         self.slots = [Slot(i) for i in range(cfg.n_parallel)]
+        # A warmed server: every slot used once, slot 0 longest ago (validate-serving warms them so).
+        for s in self.slots:
+            s.last_used = float(s.index - cfg.n_parallel)
         self.outstanding = 0
         self.cells_used = 0        # KV cells holding tokens now (all slots)
         self.cells_reserved = 0    # prompt + output of every active request (unified admission)
@@ -120,7 +124,8 @@ class SlotReplica:
             if cfg.kv_unified and self.cells_reserved + p + o > cfg.ctx_size:
                 return      # FIFO: the head waits for cells; nobody overtakes it
             self.waiting.popleft()
-            s = min(free, key=lambda x: (x.last_used, x.index))
+            # llama-server's LRU pick: the oldest last use; among equals the highest slot index.
+            s = min(free, key=lambda x: (x.last_used, -x.index))
             s.rid, s.prompt, s.output, s.done_prompt, s.generated = rid, p, o, 0, 0
             s.itl_max = 0.0
             self.cells_reserved += p + o
@@ -155,6 +160,8 @@ class SlotReplica:
                 # The token fed for a generating slot attends its whole context, itself included.
                 decode_ctx=np.array([s.prompt + s.generated for s in dec], np.int64) if dec else _EMPTY,
                 decode_prompt=np.array([s.prompt for s in dec], np.int64) if dec else _EMPTY,
+                decode_seq=np.array([s.index for s in dec], np.int64) if dec else _EMPTY,
+                prefill_seq=np.array([s.index for s, _ in chunks], np.int64) if chunks else _EMPTY,
             )
             dt = self.cost.step_time(batch)
             yield env.timeout(dt)

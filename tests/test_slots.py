@@ -24,6 +24,20 @@ def true_cost(tokens: float, a_dec: float, a_pre: float) -> float:
     return 0.004 + 0.0012 * tokens + 2e-7 * a_dec + 5e-9 * a_pre
 
 
+def bench_prefill_cost(pl: int, pp: int, n_batch: int, n_ubatch: int, streams: int) -> float:
+    """The bench's prefill of pl prompts of pp tokens under true_cost, cut as llama.cpp cuts it:
+    n_batch-token calls, then (one KV stream per sequence) equal shares of n_ubatch per ubatch."""
+    from rkvsim.simulator.ubatch import split, split_simple
+    done, total = {j: 0 for j in range(pl)}, 0.0
+    for view in split_simple([(j, pp) for j in range(pl)], n_batch):
+        for u in split(view, n_ubatch, streams):
+            a = sum(n * done[s] + n * (n + 1) / 2 for s, n in u)
+            for s, n in u:
+                done[s] += n
+            total += true_cost(sum(n for _, n in u), 0, a)
+    return total
+
+
 def write_profile(folder, kv_types=("f16", "q8_0"), pps=(64, 256, 1024), pls=(1, 2, 4, 8), tg=32, n_batch=2048):
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -32,7 +46,7 @@ def write_profile(folder, kv_types=("f16", "q8_0"), pps=(64, 256, 1024), pls=(1,
         for pp in pps:
             for pl in pls:
                 steps = max(1, -(-pl * pp // n_batch))
-                t_pre = steps * true_cost(pl * pp / steps, 0, pl * pp * (pp + 1) / 2 / steps) * scale
+                t_pre = bench_prefill_cost(pl, pp, n_batch, 512, max(pls)) * scale
                 t_dec = true_cost(pl, pl * (pp + (tg + 1) / 2), 0) * scale
                 for stage, t, st in (("prefill", t_pre, steps), ("decode", t_dec, tg)):
                     rows.append({"schema_version": SCHEMA_VERSION, "engine": "llamacpp", "method": kv, "stage": stage,
@@ -234,12 +248,26 @@ def test_engine_cost_model_recovers_the_measured_law_and_interpolates_linearly(p
     cm = EngineCostModel(meta, rows, parse_method("f16"))
     assert cm.fit_error["max_abs_rel"] < 1e-6
     assert cm.source.startswith("profile:cpu@2026-11-23") and "llama.cpp" in cm.source
-    # Mixed steps the bench never ran: decodes + a chunk on a past.
+    # Mixed steps the bench never ran: decodes in slots 0..n_dec-1 + a chunk on a past in the
+    # next slot. llama.cpp computes one token of every sequence together, then the rest of the
+    # chunk alone, n_ubatch (512) tokens at a time.
     for n_dec, chunk, past in ((3, 100, 0), (5, 37, 400), (1, 1500, 300)):
         ctx = np.arange(200, 200 + n_dec, dtype=np.int64)
         b = StepBatch(np.array([chunk]), np.array([past]), ctx, ctx - 10, np.array([True]))
-        want = true_cost(n_dec + chunk, float(ctx.sum()), chunk * past + chunk * (chunk + 1) / 2)
+        want = true_cost(n_dec + 1, float(ctx.sum()), past + 1)
+        done, rest = past + 1, chunk - 1
+        while rest:
+            n = min(rest, 512)
+            want += true_cost(n, 0, n * done + n * (n + 1) / 2)
+            done, rest = done + n, rest - n
         assert cm.step_time(b) == pytest.approx(want, rel=1e-6)
+        assert len(cm.ubatches(b)) == 1 + -(-(chunk - 1) // 512)
+    # Slots that are not neighbours cost a ubatch each: decodes in slots 0, 1 and 3.
+    ctx = np.full(3, 300, np.int64)
+    split = StepBatch(E, E, ctx, ctx, decode_seq=np.array([0, 1, 3]))
+    assert cm.step_time(split) == pytest.approx(true_cost(2, 600, 0) + true_cost(1, 300, 0), rel=1e-6)
+    assert cm.step_time(StepBatch(E, E, ctx, ctx, decode_seq=np.array([1, 2, 3]))) == pytest.approx(
+        true_cost(3, 900, 0), rel=1e-6)
     # Between measured batch sizes the cost is linear, not the nearest neighbour's.
     t = [cm.step_time(StepBatch(E, E, np.full(n, 500, np.int64), np.full(n, 400, np.int64))) for n in (4, 5, 6, 8)]
     assert t[0] < t[1] < t[2] < t[3] and t[2] - t[1] == pytest.approx(t[1] - t[0], rel=1e-6)
@@ -265,3 +293,30 @@ def test_llamacpp_kv_bytes_follow_ggml_blocks():
         assert kv_bytes_per_token(m, meth) == m.num_layers * m.num_kv_heads * b
         assert kv_bytes(m, meth, 100, 150) == 150 * m.num_layers * m.num_kv_heads * b
     assert kv_bytes_per_token(m, parse_method("q8_0")) / kv_bytes_per_token(m, parse_method("f16")) == 34 / 64
+
+
+# ---- how llama.cpp cuts a batch into ubatches (worked by hand from llama-batch.cpp) ---------
+def test_ubatch_split_follows_llama_cpp():
+    from rkvsim.simulator.ubatch import split
+    # Decodes of slots 0, 1, 3: 3 does not follow 1, so it waits for a second ubatch.
+    assert split([(0, 1), (1, 1), (3, 1)], 512, 4) == [[(0, 1), (1, 1)], [(3, 1)]]
+    # A prompt in slot 3 beside decodes in 0..2: one token of each, then the prompt's rest.
+    assert split([(0, 1), (1, 1), (2, 1), (3, 300)], 512, 4) == [[(0, 1), (1, 1), (2, 1), (3, 1)], [(3, 299)]]
+    # Decodes 0, 1, 3 then a prompt in slot 2: 2 joins 0 and 1 (ids in a row), 3 goes alone.
+    assert split([(0, 1), (1, 1), (3, 1), (2, 40)], 512, 4) == [[(0, 1), (1, 1), (2, 1)], [(3, 1)], [(2, 39)]]
+    # The bench's prefill of 3 x 512 tokens: equal shares of 512 // 3 = 170, then the remainder.
+    assert split([(0, 512), (1, 512), (2, 512)], 512, 3) == [[(0, 170), (1, 170), (2, 170)]] * 3 + [[(0, 2), (1, 2), (2, 2)]]
+    # One KV stream (unified): runs of n_ubatch tokens whatever the sequences.
+    assert split([(0, 1), (2, 1), (1, 700)], 512, 1) == [[(0, 1), (2, 1), (1, 510)], [(1, 190)]]
+
+
+def test_slot_choice_is_the_servers_lru(profile):
+    # Warmed server: slots last used in order 0, 1, 2, 3, so an idle server fills 0 first;
+    # afterwards the slot freed longest ago is taken.
+    scn = slots_scenario(profile, workload={"num_requests": 6, "arrival": {"process": "poisson", "rate": 0.01},
+                                            "prompt": {"dist": "fixed", "value": 20},
+                                            "output": {"dist": "fixed", "value": 3}})
+    _, _, rec = run(scn, record=True)
+    firsts = [b.prefill_seq.tolist() for b in rec.batches if len(b.prefill_new)]
+    # Requests far apart: each finds every slot free and takes the least recently used one.
+    assert firsts == [[0], [1], [2], [3], [0], [1]]

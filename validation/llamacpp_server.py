@@ -68,6 +68,14 @@ class Server:
     def props(self) -> dict:
         return self.request("GET", "/props")
 
+    def warm_up(self, n_slots: int, prompt: list[int], n_predict: int = 8) -> None:
+        """One short request per slot, slot 0 first: the first requests of a run then pay no
+        first-use costs, and the slots' LRU order is 0, 1, ... as the simulator assumes."""
+        for slot in range(n_slots):
+            self.request("POST", "/completion", {"prompt": prompt, "n_predict": n_predict, "ignore_eos": True,
+                                                 "cache_prompt": False, "temperature": 0.0, "id_slot": slot},
+                         timeout=300)
+
 
 def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     if proc.poll() is not None:

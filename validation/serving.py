@@ -37,6 +37,7 @@ from .serving_compare import error_pct, measured_summary, simulated_summary
 from .serving_prompts import PromptBank
 
 RESULT_FILE = "validation_serving.json"
+TOKENS_FILE = "tokens_measured.json"
 SCHEMA_VERSION = 1
 
 
@@ -142,6 +143,8 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
         bank.tokenize = server.tokenize
         prompts_all = bank.prompts(wl.prompt, scn.seed)
         prompts = [prompts_all[i] for i in keep]
+        # Not part of the workload: warms the server and leaves its slots in LRU order 0, 1, ...
+        server.warm_up(sched.n_parallel, max(prompts_all, key=len)[:256])
         arrivals = wl.arrivals[keep] if open_loop else None
         from rich.progress import Progress
         with Progress(transient=True) as prog:
@@ -191,6 +194,9 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
              "tpot_s": ((log.finish - log.first_token) / np.maximum(log.output - 1, 1))[done & (log.output > 1)]}
     write_json_atomic(out / RESULT_FILE, result)
     _write_requests(out / "requests_measured.csv", ms)
+    # Every token's arrival time: what validation/serving_steps.py rebuilds the server's iterations from.
+    write_json_atomic(out / TOKENS_FILE, {"t0": "replay start", "unit": "s",
+                                          "requests": {str(m.rid): [round(t, 6) for t in m.token_times] for m in ms}})
     from .serving_report import write_report
     write_report(out / "validation_serving.html", result, mcols, scols)
     return ServingRun(result, mcols, scols, out)
