@@ -1,15 +1,16 @@
 """`rkvprof collect --engine llamacpp`: whole-step timings of a real engine per KV type.
 
 llama-batched-bench is run once per (KV type, prompt length) with every batch size of the
-grid, `repeats` times; the repeats of each configuration become one prefill row and one
-decode row of the `engine_steps` table (schema.ENGINE_STEPS). Rows are appended and
-fsync'ed as soon as their invocation's repeats are done, so a killed collection resumes
-where it stopped; meta.json says what was measured, with which engine build, flags,
-threads and CPU, and refuses to mix rows from another setting into the same folder.
+grid, `repeats` times (in rounds over all invocations); the repeats of each configuration
+become one prefill row and one decode row of the `engine_steps` table (schema.ENGINE_STEPS).
+Every finished repeat is saved at once and rows are appended and fsync'ed when an
+invocation's repeats are all done, so a killed collection resumes where it stopped;
+meta.json says what was measured, with which engine build, flags, threads and CPU, and refuses to mix rows from another setting into the same folder.
 """
 from __future__ import annotations
 
 import hashlib
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from .schema import ENGINE_STEPS, META_FILE, SCHEMA_VERSION, row_key
 from .store import TableWriter, read_json, write_json_atomic
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
+PARTIAL_DIR = ".partial"     # finished repeats of invocations whose rows are not written yet
 ENGINE_SOURCE = "rkvprof-engine"
 # Fields that must agree for a run to append to an existing engine profile.
 IDENTITY = ("source", "schema_version", "engine", "llamacpp_commit", "model", "model_sha256",
@@ -49,7 +51,11 @@ ENGINE_GRIDS = {
     "tiny": EngineGrid("tiny", (16, 64), (8,), (1, 2), 1, probe_batches=(1, 2)),
     # About a minute per KV type on a quiet 2-core host (SmolLM2-135M): prompt lengths and
     # batch sizes that bracket the shipped 4-slot llamacpp_* scenarios (prompts <= 512).
-    "quick": EngineGrid("quick", (32, 128, 512), (32,), (1, 2, 4), 3),
+    # Every batch size up to the scenarios' 4 slots (a server iteration holds any of them), prompt
+    # sizes down to 16 (a CPU's cost per token climbs steeply below ~64 tokens, where most of a
+    # ShareGPT workload's prompts and ubatches fall), 5 repeats in rounds: three back-to-back
+    # repeats of the first quick grid spread 20-40% on this shared 2-core host.
+    "quick": EngineGrid("quick", (16, 32, 64, 128, 512), (32,), (1, 2, 3, 4), 5, probe_batches=(1, 2, 3, 4)),
     "full": EngineGrid("full", (32, 64, 128, 256, 512, 1024, 2048), (32, 128), (1, 2, 3, 4, 6, 8, 12, 16), 3),
 }
 
@@ -171,26 +177,36 @@ def collect_engine(cfg: EngineCollectConfig, say=print) -> dict:
                 todo.append((kv, pp))
     t0 = time.perf_counter()
     say(f"rkvprof: engine profile {cfg.out}: {len(todo)} of {len(cfg.kv_types) * len(g.prompt_tokens)} "
-        f"bench invocations to run ({g.repeats} repeats each), {eng.label}, -t {s.threads}")
+        f"bench invocations to run ({g.repeats} repeats each, in rounds), {eng.label}, -t {s.threads}")
+    # Repeats go in rounds over every invocation, not back to back: a slow spell of a shared
+    # machine then costs one repeat of many configurations (the median drops it) instead of
+    # every repeat of one. Each finished repeat is kept in .partial/ so a killed run resumes.
+    partial = cfg.out / PARTIAL_DIR
     from rich.progress import Progress
     try:
         with Progress(disable=not cfg.progress, transient=True) as prog:
             task = prog.add_task("llama-batched-bench", total=len(todo) * g.repeats)
-            for kv, pp in todo:
-                ctx = max(g.batch_sizes) * (pp + max(g.gen_tokens))
-                run_s = BenchSettings(**{**asdict(s), "ctx_size": max(s.ctx_size, -(-ctx // 256) * 256)})
-                cmd = bench_command(eng.batched_bench, gguf, kv, [pp], list(g.gen_tokens), list(g.batch_sizes), run_s)
-                reps = []
-                for i in range(g.repeats):
-                    prog.update(task, description=f"{kv} pp={pp} repeat {i + 1}/{g.repeats}")
+            for i in range(g.repeats):
+                for kv, pp in todo:
+                    rep_file = partial / f"{kv}-pp{pp}-rep{i}.json"
+                    if rep_file.is_file():
+                        prog.advance(task)
+                        continue
+                    prog.update(task, description=f"round {i + 1}/{g.repeats}: {kv} pp={pp}")
+                    ctx = max(g.batch_sizes) * (pp + max(g.gen_tokens))
+                    run_s = BenchSettings(**{**asdict(s), "ctx_size": max(s.ctx_size, -(-ctx // 256) * 256)})
+                    cmd = bench_command(eng.batched_bench, gguf, kv, [pp], list(g.gen_tokens), list(g.batch_sizes), run_s)
                     rows, _raw = run_bench(cmd)
                     got = {(int(r["pl"]), int(r["tg"])) for r in rows}
                     want = {(pl, tg) for pl in g.batch_sizes for tg in g.gen_tokens}
                     if got != want:
                         raise ProfilerError(f"llama-batched-bench skipped {sorted(want - got)} for pp={pp} "
                                             "(context too small?)")
-                    reps.append(rows)
+                    partial.mkdir(exist_ok=True)
+                    write_json_atomic(rep_file, {"rows": rows})
                     prog.advance(task)
+            for kv, pp in todo:
+                reps = [read_json(partial / f"{kv}-pp{pp}-rep{i}.json")["rows"] for i in range(g.repeats)]
                 for row in _rows(kv, pp, reps, s):
                     if row_key(ENGINE_STEPS, row) not in writer:
                         writer.append(row)
@@ -198,6 +214,7 @@ def collect_engine(cfg: EngineCollectConfig, say=print) -> dict:
             _probe_server(kv, eng, gguf, cfg, writer, say)
     finally:
         writer.close()
+    shutil.rmtree(cfg.out / PARTIAL_DIR, ignore_errors=True)
     meta["status"] = "complete"
     meta["finished"] = now_utc()
     meta["collect_wall_s"] = round(time.perf_counter() - t0 + float(old.get("collect_wall_s", 0) if old else 0), 1)

@@ -166,8 +166,50 @@ def test_real_llama_server_end_to_end(tmp_path):
     from rkvsim.models import parse_method
     reqs, toks = read_run(out)
     assert sum(len(v) for v in toks.values()) == sum(int(r["output_tokens"]) for r in reqs)
-    its = iterations(reqs, toks)
+    from rkvsim.validation.serving_steps import slots_from_log
+    slots = slots_from_log(out / "server.log", reqs, skip=res["warm_up_requests"])
+    assert len(slots) == 24 and set(slots.values()) <= {0, 1, 2, 3}
+    its = iterations(reqs, toks, slots=slots)
     assert len(its) >= max(int(r["output_tokens"]) for r in reqs)
     assert sum(len(i.prefill) for i in its) == 24          # every prompt starts exactly one iteration
     rows = compare(its, EngineCostModel(*read_engine_profile(prof), parse_method("f16")))
     assert sum(r["iterations"] for r in rows) == len(its) and all(r["model_s"] > 0 for r in rows)
+
+
+def test_engine_collection_repeats_in_rounds_and_resumes_after_a_kill(tmp_path, monkeypatch):
+    """Repeats run round by round over every invocation; a run killed mid-round keeps the
+    repeats it finished and the next run does only the rest (no real engine: the bench is faked)."""
+    from rkvsim.profiler import engine_collect as ec
+    from rkvsim.profiler.engine_build import EngineBuild
+
+    calls: list[tuple[str, int]] = []
+
+    def fake_bench(cmd, timeout_s=900):
+        kv, pp = cmd[cmd.index("-ctk") + 1], int(cmd[cmd.index("-npp") + 1])
+        if len(calls) == budget[0]:
+            raise KeyboardInterrupt          # the "kill"
+        calls.append((kv, pp))
+        pls = [int(x) for x in cmd[cmd.index("-npl") + 1].split(",")]
+        return [{"pp": pp, "tg": 8, "pl": pl, "t_pp": 0.01 * pl * pp * (1 + 0.01 * len(calls)),
+                 "t_tg": 0.08 * pl} for pl in pls], ""
+
+    monkeypatch.setattr(ec, "run_bench", fake_bench)
+    monkeypatch.setattr(ec, "_probe_server", lambda *a, **k: None)
+    eng = EngineBuild(tmp_path / "eng", {"version": "0.3.36", "llamacpp_commit": "0c1e570"})
+    grid = ec.EngineGrid("t", (16, 64), (8,), (1, 2), 3, probe_batches=(1,))
+    cfg = ec.EngineCollectConfig(model="smollm2-135m", kv_types=["f16"], grid=grid, out=tmp_path / "p", engine=eng,
+                                 progress=False)
+    budget = [3]
+    with pytest.raises(KeyboardInterrupt):
+        ec.collect_engine(cfg, say=lambda *_: None)
+    # rounds: (16, 64) then (16, 64) again ... the kill came in round 2
+    assert calls == [("f16", 16), ("f16", 64), ("f16", 16)]
+    assert len(list((tmp_path / "p" / ec.PARTIAL_DIR).glob("*.json"))) == 3
+    budget[0] = 10**6
+    meta = ec.collect_engine(cfg, say=lambda *_: None)
+    assert calls[3:] == [("f16", 64), ("f16", 16), ("f16", 64)]       # only the missing repeats
+    assert meta["status"] == "complete" and not (tmp_path / "p" / ec.PARTIAL_DIR).exists()
+    import csv
+    with open(tmp_path / "p" / "engine_steps.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2 and {r["repeats"] for r in rows} == {"3"}      # (pp, pl, stage)

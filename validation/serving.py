@@ -180,6 +180,7 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
         "loadavg_before": list(load_before),
         "loadavg_after": list(os.getloadavg()),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+        "warm_up_requests": sched.n_parallel,   # one per slot before the replay, not measured
         "replay_wall_s": wall,
         "measured": measured,
         "simulated": simulated,

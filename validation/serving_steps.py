@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +36,16 @@ class Iteration:
     wall: float                # since the previous cluster, or since the arrival that woke an idle server
     decode_ctx: np.ndarray     # context of each decode token fed
     prefill: np.ndarray        # prompt lengths processed whole in it
+    decode_seq: np.ndarray | None = None    # server slots, when the server log told them
+    prefill_seq: np.ndarray | None = None
 
     @property
     def batch(self) -> StepBatch:
         n = len(self.prefill)
         return StepBatch(prefill_new=self.prefill if n else _EMPTY, prefill_past=np.zeros(n, np.int64) if n else _EMPTY,
                          prefill_done=np.ones(n, bool) if n else None,
-                         decode_ctx=self.decode_ctx, decode_prompt=self.decode_ctx)
+                         decode_ctx=self.decode_ctx, decode_prompt=self.decode_ctx,
+                         decode_seq=self.decode_seq, prefill_seq=self.prefill_seq)
 
 
 def read_run(run_dir: Path) -> tuple[list[dict], dict[int, list[float]]]:
@@ -51,8 +55,43 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict[int, list[float]]]:
     return reqs, {int(k): v for k, v in tokens.items()}
 
 
-def iterations(reqs: list[dict], tokens: dict[int, list[float]], gap_s: float = 0.004) -> list[Iteration]:
-    """One Iteration per cluster of token arrivals (clusters: gaps below gap_s)."""
+_LAUNCH = re.compile(r"launch_slot_: id\s+(\d+) \| task (\d+)")
+_PROMPT = re.compile(r"id\s+\d+ \| task (\d+) \| prompt eval time =\s+[\d.]+ ms /\s+(\d+) tokens")
+
+
+def slots_from_log(log_path: Path, reqs: list[dict], skip: int = 0) -> dict[int, int]:
+    """Request id -> the server slot (llama.cpp sequence id) it ran in, from the server's log:
+    tasks are launched in the order requests reached the server, and each task's logged prompt
+    length must match the request it is paired with. The first `skip` tasks (validate-serving's
+    warm-up requests) are not the workload's."""
+    if not log_path.is_file():
+        return {}
+    slot_of_task: dict[int, int] = {}
+    prompt_of_task: dict[int, int] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if m := _LAUNCH.search(line):
+            slot_of_task[int(m.group(2))] = int(m.group(1))
+        elif m := _PROMPT.search(line):
+            prompt_of_task[int(m.group(1))] = int(m.group(2))
+    tasks = [t for t in sorted(slot_of_task) if t in prompt_of_task][skip:]
+    out: dict[int, int] = {}
+    used: set[int] = set()
+    for r in sorted(reqs, key=lambda r: float(r["sent_s"])):
+        p = int(r["prompt_tokens"])
+        # The first unclaimed task of this prompt length (requests that reach the server at
+        # nearly the same time may be launched in either order).
+        t = next((t for t in tasks if t not in used and prompt_of_task[t] == p), None)
+        if t is not None:
+            used.add(t)
+            out[int(r["request_id"])] = slot_of_task[t]
+    return out
+
+
+def iterations(reqs: list[dict], tokens: dict[int, list[float]], gap_s: float = 0.004,
+               slots: dict[int, int] | None = None) -> list[Iteration]:
+    """One Iteration per cluster of token arrivals (clusters: gaps below gap_s); with `slots`
+    (request -> server slot) the batches carry sequence ids, so they are cut into ubatches as
+    the server cut them."""
     events = sorted((t, int(r["request_id"]), k) for r in reqs for k, t in enumerate(tokens[int(r["request_id"])]))
     if not events:
         return []
@@ -78,9 +117,12 @@ def iterations(reqs: list[dict], tokens: dict[int, list[float]], gap_s: float = 
                                                    for r in prompt if r in first)
         start = prev_end if busy_before else max([sent[r] for r in pre] or [prev_end or 0.0])
         # A request whose token k arrives here fed token k-1 back: context prompt + k.
+        known = slots is not None and all(r in slots for r, _ in dec) and all(r in slots for r in pre)
         out.append(Iteration(end=end, wall=end - start,
                              decode_ctx=np.array([prompt[r] + k for r, k in dec], np.int64),
-                             prefill=np.array([prompt[r] for r in pre], np.int64)))
+                             prefill=np.array([prompt[r] for r in pre], np.int64),
+                             decode_seq=np.array([slots[r] for r, _ in dec], np.int64) if known else None,
+                             prefill_seq=np.array([slots[r] for r in pre], np.int64) if known else None))
         prev_end = end
     return out
 
@@ -108,9 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     from rkvsim.simulator.engine_cost import EngineCostModel, read_engine_profile
     res = json.loads((args.run_dir / "validation_serving.json").read_text())
     meta, rows = read_engine_profile(res["engine_profile"])
-    cost = EngineCostModel(meta, rows, parse_method(res["method"]))
-    its = iterations(*read_run(args.run_dir), gap_s=args.gap_ms / 1e3)
-    print(f"{len(its)} iterations, {sum(i.wall for i in its):.2f} s busy")
+    sched = res["server_settings"]
+    cost = EngineCostModel(meta, rows, parse_method(res["method"]), n_ubatch=sched["n_ubatch"],
+                           streams=1 if sched["kv_unified"] else sched["n_parallel"])
+    reqs, tokens = read_run(args.run_dir)
+    slots = slots_from_log(args.run_dir / "server.log", reqs, skip=int(res.get("warm_up_requests", 0)))
+    its = iterations(reqs, tokens, gap_s=args.gap_ms / 1e3, slots=slots)
+    print(f"{len(its)} iterations, {sum(i.wall for i in its):.2f} s busy; server slots known for "
+          f"{len(slots)} of {len(reqs)} requests")
     for r in compare(its, cost):
         print(f"decode {r['decode']} prefill {'y' if r['prefill'] else 'n'}: n={r['iterations']:4d} "
               f"measured {r['measured_s']:7.2f} s model {r['model_s']:7.2f} s ({r['error_pct']:+6.1f}%)  "
