@@ -79,7 +79,7 @@ def engine_profile_for(scn: Scenario, eng: EngineBuild, say=print) -> Path:
         if _matches(read_json(folder / "meta.json"), eng, sha, settings, kv):
             return folder
     say(f"validate-serving: no engine profile of this machine for KV {','.join(sorted(kv))} yet; "
-        f"collecting the quick grid into {cache} (about a minute per KV type)")
+        f"collecting the quick grid into {cache} (about 5 minutes per KV type on a quiet 2-core host)")
     old = read_json(cache / "meta.json") or {}
     kv_all = sorted(kv | set(old.get("kv_types", [])))
     collect_engine(EngineCollectConfig(model=scn.model, kv_types=kv_all, grid=ENGINE_GRIDS["quick"], out=cache,
