@@ -51,9 +51,10 @@ ENGINE_GRIDS = {
     "tiny": EngineGrid("tiny", (16, 64), (8,), (1, 2), 1, probe_batches=(1, 2)),
     # About 5 minutes per KV type on a quiet 2-core host (SmolLM2-135M; 14.4 min for all three),
     # bracketing the shipped 4-slot llamacpp_* scenarios (prompts <= 512). Every batch size up
-    # to the 4 slots (a server iteration holds any of them), prompt sizes down to 16 (a CPU's cost per token climbs steeply below ~64 tokens, where most of a
-    # ShareGPT workload's prompts and ubatches fall), 5 repeats in rounds: three back-to-back
-    # repeats of the first quick grid spread 20-40% on this shared 2-core host.
+    # to the 4 slots (a server iteration holds any of them); prompt sizes down to 16 (a CPU's
+    # cost per token climbs steeply below ~64 tokens, where most of a ShareGPT workload's
+    # prompts and ubatches fall); 5 repeats in rounds: three back-to-back repeats of the first
+    # quick grid spread 20-40% on this shared 2-core host.
     "quick": EngineGrid("quick", (16, 32, 64, 128, 512), (32,), (1, 2, 3, 4), 5, probe_batches=(1, 2, 3, 4)),
     "full": EngineGrid("full", (32, 64, 128, 256, 512, 1024, 2048), (32, 128), (1, 2, 3, 4, 6, 8, 12, 16), 3),
 }
