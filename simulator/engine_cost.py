@@ -102,19 +102,15 @@ def _observations(rows: list[dict], kv: str) -> list[tuple[list[Ubatch], float]]
             ubs = ubatch.split([(j, 1) for j in range(pl)], n_ub, streams)
             obs.append(([(float(sum(n for _, n in u)), len(u) * (pp + (tg + 1) / 2), 0.0) for u in ubs], t))
         elif r["stage"] == "prefill":
-            # The bench queues sequence after sequence and decodes them n_batch tokens at a time.
+            # The bench queues sequence after sequence and decodes them n_batch tokens at a time
+            # (llama_decode calls: runs of n_batch tokens, as split_simple cuts).
             ubs: list[Ubatch] = []
             done = {j: 0 for j in range(pl)}
-            for view in _views([(j, pp) for j in range(pl)], n_batch):
+            for view in ubatch.split_simple([(j, pp) for j in range(pl)], n_batch):
                 for u in ubatch.split(view, n_ub, streams):
                     ubs.append(_prompt_ubatch(u, done))
             obs.append((ubs, t))
     return obs
-
-
-def _views(segments: list[tuple[int, int]], n_batch: int) -> list[list[tuple[int, int]]]:
-    """A batch cut into llama_decode calls of n_batch tokens (split_simple does exactly that)."""
-    return ubatch.split_simple(segments, n_batch)
 
 
 def _prompt_ubatch(u: list[tuple[int, int]], done: dict[int, int]) -> Ubatch:
