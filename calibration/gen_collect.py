@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype the kernels hold K/V in (default float32: fp16 attention is several "
                         "times slower on this CPU; see gen_attention)")
     p.add_argument("--part", default="0", help="part file name, distinct per parallel worker")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only the prompts whose sample index is K mod N (parallel workers: "
+                        "one --shard and one --part each; the rows do not depend on the sharding)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--max-rows", type=int, default=None,
                    help="stop after the prompt group that reaches this many new rows (smoke runs)")
@@ -58,9 +61,23 @@ def parse_labels(items: list[str] | None) -> list[str] | None:
     return [x.strip() for item in items for x in item.split(",") if x.strip()]
 
 
-def todo_pairs(prompts, configs: list[GenConfig], done: set) -> list:
-    """(prompt, config) pairs still to run, prompt-major."""
-    return [(p, c) for p in prompts for c in configs if (p.prompt_id, c.label) not in done]
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be K/N with integers, got {text!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise ValueError(f"--shard K/N needs N >= 1 and 0 <= K < N, got {text!r}")
+    return k, n
+
+
+def todo_pairs(prompts, configs: list[GenConfig], done: set, shard: tuple[int, int] = (0, 1)) -> list:
+    """(prompt, config) pairs still to run, prompt-major; only the shard's prompts."""
+    k, n = shard
+    return [(p, c) for i, p in enumerate(prompts) if i % n == k
+            for c in configs if (p.prompt_id, c.label) not in done]
 
 
 def make_row(prompt, config: GenConfig, seed: int, settings: RunSettings, g, text: str, batch_rows: int,
@@ -87,17 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         configs = select_configs(parse_labels(args.configs))
+        shard = parse_shard(args.shard)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
     settings = RunSettings(seed=args.seed, seed_mode=args.seed_mode, max_new_tokens=args.max_new_tokens,
                            top_p=args.top_p, max_prompt_tokens=args.max_prompt_tokens, kv_dtype=args.kv_dtype)
     return collect(args.out, args.n, configs, settings, part=args.part, threads=args.threads,
-                   max_rows=args.max_rows)
+                   max_rows=args.max_rows, shard=shard)
 
 
 def collect(out: Path, n: int, configs: list[GenConfig], settings: RunSettings, *, part: str = "0",
-            threads: int | None = None, max_rows: int | None = None) -> int:
+            threads: int | None = None, max_rows: int | None = None,
+            shard: tuple[int, int] = (0, 1)) -> int:
     # Heavy imports here so --help and argument errors stay instant.
     import torch
     from rich.console import Console
@@ -148,7 +167,7 @@ def collect(out: Path, n: int, configs: list[GenConfig], settings: RunSettings, 
         prompts_file = out / "prompts.jsonl"
         if not prompts_file.exists() or _count_lines(prompts_file) <= len(prompts):
             write_jsonl_atomic(prompts_file, [p.record() for p in prompts])
-        return _run(model, tok, out, prompts, configs, settings, writer, console, max_rows)
+        return _run(model, tok, out, prompts, configs, settings, writer, console, max_rows, shard)
 
 
 def _count_lines(path: Path) -> int:
@@ -156,14 +175,14 @@ def _count_lines(path: Path) -> int:
         return sum(1 for _ in f)
 
 
-def _run(model, tok, out, prompts, configs, settings, writer, console, max_rows) -> int:
+def _run(model, tok, out, prompts, configs, settings, writer, console, max_rows, shard) -> int:
     import torch
 
     from .gen_decode import Request, generate_group
 
     done, bad = load_rows(out)
-    todo = todo_pairs(prompts, configs, set(done))
-    total = len(prompts) * len(configs)
+    todo = todo_pairs(prompts, configs, set(done), shard)
+    total = sum(1 for i in range(len(prompts)) if i % shard[1] == shard[0]) * len(configs)
     finished = total - len(todo)
     if max_rows is not None:
         keep = {p.prompt_id for p, _ in todo[:max_rows]}

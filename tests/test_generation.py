@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rkvsim.calibration import gen_store
-from rkvsim.calibration.gen_collect import build_parser, main, parse_labels, todo_pairs
+from rkvsim.calibration.gen_collect import build_parser, main, parse_labels, parse_shard, todo_pairs
 from rkvsim.calibration.gen_configs import (SCALING, SETTING_FIELDS, default_configs, request_seed,
                                             select_configs)
 from rkvsim.calibration.gen_decode import sample
@@ -286,6 +286,23 @@ def test_resume_ignores_and_rewrites_a_torn_last_line(tmp_path):
     assert len(lines) == 3 and all(json.loads(x) for x in lines)
     done, bad = gen_store.load_rows(tmp_path)
     assert bad == 0 and done[("sg1", "h2o-64")]["response_tokens"] == 7
+
+
+def test_shards_split_the_prompts_between_workers():
+    prompts = [Prompt(f"sg{i}", "a", "x", (1,)) for i in range(5)]
+    cfgs = select_configs(["fp16", "kivi-2"])
+    done = {("sg2", "fp16")}
+    shards = [todo_pairs(prompts, cfgs, done, parse_shard(f"{k}/2")) for k in (0, 1)]
+    assert [(p.prompt_id, c.label) for p, c in shards[0]] == [
+        ("sg0", "fp16"), ("sg0", "kivi-2"), ("sg2", "kivi-2"), ("sg4", "fp16"), ("sg4", "kivi-2")]
+    assert {p.prompt_id for p, _ in shards[1]} == {"sg1", "sg3"}
+    # Together the shards are exactly the unsharded work.
+    assert sorted((p.prompt_id, c.label) for s in shards for p, c in s) == \
+        sorted((p.prompt_id, c.label) for p, c in todo_pairs(prompts, cfgs, done))
+    assert parse_shard(None) == (0, 1)
+    for bad in ("2/2", "1", "a/b", "0/0", "-1/3"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
 
 
 def test_rows_merge_across_parts_first_wins_and_writer_is_exclusive(tmp_path):

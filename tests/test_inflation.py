@@ -12,7 +12,7 @@ from rkvsim.calibration import gen_store
 from rkvsim.calibration.inflation import (InflationModel, d_shares, fit_inflation, for_method,
                                           load_dataset, load_model, pairs_from_rows, save_model,
                                           split_prompts)
-from rkvsim.calibration.inflation_report import build_report
+from rkvsim.calibration.inflation_report import build_report, token_ratio_interval, verdict
 from rkvsim.models import default_method, parse_method
 from rkvsim.simulator.cli import main
 
@@ -177,6 +177,33 @@ def test_report_on_tmp_dataset(tmp_path, capsys):
     assert "still being collected" in out and "noise floor" in out and "StreamingLLM" in out
     assert main(["lengths", "fit", "--data", str(tmp_path), "--out", str(tmp_path / "m.json")]) == 0
     assert load_model(tmp_path / "m.json").info["n_prompts"] == 2
+
+
+def test_token_ratio_interval_and_verdict():
+    def pairs(base, new):
+        return pairs_from_rows([row(f"p{i}", "fp16", b, cap=10_000) for i, b in enumerate(base)]
+                               + [row(f"p{i}", "kivi-4", x, cap=10_000) for i, x in enumerate(new)])
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(50, 300, size=40)
+    doubled = pairs(base, 2 * base + rng.integers(-5, 5, size=40))
+    lo, hi = token_ratio_interval(doubled, "kivi-4")
+    assert 1.9 < lo < 2.0 < hi < 2.1 and verdict(lo, hi) == "longer"
+    assert token_ratio_interval(doubled, "kivi-4") == (lo, hi)          # seeded: reproducible
+    same = pairs(base, rng.permutation(base))                          # same lengths, shuffled
+    lo, hi = token_ratio_interval(same, "kivi-4")
+    assert lo < 1 < hi and verdict(lo, hi) == "n.s."
+    assert verdict(*token_ratio_interval(pairs(base, base // 3), "kivi-4")) == "shorter"
+    assert verdict(*token_ratio_interval(doubled[:1], "kivi-4")) == "–"
+
+
+def test_report_counts_runs_to_the_cap_where_the_baseline_ended():
+    # a: baseline ends at 100, kivi-4 runs to the cap; b: baseline ends, kivi-4 too; c: baseline capped.
+    rows = [row("a", "fp16", 100), row("a", "kivi-4", 512), row("b", "fp16", 100), row("b", "kivi-4", 90),
+            row("c", "fp16", 512), row("c", "kivi-4", 512)]
+    kivi = next(c for c in build_report(rows, None)["configs"] if c["config"] == "kivi-4")
+    assert kivi["base_stopped"] == 2 and kivi["cap_share_when_base_stopped"] == 0.5
+    assert kivi["cap_share"] == pytest.approx(2 / 3)
 
 
 def test_real_dataset_smoke():

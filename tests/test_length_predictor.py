@@ -6,7 +6,8 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the length predictor needs scikit-learn")
 
-from rkvsim.calibration.length_data import conversation_of, is_test, split, Rows
+from rkvsim.calibration.length_data import (_components, conversation_of, is_test, multi_reply_mask,
+                                            same_prompt_ceiling, split, Rows)
 from rkvsim.calibration.length_eval import PromptBucketBaseline, best_constant, evaluate
 from rkvsim.calibration.length_features import BasicFeatures, LengthOnlyFeatures
 from rkvsim.calibration.length_metrics import (bucket_edges, bucketize, confusion,
@@ -133,6 +134,27 @@ def test_save_load_round_trip(fitted, tmp_path):
     path.write_bytes(path.read_bytes() + b"x")  # a model that no longer matches its sidecar
     with pytest.raises(ValueError):
         load(path)
+
+
+def test_groups_join_conversations_and_repeated_prompts():
+    # Row 2 repeats row 0's prompt in another conversation; row 3 continues row 2's conversation.
+    convs = ["a", "b", "c", "c", "d"]
+    prompts = ["hi", "x", "hi", "more", "y"]
+    g = _components(convs, prompts)
+    assert g[0] == g[2] == g[3] and len({g[0], g[1], g[4]}) == 3
+    assert g[1] == "b" and g[4] == "d"     # a lone conversation keeps its own id
+
+
+def test_same_prompt_ceiling_is_the_median_of_the_other_replies():
+    rows = Rows(["Hello", "hello ", "HELLO", "other", "x", "x"], np.array([10, 20, 40, 7, 100, 50]),
+                ["a", "b", "c", "d", "e", "f"])
+    assert multi_reply_mask(rows).tolist() == [True, True, True, False, True, True]
+    c = same_prompt_ceiling(rows, model_pred=[10, 20, 40, 1, 100, 50])
+    # hello: 10 <- median(20, 40) = 30 (acc 0, clipped), 20 <- 25 (75%), 40 <- 15 (37.5%);
+    # x: 100 <- 50 (50%), 50 <- 100 (0%).
+    assert c["prompts"] == 2 and c["rows"] == 5
+    assert c["accuracy_clipped"] == pytest.approx((0 + 75 + 37.5 + 50 + 0) / 5)
+    assert c["model_accuracy_clipped"] == pytest.approx(100.0)   # row 3 ("other") is not scored
 
 
 def test_split_by_conversation():
