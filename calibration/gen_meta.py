@@ -83,7 +83,7 @@ def build_meta(*, model: dict, settings: RunSettings, configs: list[GenConfig], 
     run = {"started": now_utc(), "command": " ".join(command), "n": n, "configs": list(described),
            "part": part, "torch_threads": threads, "code": code, "versions": versions(),
            "batch_rows": len(described)}   # a prompt's configs decode as one batch of this size
-    latest = {"date": run["started"], "command": run["command"], "seed": settings.seed}
+    latest = {"date": run["started"], "command": " ".join(regeneration_command(command)), "seed": settings.seed}
     if previous is None:
         return {**latest, "schema": SCHEMA, "model": model, "versions": run["versions"], "fingerprint": fp,
                 "settings": asdict(settings), "configs": described, "scaling": SCALING,
@@ -124,6 +124,23 @@ def load_meta(out_dir: Path) -> dict | None:
 
 def save_meta(out_dir: Path, meta: dict) -> None:
     write_json_atomic(Path(out_dir) / META_NAME, meta)
+
+
+# Flags that only say how the work is spread over workers; the rows do not depend on them.
+WORKER_FLAGS = ("--shard", "--part")
+
+
+def regeneration_command(command: list[str]) -> list[str]:
+    """The run's command without worker flags: one process running it makes the same rows."""
+    out, skip = [], False
+    for a in command:
+        if skip:
+            skip = False
+        elif a in WORKER_FLAGS:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in WORKER_FLAGS)):
+            out.append(a)
+    return out
 
 
 def command_line() -> list[str]:

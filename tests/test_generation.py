@@ -300,6 +300,9 @@ def test_shards_split_the_prompts_between_workers():
     assert sorted((p.prompt_id, c.label) for s in shards for p, c in s) == \
         sorted((p.prompt_id, c.label) for p, c in todo_pairs(prompts, cfgs, done))
     assert parse_shard(None) == (0, 1)
+    from rkvsim.calibration.gen_meta import regeneration_command
+    assert regeneration_command(["python", "-m", "x", "--n", "5", "--shard", "1/2", "--part=1", "--threads", "1"]) \
+        == ["python", "-m", "x", "--n", "5", "--threads", "1"]
     for bad in ("2/2", "1", "a/b", "0/0", "-1/3"):
         with pytest.raises(ValueError, match="--shard"):
             parse_shard(bad)
