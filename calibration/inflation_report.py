@@ -194,16 +194,17 @@ def heldout_table(model):
     from rich.table import Table
 
     t = Table(title=f"held-out prompts ({model.info['n_test_prompts']} of {model.info['n_prompts']}, "
-                    f"split seed {model.seed})")
-    for name in ("config", "n train", "bins", "n test", "mean log err", "MAE log", "KS",
-                 "mean r obs", "mean r pred", "test hit cap"):
+                    f"split seed {model.seed}): FP16 lengths mapped by the training prompts' quantile map; "
+                    f"the simulator uses the map refitted on all {model.info['n_prompts']} prompts")
+    for name in ("config", "n train", "bins", "n test", "Σ tok ratio obs", "Σ tok ratio pred", "KS lengths",
+                 "mean log err", "MAE log", "test hit cap"):
         t.add_column(name, justify="left" if name == "config" else "right")
     for lb in model.labels():
         d, h = model.configs[lb], model.heldout.get(lb)
-        cells = ([str(h["n"]), f"{h['mean_log_err']:+.3f}", f"{h['mae_log']:.3f}", f"{h['ks']:.2f}",
-                  _x(h["mean_ratio_obs"]), _x(h["mean_ratio_pred"]), _pct(h["cap_share"])]
-                 if h else ["0"] + ["–"] * 6)
-        t.add_row(lb, str(d.n), str(len(d.log_r)), *cells)
+        cells = ([str(h["n_train"]), str(h["bins_train"]), str(h["n"]), _x(h["token_ratio_obs"]), _x(h["token_ratio_pred"]), f"{h['ks']:.2f}",
+                  f"{h['mean_log_err']:+.3f}", f"{h['mae_log']:.3f}", _pct(h["cap_share"])]
+                 if h else [str(d.n), str(d.bins), "0"] + ["–"] * 6)
+        t.add_row(lb, *cells)
     return t
 
 

@@ -25,7 +25,8 @@ fit (HGB's quantile loss recomputes leaf percentiles every iteration).
 Inflation. Compression makes replies longer (the paper's "verbosity"). A model of
 that, fitted by another part of rkvsim from generation data, plugs in through the
 `InflationModel` protocol: predict_length multiplies the FP16 prediction by
-`inflation.expected_ratio(method, prompt_tokens)`. Without one every method gets
+`inflation.expected_ratio(method, fp16_tokens)`, the ratio expected at that FP16
+length. Without one every method gets
 ratio 1.0 (`IdentityInflation`). The inflation model is not saved in this artifact
 (it has its own data and lifecycle): pass it to `load(path, inflation=...)` or set
 `predictor.inflation`.
@@ -63,15 +64,15 @@ SCALES = np.round(np.arange(0.5, 1.31, 0.05), 2)
 # ---------------------------------------------------------------- inflation
 @runtime_checkable
 class InflationModel(Protocol):
-    """How much longer a method's replies are than FP16's, for a prompt of this size."""
+    """How much longer a method's replies are than FP16's, for an FP16 reply of this length."""
 
-    def expected_ratio(self, method_label: str, prompt_tokens: int) -> float: ...
+    def expected_ratio(self, method_label: str, fp16_tokens: float) -> float: ...
 
 
 class IdentityInflation:
     """Ratio 1.0 for every method: the stand-in until generation data is wired in."""
 
-    def expected_ratio(self, method_label: str, prompt_tokens: int) -> float:
+    def expected_ratio(self, method_label: str, fp16_tokens: float) -> float:
         return 1.0
 
 
@@ -206,12 +207,9 @@ class LengthPredictor:
         """Expected reply tokens for one prompt (text, or a token count) under `method`:
         the FP16 prediction times the inflation model's ratio for that method (1.0
         without an inflation model)."""
-        from rkvsim.simulator.sharegpt import count_tokens
-
         base = float(self.predict([prompt])[0])
         infl = inflation or self.inflation or IdentityInflation()
-        toks = int(prompt) if isinstance(prompt, (int, np.integer)) else count_tokens(prompt)
-        return max(1, int(round(base * float(infl.expected_ratio(method, toks)))))
+        return max(1, int(round(base * float(infl.expected_ratio(method, base)))))
 
     def describe(self) -> dict:
         """What was fitted, as JSON-able values (for the sidecar)."""

@@ -123,7 +123,7 @@ def simulate_method(scn: Scenario, method: Method, wl: Workload, tp: int | None 
                            sc.max_batched_tokens, sc.max_batch_size)
     cost = cost or make_cost_model(scn, method, tp)
     max_len = sc.ctx_slot if slots else (sc.max_model_len or model.max_position)
-    outputs = method_outputs(method, wl.prompt, wl.output, wl.seed, inflation, max_len)
+    outputs = method_outputs(method, wl.prompt, wl.output, inflation, max_len)
     log = RequestLog(wl.prompt, outputs)
     env = simpy.Environment()
     feed = Arrivals(env, wl)

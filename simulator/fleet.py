@@ -145,14 +145,12 @@ def _load_predictor(path: str, _mtime: int):
         return lp.load(path)
 
 
-def _inflation_ratio(method: Method, prompt: np.ndarray, inflation) -> np.ndarray:
-    """Expected length ratio of `method` over FP16 per request (the inflation model's bin mean)."""
+def _inflation_ratio(method: Method, fp16_length: np.ndarray, inflation) -> np.ndarray:
+    """Expected length ratio of `method` over FP16 per request, at its predicted FP16 length."""
     label = inflation.for_method(method) if inflation is not None else None
     if label is None:
-        return np.ones(len(prompt))
-    d = inflation.configs[label]
-    per_bin = np.array([np.mean(np.exp(v)) for v in d.log_r])
-    return per_bin[d.bin_of(prompt)]
+        return np.ones(len(fp16_length))
+    return inflation.ratios(label, fp16_length)
 
 
 # ---------------------------------------------------------------- simulation
@@ -210,7 +208,7 @@ def simulate_fleet(scn: Scenario, v: Variant, wl: Workload, inflation=None,
         layouts.append(kv_layout(model, hw, method, tp, sc.block_size, sc.gpu_memory_utilization,
                                  sc.max_batched_tokens, sc.max_batch_size))
         costs.append(make_cost_model(scn, method, tp))
-        outputs.append(np.asarray(method_outputs(method, wl.prompt, wl.output, wl.seed, inflation, max_len), np.int64))
+        outputs.append(np.asarray(method_outputs(method, wl.prompt, wl.output, inflation, max_len), np.int64))
     config_of = [keys.index((m.method, m.tp)) for m in v.members for _ in range(m.replicas)]
     # The same admission rule as engine.simulate_method, per configuration.
     fits = np.stack([(prompt + o <= max_len) & (lay.blocks_for_vec(prompt + o) <= lay.num_blocks)
@@ -223,7 +221,7 @@ def simulate_fleet(scn: Scenario, v: Variant, wl: Workload, inflation=None,
             length_source = "true lengths (oracle)"
         else:
             predictions = predictions or predict_lengths(scn, wl)
-            believed = np.stack([predictions.fp16 * _inflation_ratio(method, prompt, inflation)
+            believed = np.stack([predictions.fp16 * _inflation_ratio(method, predictions.fp16, inflation)
                                  for method, _tp in keys])
             length_source = predictions.source
         prefill = np.stack([_prefill_seconds(c, prompt) for c in costs])

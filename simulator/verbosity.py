@@ -2,7 +2,6 @@
 compressed method it is scaled by a ratio drawn from the length-inflation model."""
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +36,14 @@ def load_inflation(scn: Scenario, base_dir: Path):
     return model
 
 
-def method_outputs(method: Method, prompt: np.ndarray, output: np.ndarray, seed: int, inflation,
+def method_outputs(method: Method, prompt: np.ndarray, output: np.ndarray, inflation,
                    max_len: int) -> np.ndarray:
-    """Output lengths under `method`; unchanged without a model or for FP16."""
+    """Output lengths under `method`; unchanged without a model or for FP16. Each request's
+    length is mapped by the inflation model at its own uncompressed length (a quantile map,
+    deterministic: see calibration.inflation)."""
     label = inflation.for_method(method) if inflation is not None else None
     if label is None:
         return output
-    # Seeded per (run seed, method) so that methods are independent and reruns identical.
-    rng = np.random.default_rng([seed, zlib.crc32(method.label.encode())])
-    r = inflation.sample_ratio(label, prompt, rng)
-    inflated = np.rint(output * r).astype(np.int64)
+    inflated = np.rint(output * inflation.ratios(label, output)).astype(np.int64)
     # A longer answer still ends at the context window.
     return np.clip(inflated, 1, np.maximum(max_len - prompt, 1))

@@ -10,8 +10,8 @@ import pytest
 
 from rkvsim.calibration import gen_store
 from rkvsim.calibration.inflation import (InflationModel, d_shares, fit_inflation, for_method,
-                                          load_dataset, load_model, pairs_from_rows, save_model,
-                                          split_prompts)
+                                          load_dataset, load_model, pairs_from_rows, quantile_bins,
+                                          save_model, split_prompts)
 from rkvsim.calibration.inflation_report import build_report, token_ratio_interval, verdict
 from rkvsim.models import default_method, parse_method
 from rkvsim.simulator.cli import main
@@ -74,48 +74,78 @@ def test_split_by_prompt_is_disjoint_stable_and_nonempty():
     assert len(tr) == 1 and len(te) == 1
 
 
-def test_fit_holds_out_whole_prompts():
+def test_fit_scores_on_held_out_prompts_and_refits_on_all():
     rows = synthetic()
     m = fit_inflation(rows, seed=0)
     train, test = split_prompts({r["prompt_id"] for r in rows}, seed=0)
     assert m.info["n_test_prompts"] == len(test) > 0
-    assert m.configs["kivi-4"].n == len(train)          # one pair per training prompt only
-    assert all(h["n"] == len(test) for h in m.heldout.values())
+    assert m.configs["kivi-4"].n == len(train) + len(test)      # the simulator's map: every prompt
+    assert all(h["n"] == len(test) and h["n_train"] == len(train) for h in m.heldout.values())
 
 
-def test_expected_ratio_matches_held_in_mean_when_length_doubles():
-    rows = synthetic()
+def test_quantile_bins_by_hand():
+    # 4 prompts, 2 bins: FP16 {10, 20 | 30, 40}, config {15, 25 | 90, 110}.
+    centre, ratio = quantile_bins([10, 20, 30, 40], [15, 25, 90, 110], 2)
+    assert centre == [15, 35] and ratio == pytest.approx([40 / 30, 200 / 70])
+    # Capped replies filling two bins merge into one.
+    centre, ratio = quantile_bins([10, 512, 512, 512], [20, 512, 512, 300], 4)
+    assert centre == [10, 512] and ratio == pytest.approx([2.0, 1324 / 1536])
+
+
+def test_map_follows_the_shape_and_interpolates_in_log_length():
+    # Short replies doubled, long ones 200 tokens longer (monotone, so the sorted config
+    # lengths are the mapped sorted FP16 ones): with 80 prompts the map has 4 bins.
+    base = np.arange(20, 420, 5)
+    new = np.where(base < 200, 2 * base, base + 200)
+    rows = []
+    for i, (b, x) in enumerate(zip(base, new)):
+        rows += [row(f"p{i}", "fp16", int(b), cap=10_000), row(f"p{i}", "kivi-4", int(x), cap=10_000)]
     m = fit_inflation(rows, seed=0)
-    train, _ = split_prompts({r["prompt_id"] for r in rows}, seed=0)
-    pairs = [p for p in pairs_from_rows(rows) if p.label == "h2o-64" and p.prompt_id in train]
-    d = m.configs["h2o-64"]
-    assert len(d.log_r) == 3                             # 60 training pairs -> 3 bins of >= 20
-    for pt in (15, 200, 390):
-        b = int(d.bin_of(pt))
-        held_in = [p.ratio for p in pairs if int(d.bin_of(p.prompt_tokens)) == b]
-        assert m.expected_ratio("h2o-64", pt) == pytest.approx(np.mean(held_in))
-        assert m.expected_ratio("h2o-64", pt) == pytest.approx(2.0, abs=0.05)
-    h = m.heldout["h2o-64"]
-    assert abs(h["mean_log_err"]) < 0.05 and h["mean_ratio_pred"] == pytest.approx(2.0, abs=0.05)
+    d = m.configs["kivi-4"]
+    assert d.bins == 4 and base[19] < 200                       # the first bin is all doubled
+    r = m.ratios("kivi-4", [1, 30, 5000])
+    assert r[0] == r[1] == pytest.approx(2.0)                   # clamped below the first bin
+    top = new[60:].sum() / base[60:].sum()
+    assert r[2] == pytest.approx(top) and top < 1.7             # and above the last
+    mid = m.ratios("kivi-4", np.exp((d._x[2] + d._x[3]) / 2))[0]
+    assert mid == pytest.approx((d._r[2] + d._r[3]) / 2)        # linear in log length between bins
+    assert m.expected_ratio("kivi-4", 30) == pytest.approx(float(r[1]))
 
 
-def test_small_config_is_pooled():
-    m = fit_inflation(synthetic(n=20), seed=0)
-    assert all(len(d.log_r) == 1 and d.edges == [] for d in m.configs.values())
+def test_resampling_noise_is_not_inflation():
+    # The "config" is FP16 answered again: same length distribution, pairs shuffled. Per-prompt
+    # ratios spread widely, yet the map must say ~1 at every length.
+    rng = np.random.default_rng(3)
+    base = rng.lognormal(5, 1, size=200).astype(int) + 1
+    again = rng.permutation(base)
+    rows = [row(f"p{i}", "fp16", int(b), cap=10_000) for i, b in enumerate(base)]
+    rows += [row(f"p{i}", "fp16-reseed", int(b), cap=10_000) for i, b in enumerate(again)]
+    m = fit_inflation(rows, seed=0)
+    ratios = np.array([p.ratio for p in pairs_from_rows(rows)])
+    assert np.mean((ratios >= 1.5) | (ratios <= 0.5)) > 0.4
+    assert np.allclose(m.ratios("fp16-reseed", [5, 50, 150, 500, 3000]), 1.0)
 
 
-def test_sampling_is_deterministic_per_seed():
+def test_small_config_gets_the_total_token_ratio():
+    rows = synthetic(n=20)
+    m = fit_inflation(rows, seed=0)
+    assert all(d.bins == 1 for d in m.configs.values())
+    pairs = [p for p in pairs_from_rows(rows) if p.label == "gear-4"]
+    total = sum(p.len for p in pairs) / sum(p.base_len for p in pairs)
+    assert np.allclose(m.ratios("gear-4", [1, 100, 10_000]), total)
+
+
+def test_ratios_are_deterministic_and_unknown_labels_refused():
     m = fit_inflation(synthetic(), seed=0)
-    pt = np.array([20, 100, 300, 50, 380])
-    a = m.sample_ratio("kivi-2", pt, np.random.default_rng(7))
-    b = m.sample_ratio("kivi-2", pt, np.random.default_rng(7))
-    c = m.sample_ratio("kivi-2", pt, np.random.default_rng(8))
-    assert a.shape == (5,) and np.array_equal(a, b) and not np.array_equal(a, c)
-    assert np.all((a > 1.7) & (a < 2.3))
-    m2 = fit_inflation(synthetic(), seed=0)
-    assert m2.to_json() == m.to_json()
+    base = np.array([20, 100, 300, 50, 380])
+    a = m.ratios("kivi-2", base)
+    assert a.shape == (5,) and np.array_equal(a, m.ratios("kivi-2", base))
+    assert np.all((a > 1.8) & (a < 2.2))
+    assert fit_inflation(synthetic(), seed=0).to_json() == m.to_json()
+    h = m.heldout["h2o-64"]
+    assert h["token_ratio_pred"] == pytest.approx(2.0, abs=0.05) and abs(h["mean_log_err"]) < 0.05
     with pytest.raises(KeyError):
-        m.sample_ratio("kivi-3", pt, np.random.default_rng(0))
+        m.ratios("kivi-3", base)
 
 
 def test_for_method_mapping():
@@ -140,9 +170,8 @@ def test_json_round_trip(tmp_path):
     path = save_model(m, tmp_path / "sub" / "inflation.json")
     back = load_model(path)
     assert back.to_json() == m.to_json() and back.labels() == m.labels()
-    pt = np.array([30, 250])
-    assert np.array_equal(back.sample_ratio("gear-4", pt, np.random.default_rng(1)),
-                          m.sample_ratio("gear-4", pt, np.random.default_rng(1)))
+    base = np.array([30, 250])
+    assert np.array_equal(back.ratios("gear-4", base), m.ratios("gear-4", base))
     assert not list(path.parent.glob("*.tmp"))           # atomic write left nothing behind
     bad = json.loads(path.read_text()) | {"schema": "other"}
     with pytest.raises(ValueError):
@@ -217,7 +246,7 @@ def test_real_dataset_smoke():
     rows = [r for r in rows if r["prompt_id"] in complete]
     m = fit_inflation(rows, seed=0)
     assert {"kivi-4", "h2o-128", "streamingllm-128", "snapkv-64"} <= set(m.labels())
-    r = m.sample_ratio(m.for_method(parse_method("h2o-512")), np.array([30, 300]), np.random.default_rng(0))
+    r = m.ratios(m.for_method(parse_method("h2o-512")), np.array([30, 300]))
     assert np.all(np.isfinite(r) & (r > 0))
     rep = build_report(rows, None)
     assert all(c["n"] == len(complete) for c in rep["configs"])

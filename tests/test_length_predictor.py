@@ -109,12 +109,12 @@ def test_predict_length_int_and_str_and_inflation(fitted):
     assert fitted.predict_length(25, "kivi-4") == fitted.predict_length(25, "fp16")
 
     class Verbose:  # the protocol, as the inflation model will implement it
-        def expected_ratio(self, method_label, prompt_tokens):
-            assert isinstance(prompt_tokens, int)
+        def expected_ratio(self, method_label, fp16_tokens):
+            assert fp16_tokens == pytest.approx(base)      # asked at the FP16 prediction
             return 1.0 if method_label == "fp16" else 2.0
 
-    assert isinstance(Verbose(), InflationModel)
     base = float(fitted.predict(["Write an essay about alpha beta"])[0])
+    assert isinstance(Verbose(), InflationModel)
     assert fitted.predict_length("Write an essay about alpha beta", "kivi-4", Verbose()) == \
         round(2 * base)
     assert fitted.predict_length("Write an essay about alpha beta", "fp16", Verbose()) == n

@@ -229,8 +229,8 @@ class _Doubling:
     def for_method(self, method):
         return None if method.kind == "fp16" else method.label
 
-    def sample_ratio(self, label, prompt_tokens, rng):
-        return np.full(len(prompt_tokens), 2.0)
+    def ratios(self, label, base_tokens):
+        return np.full(len(base_tokens), 2.0)
 
 
 def test_verbosity_lengthens_compressed_answers_and_e2e():
