@@ -56,6 +56,10 @@ import numpy as np
 from .gen_store import load_rows, write_json_atomic
 
 SCHEMA = "rkvsim-inflation-v2"
+# The generation dataset shipped with rkvsim that `verbosity: {data: shipped}`, `rkvsim lengths
+# report` and `shipped_inflation()` use: the one at the paper's 1,024-token cap (data/lengths/
+# stops at 512, where 75% of the FP16 replies hit the cap and lengthening could not show).
+SHIPPED_DATA = Path(__file__).resolve().parent / "data" / "lengths-1024"
 MIN_PER_BIN = 20          # prompts per quantile bin; fewer make a bin's ratio one reply's noise
 MAX_BINS = 10
 TEST_FRACTION = 0.25
@@ -209,8 +213,15 @@ class InflationModel:
         `base_tokens` long (the quantile map; deterministic)."""
         return self._dist(method_label).ratio(np.atleast_1d(base_tokens))
 
-    def expected_ratio(self, method_label: str, base_tokens: float) -> float:
-        return float(self.ratios(method_label, [base_tokens])[0])
+    def expected_ratio(self, method: str, base_tokens: float) -> float:
+        """Ratio for one request; `method` is a config label ("kivi-2") or any rkvsim method
+        name ("h2o-512", "fp16"), mapped as `for_method` does (fp16: 1.0)."""
+        if method in self.configs:
+            label = method
+        else:
+            from rkvsim.models import parse_method
+            label = self.for_method(parse_method(method))
+        return 1.0 if label is None else float(self.ratios(label, [base_tokens])[0])
 
     def resolve(self, method_kind: str, compression: float | None = None) -> str | None:
         """The config label standing in for a method of `method_kind` whose setting number
@@ -341,6 +352,12 @@ def fit_inflation(rows, baseline: str = "fp16", seed: int = 0, test_fraction: fl
                                "beyond the cap was observed"}
     model.heldout = score_heldout(split_model, [p for p in pairs if p.prompt_id in test_set])
     return model
+
+
+def shipped_inflation(seed: int = 0) -> InflationModel:
+    """The inflation model fitted on the shipped generations, e.g. for
+    `length_predictor.load(inflation=shipped_inflation())`."""
+    return fit_inflation(load_dataset(SHIPPED_DATA), seed=seed)
 
 
 def finite_or_none(x):

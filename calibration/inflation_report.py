@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from .gen_meta import load_meta
-from .inflation import (d_shares, finite_or_none, fit_inflation, load_dataset, pairs_from_rows,
+from .inflation import (SHIPPED_DATA, d_shares, finite_or_none, fit_inflation, load_dataset, pairs_from_rows,
                         save_model)
 
-DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "lengths"
+DEFAULT_DATA = SHIPPED_DATA
 
 # Reference figures for display only (the paper's Table 9, Mistral-7B, 1000 ShareGPT
 # prompts, max 1024 new tokens; each method sampled independently of the baseline):

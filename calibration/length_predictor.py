@@ -29,7 +29,12 @@ that, fitted by another part of rkvsim from generation data, plugs in through th
 length. Without one every method gets
 ratio 1.0 (`IdentityInflation`). The inflation model is not saved in this artifact
 (it has its own data and lifecycle): pass it to `load(path, inflation=...)` or set
-`predictor.inflation`.
+`predictor.inflation`; `calibration.inflation.shipped_inflation()` is the one fitted on the
+generations shipped with rkvsim:
+
+    from rkvsim.calibration.inflation import shipped_inflation
+    pred, _ = load(inflation=shipped_inflation())
+    pred.predict_length("Explain KV caches", method="kivi-2")
 
 Artifact: `save` writes <name>.joblib and a <name>.json sidecar (schema version,
 training-data hash, feature set, chosen loss, metrics, the model file's sha256),

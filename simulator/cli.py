@@ -117,12 +117,12 @@ def cmd_inflation(args) -> int:
 def _add_inflation(lsub) -> None:
     """`rkvsim lengths report|fit`: length inflation under compression (generation rows)."""
     rp = lsub.add_parser("report", help="length differences per compression config vs the paper's Table 9")
-    rp.add_argument("--data", help="generation folder (default: calibration/data/lengths)")
+    rp.add_argument("--data", help="generation folder (default: calibration/data/lengths-1024, the shipped one)")
     rp.add_argument("--baseline", default="fp16", help="config label of the uncompressed run")
     rp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     rp.set_defaults(func=cmd_inflation)
     f = lsub.add_parser("fit", help="fit the length-inflation model, print held-out scores")
-    f.add_argument("--data", help="generation folder (default: calibration/data/lengths)")
+    f.add_argument("--data", help="generation folder (default: calibration/data/lengths-1024, the shipped one)")
     f.add_argument("--baseline", default="fp16")
     f.add_argument("--seed", type=int, default=0, help="held-out prompt split seed")
     f.add_argument("--test-fraction", type=float, default=0.25)

@@ -42,7 +42,7 @@ class VerbosityConfig(_Strict):
     """Compression makes answers longer (the paper's observation 3). When `data` is set, each
     compressed method's output lengths are the workload's (uncompressed) lengths times ratios
     drawn from the inflation model fitted on measured generations."""
-    data: str | None = Field(None, description="'shipped' (calibration/data/lengths installed with rkvsim) "
+    data: str | None = Field(None, description="'shipped' (calibration/data/lengths-1024 installed with rkvsim) "
                                                 "or a generation dataset folder; null: no inflation")
     min_prompts: int = Field(30, ge=1, description="refuse datasets with fewer complete prompts than this")
 

@@ -12,8 +12,8 @@ from .config import Scenario, ScenarioError
 
 
 def shipped_dataset() -> Path:
-    import rkvsim.calibration
-    return Path(rkvsim.calibration.__file__).parent / "data" / "lengths"
+    from rkvsim.calibration.inflation import SHIPPED_DATA
+    return SHIPPED_DATA
 
 
 def load_inflation(scn: Scenario, base_dir: Path):

@@ -148,6 +148,14 @@ def test_ratios_are_deterministic_and_unknown_labels_refused():
         m.ratios("kivi-3", base)
 
 
+def test_expected_ratio_takes_labels_and_method_names():
+    m = fit_inflation(synthetic(), seed=0)
+    assert m.expected_ratio("fp16", 100) == 1.0
+    assert m.expected_ratio("h2o-512", 100) == m.expected_ratio("h2o-128", 100) == \
+        pytest.approx(2.0, abs=0.1)
+    assert m.expected_ratio("kivi-2", 100) == float(m.ratios("kivi-2", [100])[0])
+
+
 def test_for_method_mapping():
     m = fit_inflation(synthetic(n=12), seed=0)
     assert for_method(default_method("fp16"), m) is None
