@@ -180,13 +180,18 @@ def _clean(obj):
 def cmd_report(args) -> int:
     data = Path(args.data) if args.data else DEFAULT_DATA
     if not data.is_dir():
-        print(f"error: no dataset folder {data}", file=sys.stderr)
+        print(f"error: --data {data} is not a generation folder; pass one written by "
+              "python -m rkvsim.calibration.gen_collect", file=sys.stderr)
         return 2
-    rep = build_report(load_dataset(data), load_meta(data), args.baseline)
+    rows = load_dataset(data)
+    rep = build_report(rows, load_meta(data), args.baseline)
     if args.json:
         print(json.dumps(_clean(rep), indent=2))
     else:
         render(rep, _console())
+    if getattr(args, "html", None):
+        from .inflation_html import write_html
+        print(f"report: {write_html(args.html, rep, rows)}", file=sys.stderr)
     return 0
 
 

@@ -1,10 +1,9 @@
 """The count-vs-threshold curve of negative samples as a self-contained plotly HTML file."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from .files import write_bytes
 from .negatives import ThresholdCurve
 
 
@@ -31,15 +30,5 @@ def write_curve_html(path: Path | str, curve: ThresholdCurve, marked: float | No
     path = Path(path)
     text = curve_figure(curve, marked).to_html(full_html=True, include_plotlyjs=True,
                                                config={"displaylogo": False})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes(path, text.encode("utf-8"))
     return path

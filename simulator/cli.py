@@ -120,6 +120,7 @@ def _add_inflation(lsub) -> None:
     rp.add_argument("--data", help="generation folder (default: calibration/data/lengths-1024, the shipped one)")
     rp.add_argument("--baseline", default="fp16", help="config label of the uncompressed run")
     rp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rp.add_argument("--html", metavar="FILE", help="also write a plotly HTML report (figures + the table)")
     rp.set_defaults(func=cmd_inflation)
     f = lsub.add_parser("fit", help="fit the length-inflation model, print held-out scores")
     f.add_argument("--data", help="generation folder (default: calibration/data/lengths-1024, the shipped one)")

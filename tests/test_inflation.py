@@ -209,9 +209,15 @@ def test_report_on_tmp_dataset(tmp_path, capsys):
     kivi = next(c for c in rep["configs"] if c["config"] == "kivi-4")
     assert kivi["d_le_m50"] == 1.0 and kivi["cap_share"] == 0.5 and kivi["paper_row"] == "KIVI"
     assert kivi["paper_d_le_m50"] == pytest.approx(0.449)
-    assert main(["lengths", "report", "--data", str(tmp_path)]) == 0
+    page = tmp_path / "out" / "lengths.html"
+    assert main(["lengths", "report", "--data", str(tmp_path), "--html", str(page)]) == 0
     out = capsys.readouterr().out
     assert "still being collected" in out and "noise floor" in out and "StreamingLLM" in out
+    text = page.read_text()
+    assert "<table>" in text and "kivi-4" in text and "plotly" in text and "Total reply tokens" in text
+    assert not list(page.parent.glob("*.tmp"))
+    assert main(["lengths", "report", "--data", str(tmp_path / "nope")]) == 2
+    assert "--data" in capsys.readouterr().err
     assert main(["lengths", "fit", "--data", str(tmp_path), "--out", str(tmp_path / "m.json")]) == 0
     assert load_model(tmp_path / "m.json").info["n_prompts"] == 2
 
