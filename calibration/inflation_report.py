@@ -65,6 +65,19 @@ def verdict(lo: float, hi: float) -> str:
     return "longer" if lo > 1 else "shorter" if hi < 1 else "n.s."
 
 
+def resample_accuracy(pairs, noise: str = "fp16-reseed") -> dict | None:
+    """The paper's length-predictor metric (clipped at 0) when one FP16 reply predicts the
+    length of another, independent FP16 reply to the same prompt: the most a predictor that
+    sees only the prompt can expect on this model's lengths, before any model error."""
+    from .length_metrics import paper_accuracy
+
+    ps = [p for p in pairs if p.label == noise]
+    if not ps:
+        return None
+    return {"n": len(ps), "accuracy_clipped": paper_accuracy([max(p.base_len, 1) for p in ps],
+                                                             [max(p.len, 1) for p in ps])}
+
+
 def build_report(rows, meta: dict | None, baseline: str = "fp16") -> dict:
     pairs = pairs_from_rows(rows, baseline)
     labels = list((meta or {}).get("configs", {})) or sorted({p.label for p in pairs} | {baseline})
@@ -112,6 +125,7 @@ def build_report(rows, meta: dict | None, baseline: str = "fp16") -> dict:
             "n_rows": len(rows), "n_prompts": len(by_prompt), "n_complete_prompts": complete,
             "n_target": target, "incomplete": bool(meta) and complete < target,
             "baseline_cap_share": float(np.mean([bool(r.get("hit_cap")) for r in base_rows])) if base_rows else None,
+            "resample_accuracy": resample_accuracy(pairs),
             "configs": per}
 
 
@@ -156,6 +170,11 @@ def render(rep: dict, con) -> None:
               f"Across {len(rep['configs'])} configs about {len(rep['configs']) * (1 - CI):.1f} intervals "
               "would exclude 1 by chance alone.",
               highlight=False)
+    ra = rep.get("resample_accuracy")
+    if ra:
+        con.print(f"One FP16 reply predicting the length of another to the same prompt scores "
+                  f"{ra['accuracy_clipped']:.1f}% in the paper's length-predictor metric ({ra['n']} prompts): "
+                  "the ceiling for a prompt-only length predictor of this model.", highlight=False)
     con.print("Paper: Mistral-7B (Table 9) / LLaMA-7B (Table 4: mean increase of KIVI-4, GEAR-4, H2O-512, "
               "Stream-512 over requests that got longer) at the paper's settings, each method "
               "sampled independently of the baseline; ours share the baseline's random stream, so "

@@ -244,7 +244,10 @@ def test_report_counts_runs_to_the_cap_where_the_baseline_ended():
     # a: baseline ends at 100, kivi-4 runs to the cap; b: baseline ends, kivi-4 too; c: baseline capped.
     rows = [row("a", "fp16", 100), row("a", "kivi-4", 512), row("b", "fp16", 100), row("b", "kivi-4", 90),
             row("c", "fp16", 512), row("c", "kivi-4", 512)]
-    kivi = next(c for c in build_report(rows, None)["configs"] if c["config"] == "kivi-4")
+    rep = build_report(rows + [row("a", "fp16-reseed", 50), row("b", "fp16-reseed", 300)], None)
+    kivi = next(c for c in rep["configs"] if c["config"] == "kivi-4")
+    # fp16 100 predicts 50 (acc 0%: |100-50|/50 = 1) and 300 (acc 1 - 200/300 = 33.3%)
+    assert rep["resample_accuracy"] == {"n": 2, "accuracy_clipped": pytest.approx(100 / 6)}
     assert kivi["base_stopped"] == 2 and kivi["cap_share_when_base_stopped"] == 0.5
     assert kivi["cap_share"] == pytest.approx(2 / 3)
 
