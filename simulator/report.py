@@ -113,6 +113,10 @@ def verdict_lines(methods: dict[str, dict]) -> list[str]:
             parts.append(f"p90 E2E {_ratio(_lat(m, 'e2e_s', 'p90'), _lat(base, 'e2e_s', 'p90'))}")
             parts.append(f"TTFT p90 {_ratio(_lat(m, 'ttft_s', 'p90'), _lat(base, 'ttft_s', 'p90'))}")
             parts.append(f"TPOT p90 {_ratio(_lat(m, 'tpot_s', 'p90'), _lat(base, 'tpot_s', 'p90'))}")
+            ml, bl = _num(m.get("mean_output_tokens")), _num(base.get("mean_output_tokens"))
+            if ml is not None and bl is not None and abs(ml - bl) > 0.005 * bl:
+                # Only with verbosity on: the workload's lengths differ per method.
+                parts.append(f"answers {_ratio(ml, bl)} as long")
         else:
             parts.append(f"{_fmt(m.get('output_tokens_per_s'))} output tokens/s")
             parts.append(f"p90 E2E {_fmt(_lat(m, 'e2e_s', 'p90'))} s")
@@ -131,6 +135,7 @@ def verdict_lines(methods: dict[str, dict]) -> list[str]:
 _COLUMNS = (
     ("completed", lambda m: m.get("requests_completed")),
     ("rejected", lambda m: m.get("requests_rejected")),
+    ("mean out len", lambda m: m.get("mean_output_tokens")),
     ("out tok/s", lambda m: m.get("output_tokens_per_s")),
     ("req/s", lambda m: m.get("requests_per_s")),
     ("prefill tok/s", lambda m: m.get("prefill_tokens_per_s")),

@@ -10,12 +10,14 @@ def _f(x, scale=1.0, fmt="{:.2f}"):
 
 def method_table(summary: dict) -> Table:
     t = Table(title=f"{summary['scenario']} (seed {summary['seed']})")
-    for col in ("method", "done", "rej", "out tok/s", "req/s", "TTFT p50/p90 s", "TPOT p50/p90 ms",
+    for col in ("method", "done", "rej", "out len", "out tok/s", "req/s", "TTFT p50/p90 s", "TPOT p50/p90 ms",
                 "E2E p50/p90 s", "preempt", "KV peak", "batch"):
         t.add_column(col, justify="right" if col != "method" else "left")
     for label, m in summary["methods"].items():
         t.add_row(
             label, str(m["requests_completed"]), str(m["requests_rejected"]),
+            # Mean output tokens per request: where verbosity is on, compression changes it.
+            _f(m.get("mean_output_tokens"), fmt="{:.0f}"),
             _f(m["output_tokens_per_s"], fmt="{:.0f}"), _f(m["requests_per_s"]),
             f"{_f(m['ttft_s']['p50'])}/{_f(m['ttft_s']['p90'])}",
             f"{_f(m['tpot_s']['p50'], 1e3, '{:.1f}')}/{_f(m['tpot_s']['p90'], 1e3, '{:.1f}')}",

@@ -262,6 +262,13 @@ def test_verbosity_from_the_shipped_dataset(tmp_path, capsys):
     s = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert s["verbosity"].startswith("inflation model fitted on shipped")
     assert s["methods"]["fp16"]["mean_output_tokens"] == 50
+    # Every request's 50 tokens mapped by the model fitted on the shipped rows, same seed.
+    from rkvsim.calibration.inflation import fit_inflation, load_dataset
+    m = fit_inflation(load_dataset(shipped_dataset()), seed=0)
+    for method in ("kivi-4", "h2o-512"):
+        assert s["methods"][method]["mean_output_tokens"] == round(50 * m.expected_ratio(method, 50))
+    out = capsys.readouterr().out
+    assert "out len" in out
 
 
 def test_partial_prefills_that_block_each_other_are_broken_up():
