@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +210,16 @@ def test_bad_scenario_errors_are_one_line_and_name_the_field(tmp_path, capsys):
     assert main(["run", str(f), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "workload.arrival" in err and "rate" in err
+
+
+def test_verbosity_scenario_runs_on_the_shipped_generations(tmp_path, capsys):
+    # verbosity.min_prompts keeps its default (30): the committed dataset must be big enough.
+    path = Path(__file__).parents[1] / "scenarios" / "verbosity.yaml"
+    assert main(["run", str(path), "--set", "workload.num_requests=40", "--set", "methods=[fp16,kivi-2]",
+                 "--out", str(tmp_path / "v")]) == 0, capsys.readouterr().err
+    s = json.loads((tmp_path / "v" / "summary.json").read_text())
+    assert s["verbosity"].startswith("inflation model fitted on shipped")
+    assert s["methods"]["kivi-2"]["mean_output_tokens"] != s["methods"]["fp16"]["mean_output_tokens"]
 
 
 @pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "scenarios").glob("*.yaml")),
