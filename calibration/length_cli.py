@@ -63,7 +63,7 @@ def confusion_table(cm, edges, title: str):
 def _print_eval(con, ev: dict, n_test: int, where: str, ceiling: dict) -> None:
     con.print(metrics_table(ev, f"held-out ShareGPT prompts ({n_test} rows, {where})"))
     con.print(confusion_table(ev["results"]["model"]["confusion"], ev["bucket_edges"],
-                              "model: reply-length buckets (training terciles, tokens)"))
+                              "model: true bucket (training terciles, tokens) vs predicted (rank third of its prediction)"))
     c = ceiling
     con.print(f"same-prompt ceiling: {_pct(c['accuracy_clipped'])} - each reply's length predicted by the "
               f"median of the other replies to the very same prompt ({c['prompts']} prompts with 2+ "

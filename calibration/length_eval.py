@@ -53,7 +53,8 @@ class PromptBucketBaseline:
 
 def evaluate(predictor, train_texts, train_lengths, test_texts, test_lengths) -> dict:
     """{name: summary} for the predictor ("model" and "model (tokens only)") and the
-    baselines, all on the test rows; bucket edges are the training terciles."""
+    baselines, all on the test rows. True buckets are the training terciles; the predictor's
+    buckets are its own (predict_bucket), the baselines' are their predictions cut there."""
     y_tr = np.asarray(train_lengths, dtype=float)
     y_te = np.asarray(test_lengths, dtype=float)
     edges = bucket_edges(y_tr)
@@ -66,5 +67,6 @@ def evaluate(predictor, train_texts, train_lengths, test_texts, test_lengths) ->
         "baseline: best-const": np.full(len(y_te), best_constant(y_tr)),
         "baseline: prompt-bucket": PromptBucketBaseline().fit(tok_tr, y_tr).predict(tok_te),
     }
+    buckets = {"model": predictor.predict_bucket(test_texts), "model (tokens only)": predictor.predict_bucket(tok_te)}
     return {"bucket_edges": edges.tolist(),
-            "results": {k: summarize(p, y_te, edges) for k, p in preds.items()}}
+            "results": {k: summarize(p, y_te, edges, buckets.get(k)) for k, p in preds.items()}}

@@ -64,12 +64,15 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def summarize(pred, gt, edges) -> dict:
-    """Every reported score of one set of predictions, as plain JSON-able values."""
+def summarize(pred, gt, edges, pred_bucket=None) -> dict:
+    """Every reported score of one set of predictions, as plain JSON-able values. True
+    buckets cut the lengths at `edges`; predicted ones are `pred_bucket` when the predictor
+    classifies itself, else the predictions cut at the same edges."""
     pred = np.asarray(pred, dtype=float)
     gt = np.asarray(gt, dtype=float)
     raw = per_sample_accuracy(pred, gt, clip=False)
-    tb, pb = bucketize(gt, edges), bucketize(pred, edges)
+    tb = bucketize(gt, edges)
+    pb = bucketize(pred, edges) if pred_bucket is None else np.asarray(pred_bucket, dtype=int)
     cm = confusion(tb, pb)
     return {
         "n": int(len(gt)),

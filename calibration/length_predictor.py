@@ -54,7 +54,7 @@ from .files import atomic_write, sha256_file
 from .length_features import LengthOnlyFeatures, make_features
 from .length_metrics import paper_accuracy
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: bucket cut points per part (predict_bucket)
 ARTIFACT_KIND = "rkvsim-length-predictor"
 
 # name -> HGB loss on log length. absolute_error fits the median as quantile 0.5
@@ -100,8 +100,9 @@ def _raw_predict(model, X) -> np.ndarray:
     return np.exp(model.predict(X))
 
 
-def _select(X, y, groups, losses, seed, categorical, params, folds) -> tuple[str, float, dict]:
-    """Pick (loss, scale) by out-of-fold clipped paper accuracy on the training rows."""
+def _select(X, y, groups, losses, seed, categorical, params, folds) -> tuple[str, float, dict, np.ndarray]:
+    """Pick (loss, scale) by out-of-fold clipped paper accuracy on the training rows; also
+    returns the chosen loss's out-of-fold predictions (unscaled)."""
     from sklearn.model_selection import GroupKFold, KFold
 
     y = np.asarray(y, dtype=float)
@@ -112,17 +113,19 @@ def _select(X, y, groups, losses, seed, categorical, params, folds) -> tuple[str
     splits = list(splitter)
     cv = {}
     best = ("", 1.0, -np.inf)
+    oofs = {}
     for loss in losses:
         oof = np.empty(len(y))
         for tr, va in splits:
             oof[va] = _raw_predict(_fit_one(X[tr], y[tr], loss, seed, categorical, params), X[va])
+        oofs[loss] = oof
         by_scale = {float(s): paper_accuracy(np.maximum(1.0, s * oof), y) for s in SCALES}
         s_best = max(by_scale, key=by_scale.get)
         cv[loss] = {"scale": s_best, "accuracy_clipped": by_scale[s_best],
                     "accuracy_at_scale_1": by_scale[1.0]}
         if by_scale[s_best] > best[2]:
             best = (loss, s_best, by_scale[s_best])
-    return best[0], best[1], cv
+    return best[0], best[1], cv, oofs[best[0]]
 
 
 # ---------------------------------------------------------------- the estimator
@@ -159,10 +162,15 @@ class LengthPredictor:
         losses = list(LOSSES) if self.loss == "auto" else [self.loss]
         if self.loss not in LOSSES and self.loss != "auto":
             raise ValueError(f"unknown loss {self.loss!r}; choose 'auto' or one of {list(LOSSES)}")
-        loss, scale, cv = _select(X, y, groups, losses, self.seed, cat, self._params(),
-                                  self.cv_folds)
+        loss, scale, cv, oof = _select(X, y, groups, losses, self.seed, cat, self._params(),
+                                       self.cv_folds)
         model = _fit_one(X, y, loss, self.seed, cat, self._params())
-        return {"featurizer": featurizer, "model": model, "loss": loss, "scale": scale, "cv": cv}
+        # Bucket cut points at the terciles of the out-of-fold predictions, not of the true
+        # lengths: predictions are pulled towards the middle, so cutting them at the true
+        # terciles would call most prompts 'medium'. A bucket is then a rank third.
+        edges = np.quantile(np.maximum(1.0, scale * oof), [1 / 3, 2 / 3])
+        return {"featurizer": featurizer, "model": model, "loss": loss, "scale": scale, "cv": cv,
+                "bucket_edges": edges}
 
     def fit(self, texts, lengths, groups=None):
         """Fit the text model and the length-only fallback. groups (e.g. conversation
@@ -201,6 +209,20 @@ class LengthPredictor:
         if is_int.any():
             idx = np.flatnonzero(is_int)
             out[idx] = self._predict_part(self.length_only_, [int(items[i]) for i in idx])
+        return out
+
+    def predict_bucket(self, texts) -> np.ndarray:
+        """0 = short, 1 = medium, 2 = long: the rank third each prompt's predicted length
+        falls in, among the training prompts' (out-of-fold) predictions."""
+        from .length_metrics import bucketize
+
+        items = list(texts)
+        pred = self.predict(items)
+        out = np.empty(len(items), dtype=np.int64)
+        is_int = np.array([isinstance(t, (int, np.integer)) for t in items], dtype=bool)
+        for part, mask in ((self.text_, ~is_int), (self.length_only_, is_int)):
+            if mask.any():
+                out[mask] = bucketize(pred[mask], part["bucket_edges"])
         return out
 
     def score(self, texts, lengths) -> float:

@@ -125,7 +125,7 @@ def predict_lengths(scn: Scenario, wl: Workload) -> LengthPredictions:
             out = pred.predict([int(p) for p in wl.prompt])
             return LengthPredictions(out, f"length predictor {path.name} (length-only model, "
                                           f"{side.get('n_train', '?')} ShareGPT rows)")
-        except (FileNotFoundError, ImportError) as e:
+        except (FileNotFoundError, ImportError, ValueError) as e:   # ValueError: another schema
             if choice != "default":
                 raise ValueError(f"routing.length_predictor: {e}; fit one with rkvsim lengths train "
                                  "or set routing.length_predictor: workload_mean") from None

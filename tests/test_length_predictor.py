@@ -91,6 +91,23 @@ def test_fit_predict_score_beats_constant(fitted):
     assert spearman(p, y) > 0.8
 
 
+def test_predict_bucket_is_the_rank_third_of_the_prediction(fitted):
+    texts, y = synthetic(300, 3)
+    b = fitted.predict_bucket(texts)
+    assert set(b.tolist()) <= {0, 1, 2} and len(b) == 300
+    # Monotone in the predicted length, cut where the training predictions' terciles are.
+    p = fitted.predict(texts)
+    lo, hi = fitted.text_["bucket_edges"]
+    assert np.array_equal(b, (p >= lo).astype(int) + (p >= hi).astype(int))
+    # On rows like the training ones each bucket holds roughly a third.
+    assert np.all(np.abs(np.bincount(b, minlength=3) / 300 - 1 / 3) < 0.12)
+    truth = bucketize(y, bucket_edges(synthetic(360, 0)[1]))
+    assert np.mean(b == truth) > 0.6
+    assert fitted.predict_bucket([5, 5000]).tolist() == sorted(fitted.predict_bucket([5, 5000]).tolist())
+    ev = evaluate(fitted, *synthetic(360, 0), texts, y)
+    assert ev["results"]["model"]["bucket_accuracy"] == pytest.approx(100 * np.mean(b == bucketize(y, ev["bucket_edges"])))
+
+
 def test_features_shapes():
     texts = ["continue", "Write a 500 word essay on cats?", "```py\nx=1\n```"] * 5
     f = BasicFeatures(min_count=1).fit(texts)
@@ -124,7 +141,7 @@ def test_save_load_round_trip(fitted, tmp_path):
     texts, _ = synthetic(50, 2)
     path = save(fitted, tmp_path / "lp.joblib", meta={"data": {"train_hash": "x"}})
     side = json.loads(sidecar_path(path).read_text())
-    assert side["schema_version"] == 1 and side["features"] == "basic"
+    assert side["schema_version"] == 2 and side["features"] == "basic"
     assert side["text_model"]["loss"] in ("log_median", "log_l2")
     again, side2 = load(path)
     assert side2 == side
