@@ -86,6 +86,7 @@ class Pair:
     len: int
     base_cap: bool     # baseline hit max_new_tokens: ratio is an upper bound
     cap: bool          # this config hit max_new_tokens: ratio is a lower bound
+    limit: int | None = None   # the row's max_new_tokens
 
     @property
     def ratio(self) -> float:
@@ -104,7 +105,8 @@ def pairs_from_rows(rows, baseline: str = "fp16") -> list[Pair]:
         b = base[pid]
         out.append(Pair(pid, str(r["config"]), str(r.get("method", "")), int(b["prompt_tokens"]),
                         int(b["response_tokens"]), int(r["response_tokens"]),
-                        bool(b.get("hit_cap", False)), bool(r.get("hit_cap", False))))
+                        bool(b.get("hit_cap", False)), bool(r.get("hit_cap", False)),
+                        int(r["max_new_tokens"]) if r.get("max_new_tokens") else None))
     out.sort(key=lambda p: (p.label, p.prompt_id))
     return out
 
@@ -302,8 +304,8 @@ def _ks(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def score_heldout(model: InflationModel, pairs: list[Pair]) -> dict:
-    """Per label, on held-out pairs: the mapped baseline lengths against the observed
-    compressed ones (KS distance of the two length samples, total-token ratio observed vs
+    """Per label, on held-out pairs: the mapped baseline lengths (capped at the rows'
+    max_new_tokens) against the observed compressed ones (KS distance of the two length samples, total-token ratio observed vs
     predicted, which is what throughput sees) and the per-prompt log-ratio error (mostly
     sampling noise: compare it with fp16-reseed's)."""
     out = {}
@@ -313,13 +315,15 @@ def score_heldout(model: InflationModel, pairs: list[Pair]) -> dict:
             continue
         base = np.array([max(p.base_len, 1) for p in test], dtype=float)
         obs = np.array([max(p.len, 1) for p in test], dtype=float)
-        r = model.ratios(lb, base)
-        err = np.log(obs / base) - np.log(r)
+        # The held-out replies were generated under a cap, so the mapped lengths are capped too.
+        limit = np.array([p.limit or np.inf for p in test], dtype=float)
+        pred = np.minimum(base * model.ratios(lb, base), limit)
+        err = np.log(obs) - np.log(pred)
         d = model.configs[lb]
-        out[lb] = {"n": len(test), "n_train": d.n, "bins_train": d.bins, "mean_log_err": float(np.mean(err)), "mae_log": float(np.mean(np.abs(err))),
-                   "ks": _ks(np.log(obs), np.log(base * r)),
+        out[lb] = {"n": len(test), "n_train": d.n, "bins_train": d.bins, "mean_log_err": float(np.mean(err)),
+                   "mae_log": float(np.mean(np.abs(err))), "ks": _ks(np.log(obs), np.log(pred)),
                    "token_ratio_obs": float(obs.sum() / base.sum()),
-                   "token_ratio_pred": float((base * r).sum() / base.sum()),
+                   "token_ratio_pred": float(pred.sum() / base.sum()),
                    "cap_share": float(np.mean([p.cap for p in test]))}
     return out
 

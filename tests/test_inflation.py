@@ -126,6 +126,22 @@ def test_resampling_noise_is_not_inflation():
     assert np.allclose(m.ratios("fp16-reseed", [5, 50, 150, 500, 3000]), 1.0)
 
 
+def test_held_out_mapped_lengths_respect_the_rows_cap():
+    from rkvsim.calibration.inflation import score_heldout
+    rows = []
+    for i in range(40):      # kivi-4 doubles every reply, but replies stop at 512 tokens
+        b = 100 + 10 * i
+        rows += [row(f"p{i}", "fp16", min(b, 512)) | {"max_new_tokens": 512},
+                 row(f"p{i}", "kivi-4", min(2 * b, 512)) | {"max_new_tokens": 512}]
+    pairs = pairs_from_rows(rows)
+    assert {p.limit for p in pairs} == {512}
+    m = fit_inflation(rows, seed=0)
+    h = score_heldout(m, pairs)["kivi-4"]
+    mapped = np.minimum([p.base_len * m.expected_ratio("kivi-4", p.base_len) for p in pairs], 512)
+    assert h["token_ratio_pred"] == pytest.approx(mapped.sum() / sum(p.base_len for p in pairs))
+    assert h["token_ratio_obs"] == pytest.approx(sum(p.len for p in pairs) / sum(p.base_len for p in pairs))
+
+
 def test_small_config_gets_the_total_token_ratio():
     rows = synthetic(n=20)
     m = fit_inflation(rows, seed=0)
