@@ -100,7 +100,7 @@ def test_map_follows_the_shape_and_interpolates_in_log_length():
     rows = []
     for i, (b, x) in enumerate(zip(base, new)):
         rows += [row(f"p{i}", "fp16", int(b), cap=10_000), row(f"p{i}", "kivi-4", int(x), cap=10_000)]
-    m = fit_inflation(rows, seed=0)
+    m = fit_inflation(rows, seed=0, min_per_bin=20)
     d = m.configs["kivi-4"]
     assert d.bins == 4 and base[19] < 200                       # the first bin is all doubled
     r = m.ratios("kivi-4", [1, 30, 5000])
