@@ -59,7 +59,7 @@ def token_ratio_interval(pairs, label: str) -> tuple[float, float]:
 
 
 def verdict(lo: float, hi: float) -> str:
-    """'longer' / 'shorter' when the whole interval is on one side of 1, else 'not distinguishable'."""
+    """'longer' / 'shorter' when the whole interval is on one side of 1, else 'n.s.'."""
     if math.isnan(lo):
         return "–"
     return "longer" if lo > 1 else "shorter" if hi < 1 else "n.s."
@@ -67,8 +67,9 @@ def verdict(lo: float, hi: float) -> str:
 
 def resample_accuracy(pairs, noise: str = "fp16-reseed") -> dict | None:
     """The paper's length-predictor metric (clipped at 0) when one FP16 reply predicts the
-    length of another, independent FP16 reply to the same prompt: the most a predictor that
-    sees only the prompt can expect on this model's lengths, before any model error."""
+    length of another, independent FP16 reply to the same prompt: a yardstick for a
+    predictor that sees only the prompt (one that knew each prompt's typical length exactly
+    would score somewhat more; one learnt from data, less)."""
     from .length_metrics import paper_accuracy
 
     ps = [p for p in pairs if p.label == noise]
@@ -174,7 +175,7 @@ def render(rep: dict, con) -> None:
     if ra:
         con.print(f"One FP16 reply predicting the length of another to the same prompt scores "
                   f"{ra['accuracy_clipped']:.1f}% in the paper's length-predictor metric ({ra['n']} prompts): "
-                  "the ceiling for a prompt-only length predictor of this model.", highlight=False)
+                  "a yardstick for any predictor of this model's lengths from the prompt alone.", highlight=False)
     con.print("Paper: Mistral-7B (Table 9) / LLaMA-7B (Table 4: mean increase of KIVI-4, GEAR-4, H2O-512, "
               "Stream-512 over requests that got longer) at the paper's settings, each method "
               "sampled independently of the baseline; ours share the baseline's random stream, so "

@@ -65,7 +65,7 @@ def _print_eval(con, ev: dict, n_test: int, where: str, ceiling: dict) -> None:
     con.print(confusion_table(ev["results"]["model"]["confusion"], ev["bucket_edges"],
                               "model: true bucket (training terciles, tokens) vs predicted (rank third of its prediction)"))
     c = ceiling
-    con.print(f"same-prompt ceiling: {_pct(c['accuracy_clipped'])} - each reply's length predicted by the "
+    con.print(f"same-prompt reference (about the best a prompt-only predictor can do): {_pct(c['accuracy_clipped'])} - each reply's length predicted by the "
               f"median of the other replies to the very same prompt ({c['prompts']} prompts with 2+ "
               f"different replies, {c['rows']} rows); the model scores {_pct(c.get('model_accuracy_clipped'))} "
               f"on the held-out ones ({c['test_rows']} rows, where the ceiling is "

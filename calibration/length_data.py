@@ -18,8 +18,9 @@ held-out rows that `train` never saw.
 
 `same_prompt_ceiling` measures how well a reply's length can be predicted at all:
 where one prompt got several different replies, predict each by the median of the
-others. No model that sees only the prompt can beat that by much, so it is the
-yardstick for the predictor's score.
+others. A model that sees only the prompt can beat that only by knowing each prompt's
+typical length better than a few of its replies tell, so it is the yardstick for the
+predictor's score.
 """
 from __future__ import annotations
 
