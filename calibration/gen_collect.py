@@ -73,11 +73,15 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return k, n
 
 
+def shard_prompts(prompts, shard: tuple[int, int] = (0, 1)) -> list:
+    """The prompts whose sample index is K mod N."""
+    k, n = shard
+    return [p for i, p in enumerate(prompts) if i % n == k]
+
+
 def todo_pairs(prompts, configs: list[GenConfig], done: set, shard: tuple[int, int] = (0, 1)) -> list:
     """(prompt, config) pairs still to run, prompt-major; only the shard's prompts."""
-    k, n = shard
-    return [(p, c) for i, p in enumerate(prompts) if i % n == k
-            for c in configs if (p.prompt_id, c.label) not in done]
+    return [(p, c) for p in shard_prompts(prompts, shard) for c in configs if (p.prompt_id, c.label) not in done]
 
 
 def make_row(prompt, config: GenConfig, seed: int, settings: RunSettings, g, text: str, batch_rows: int,
@@ -182,7 +186,7 @@ def _run(model, tok, out, prompts, configs, settings, writer, console, max_rows,
 
     done, bad = load_rows(out)
     todo = todo_pairs(prompts, configs, set(done), shard)
-    total = sum(1 for i in range(len(prompts)) if i % shard[1] == shard[0]) * len(configs)
+    total = len(shard_prompts(prompts, shard)) * len(configs)
     finished = total - len(todo)
     if max_rows is not None:
         keep = {p.prompt_id for p, _ in todo[:max_rows]}

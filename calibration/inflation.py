@@ -176,10 +176,13 @@ class ConfigDist:
     kind: str
     base_len: list[int]             # FP16 reply lengths, ascending
     len: list[int]                  # this config's reply lengths, ascending (not paired)
-    n: int
     cap_share: float                # share of pairs where this config hit the cap
     base_cap_share: float           # share where the baseline hit the cap
     bins: int = 1
+
+    @property
+    def n(self) -> int:
+        return len(self.base_len)
 
     def __post_init__(self):
         centre, ratio = quantile_bins(np.maximum(self.base_len, 1), np.maximum(self.len, 1), self.bins)
@@ -194,7 +197,7 @@ class ConfigDist:
 
 def _fit_config(pairs: list[Pair], min_per_bin: int) -> ConfigDist:
     return ConfigDist(kind=pairs[0].kind, base_len=sorted(p.base_len for p in pairs),
-                      len=sorted(p.len for p in pairs), n=len(pairs),
+                      len=sorted(p.len for p in pairs),
                       cap_share=float(np.mean([p.cap for p in pairs])),
                       base_cap_share=float(np.mean([p.base_cap for p in pairs])),
                       bins=int(min(MAX_BINS, max(1, len(pairs) // min_per_bin))))
@@ -271,7 +274,7 @@ class InflationModel:
         return {"schema": SCHEMA, "baseline": self.baseline, "seed": self.seed, "info": self.info,
                 "heldout": self.heldout,
                 "configs": {lb: {"kind": d.kind, "base_len": d.base_len, "len": d.len, "bins": d.bins,
-                                 "n": d.n, "cap_share": d.cap_share, "base_cap_share": d.base_cap_share}
+                                 "cap_share": d.cap_share, "base_cap_share": d.base_cap_share}
                             for lb, d in sorted(self.configs.items())}}
 
     @classmethod
@@ -279,7 +282,7 @@ class InflationModel:
         if obj.get("schema") != SCHEMA:
             raise ValueError(f"inflation model has schema {obj.get('schema')!r}, expected {SCHEMA!r}")
         configs = {lb: ConfigDist(kind=c["kind"], base_len=[int(x) for x in c["base_len"]],
-                                  len=[int(x) for x in c["len"]], bins=int(c["bins"]), n=int(c["n"]),
+                                  len=[int(x) for x in c["len"]], bins=int(c["bins"]),
                                   cap_share=float(c["cap_share"]), base_cap_share=float(c["base_cap_share"]))
                    for lb, c in obj["configs"].items()}
         return cls(configs, obj["baseline"], int(obj["seed"]), obj.get("info", {}), obj.get("heldout", {}))
@@ -313,9 +316,9 @@ def _ks(a: np.ndarray, b: np.ndarray) -> float:
 
 def score_heldout(model: InflationModel, pairs: list[Pair]) -> dict:
     """Per label, on held-out pairs: the mapped baseline lengths (capped at the rows'
-    max_new_tokens) against the observed compressed ones (KS distance of the two length samples, total-token ratio observed vs
-    predicted, which is what throughput sees) and the per-prompt log-ratio error (mostly
-    sampling noise: compare it with fp16-reseed's)."""
+    max_new_tokens) against the observed compressed ones: KS distance of the two length
+    samples, total-token ratio observed vs predicted (what throughput sees), and the
+    per-prompt log error (mostly sampling noise: compare it with fp16-reseed's)."""
     out = {}
     for lb in model.labels():
         test = [p for p in pairs if p.label == lb]

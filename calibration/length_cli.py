@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .length_data import TEST_FRACTION, load_sharegpt, rows_hash, same_prompt_ceiling, split
+from .length_data import TEST_FRACTION, load_sharegpt, rows_hash, same_prompt_reference, split
 from .length_eval import evaluate
 from .length_metrics import BUCKET_NAMES
 
@@ -60,22 +60,24 @@ def confusion_table(cm, edges, title: str):
     return t
 
 
-def _print_eval(con, ev: dict, n_test: int, where: str, ceiling: dict) -> None:
+def _print_eval(con, ev: dict, n_test: int, where: str, reference: dict) -> None:
     con.print(metrics_table(ev, f"held-out ShareGPT prompts ({n_test} rows, {where})"))
     con.print(confusion_table(ev["results"]["model"]["confusion"], ev["bucket_edges"],
-                              "model: true bucket (training terciles, tokens) vs predicted (rank third of its prediction)"))
-    c = ceiling
-    con.print(f"same-prompt reference (about the best a prompt-only predictor can do): {_pct(c['accuracy_clipped'])} - each reply's length predicted by the "
-              f"median of the other replies to the very same prompt ({c['prompts']} prompts with 2+ "
-              f"different replies, {c['rows']} rows); the model scores {_pct(c.get('model_accuracy_clipped'))} "
-              f"on the held-out ones ({c['test_rows']} rows, where the ceiling is "
+                              "model: true bucket (training terciles, tokens) vs predicted "
+                              "(rank third of its prediction)"))
+    c = reference
+    con.print(f"same-prompt reference (about the best a prompt-only predictor can do): "
+              f"{_pct(c['accuracy_clipped'])} - each reply's length predicted by the median of the "
+              f"other replies to the very same prompt ({c['prompts']} prompts with 2+ different "
+              f"replies, {c['rows']} rows); the model scores {_pct(c.get('model_accuracy_clipped'))} "
+              f"on the held-out ones ({c['test_rows']} rows, where the reference is "
               f"{_pct(c['test_accuracy_clipped'])})", highlight=False)
 
 
-def ceiling_summary(rows, test, test_pred) -> dict:
-    """The same-prompt ceiling on all rows, and model vs ceiling on the held-out rows."""
-    whole = same_prompt_ceiling(rows)
-    held = same_prompt_ceiling(test, model_pred=test_pred)
+def reference_summary(rows, test, test_pred) -> dict:
+    """The same-prompt reference on all rows, and model vs reference on the held-out rows."""
+    whole = same_prompt_reference(rows)
+    held = same_prompt_reference(test, model_pred=test_pred)
     return {**whole, "test_rows": held["rows"], "test_accuracy_clipped": held["accuracy_clipped"],
             "model_accuracy_clipped": held.get("model_accuracy_clipped")}
 
@@ -96,15 +98,15 @@ def cmd_train(args) -> int:
         pred.fit(train.texts, train.lengths, groups=train.groups)
     with err.status("scoring held-out rows"):
         ev = evaluate(pred, train.texts, train.lengths, test.texts, test.lengths)
-    ceiling = ceiling_summary(rows, test, pred.predict(test.texts))
+    reference = reference_summary(rows, test, pred.predict(test.texts))
     meta = {"data": {**info, "split_seed": args.seed, "test_fraction": TEST_FRACTION,
                      "n_train": len(train), "n_test": len(test),
                      "train_hash": rows_hash(train.texts, train.lengths),
                      "test_hash": rows_hash(test.texts, test.lengths)},
-            "heldout": ev, "same_prompt_ceiling": ceiling}
+            "heldout": ev, "same_prompt_reference": reference}
     path = save(pred, args.out, meta)
     d = pred.describe()
-    _print_eval(con, ev, len(test), f"{args.features} features", ceiling)
+    _print_eval(con, ev, len(test), f"{args.features} features", reference)
     for part in ("text_model", "length_only_model"):
         p = d[part]
         cv = ", ".join(f"{k} {v['accuracy_clipped']:.1f}%@×{v['scale']}" for k, v in p["cv"].items())
@@ -136,7 +138,7 @@ def cmd_eval(args) -> int:
     with err.status("scoring held-out rows"):
         ev = evaluate(pred, train.texts, train.lengths, test.texts, test.lengths)
     _print_eval(con, ev, len(test), f"{side['features']} features, {path.name}",
-                ceiling_summary(rows, test, pred.predict(test.texts)))
+                reference_summary(rows, test, pred.predict(test.texts)))
     return 0
 
 

@@ -16,7 +16,7 @@ The split is a hash of (seed, group): stable across runs and machines and
 independent of the file's order, so `rkvsim lengths eval` rebuilds exactly the
 held-out rows that `train` never saw.
 
-`same_prompt_ceiling` measures how well a reply's length can be predicted at all:
+`same_prompt_reference` measures how well a reply's length can be predicted at all:
 where one prompt got several different replies, predict each by the median of the
 others. A model that sees only the prompt can beat that only by knowing each prompt's
 typical length better than a few of its replies tell, so it is the yardstick for the
@@ -112,40 +112,38 @@ def load_sharegpt(limit: int | None = None, every: int = 1) -> tuple[Rows, dict]
     return Rows(texts, np.asarray(lengths, dtype=np.int64), groups), info
 
 
+def _by_prompt(rows: Rows) -> tuple[list[str], dict[str, list[int]]]:
+    """Each row's prompt key, and the row indices of every prompt key."""
+    keys = [normalized(t) for t in rows.texts]
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    return keys, groups
+
+
 def multi_reply_mask(rows: Rows) -> np.ndarray:
     """Rows whose prompt text got 2+ different replies in `rows`."""
-    keys = [normalized(t) for t in rows.texts]
-    count: dict[str, int] = {}
-    for k in keys:
-        count[k] = count.get(k, 0) + 1
-    return np.array([count[k] >= 2 for k in keys], dtype=bool)
+    keys, groups = _by_prompt(rows)
+    return np.array([len(groups[k]) >= 2 for k in keys], dtype=bool)
 
 
-def same_prompt_ceiling(rows: Rows, model_pred=None) -> dict:
+def same_prompt_reference(rows: Rows, model_pred=None) -> dict:
     """Paper accuracy (clipped) of predicting each reply's length by the median length
     of the other replies to the same prompt, over prompts with >= 2 replies; with
     `model_pred` (one prediction per row) also the model's accuracy on those rows."""
     from .length_metrics import paper_accuracy
 
-    mask = multi_reply_mask(rows)
-    by_prompt: dict[str, list[int]] = {}
-    for t, n in zip(rows.texts, rows.lengths):
-        by_prompt.setdefault(normalized(t), []).append(int(n))
-    pred, gt, seen = [], [], {}
-    for t, n, m in zip(rows.texts, rows.lengths, mask):
-        if not m:
-            continue
-        k = normalized(t)
-        ls = by_prompt[k]
-        i = seen.get(k, 0)
-        seen[k] = i + 1
-        pred.append(float(np.median(ls[:i] + ls[i + 1:])))
-        gt.append(int(n))
-    out = {"prompts": len(seen), "rows": len(gt),
-           "accuracy_clipped": paper_accuracy(np.array(pred), np.array(gt, dtype=float)) if gt else float("nan")}
+    _keys, groups = _by_prompt(rows)
+    multi = [idx for idx in groups.values() if len(idx) >= 2]
+    # Rows in their order in `rows`, each predicted by the median of its prompt's other rows.
+    pred = {i: float(np.median([rows.lengths[j] for j in idx if j != i])) for idx in multi for i in idx}
+    order = sorted(pred)
+    gt = rows.lengths[order].astype(float)
+    out = {"prompts": len(multi), "rows": len(order),
+           "accuracy_clipped": paper_accuracy([pred[i] for i in order], gt) if order else float("nan")}
     if model_pred is not None:
-        mp = np.asarray(model_pred, dtype=float)[mask]
-        out["model_accuracy_clipped"] = paper_accuracy(mp, np.array(gt, dtype=float)) if gt else float("nan")
+        mp = np.asarray(model_pred, dtype=float)[order]
+        out["model_accuracy_clipped"] = paper_accuracy(mp, gt) if order else float("nan")
     return out
 
 

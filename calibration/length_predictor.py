@@ -26,8 +26,7 @@ Inflation. Compression makes replies longer (the paper's "verbosity"). A model o
 that, fitted by another part of rkvsim from generation data, plugs in through the
 `InflationModel` protocol: predict_length multiplies the FP16 prediction by
 `inflation.expected_ratio(method, fp16_tokens)`, the ratio expected at that FP16
-length. Without one every method gets
-ratio 1.0 (`IdentityInflation`). The inflation model is not saved in this artifact
+length. Without one every method gets ratio 1.0 (`IdentityInflation`). The inflation model is not saved in this artifact
 (it has its own data and lifecycle): pass it to `load(path, inflation=...)` or set
 `predictor.inflation`; `calibration.inflation.shipped_inflation()` is the one fitted on the
 generations shipped with rkvsim:

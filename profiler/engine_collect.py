@@ -5,7 +5,8 @@ grid, `repeats` times (in rounds over all invocations); the repeats of each conf
 become one prefill row and one decode row of the `engine_steps` table (schema.ENGINE_STEPS).
 Every finished repeat is saved at once and rows are appended and fsync'ed when an
 invocation's repeats are all done, so a killed collection resumes where it stopped;
-meta.json says what was measured, with which engine build, flags, threads and CPU, and refuses to mix rows from another setting into the same folder.
+meta.json says what was measured, with which engine build, flags, threads and CPU, and
+refuses to mix rows from another setting into the same folder.
 """
 from __future__ import annotations
 

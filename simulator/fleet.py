@@ -27,7 +27,7 @@ from .kv_memory import kv_layout
 from .records import RequestLog
 from .replica import Replica
 from .router import DecodeTable, RouteContext, Router
-from .verbosity import method_outputs
+from .verbosity import method_outputs, method_ratios
 
 _EMPTY = np.zeros(0, np.int64)
 
@@ -145,14 +145,6 @@ def _load_predictor(path: str, _mtime: int):
         return lp.load(path)
 
 
-def _inflation_ratio(method: Method, fp16_length: np.ndarray, inflation) -> np.ndarray:
-    """Expected length ratio of `method` over FP16 per request, at its predicted FP16 length."""
-    label = inflation.for_method(method) if inflation is not None else None
-    if label is None:
-        return np.ones(len(fp16_length))
-    return inflation.ratios(label, fp16_length)
-
-
 # ---------------------------------------------------------------- simulation
 
 @dataclass
@@ -221,7 +213,7 @@ def simulate_fleet(scn: Scenario, v: Variant, wl: Workload, inflation=None,
             length_source = "true lengths (oracle)"
         else:
             predictions = predictions or predict_lengths(scn, wl)
-            believed = np.stack([predictions.fp16 * _inflation_ratio(method, predictions.fp16, inflation)
+            believed = np.stack([predictions.fp16 * method_ratios(method, predictions.fp16, inflation)
                                  for method, _tp in keys])
             length_source = predictions.source
         prefill = np.stack([_prefill_seconds(c, prompt) for c in costs])

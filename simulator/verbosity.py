@@ -36,14 +36,21 @@ def load_inflation(scn: Scenario, base_dir: Path):
     return model
 
 
-def method_outputs(method: Method, prompt: np.ndarray, output: np.ndarray, inflation,
-                   max_len: int) -> np.ndarray:
-    """Output lengths under `method`; unchanged without a model or for FP16. Each request's
-    length is mapped by the inflation model at its own uncompressed length (a quantile map,
-    deterministic: see calibration.inflation)."""
+def method_ratios(method: Method, fp16_length: np.ndarray, inflation) -> np.ndarray:
+    """Length ratio of `method` over FP16 per request, at its FP16 length (the inflation
+    model's quantile map, deterministic: see calibration.inflation); 1 without a model or
+    for FP16."""
     label = inflation.for_method(method) if inflation is not None else None
     if label is None:
+        return np.ones(len(fp16_length))
+    return inflation.ratios(label, fp16_length)
+
+
+def method_outputs(method: Method, prompt: np.ndarray, output: np.ndarray, inflation,
+                   max_len: int) -> np.ndarray:
+    """Output lengths under `method`: each request's uncompressed length times its ratio."""
+    if inflation is None or inflation.for_method(method) is None:
         return output
-    inflated = np.rint(output * inflation.ratios(label, output)).astype(np.int64)
+    inflated = np.rint(output * method_ratios(method, output, inflation)).astype(np.int64)
     # A longer answer still ends at the context window.
     return np.clip(inflated, 1, np.maximum(max_len - prompt, 1))

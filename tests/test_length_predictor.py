@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("sklearn", reason="the length predictor needs scikit-learn")
 
 from rkvsim.calibration.length_data import (_components, conversation_of, is_test, multi_reply_mask,
-                                            same_prompt_ceiling, split, Rows)
+                                            same_prompt_reference, split, Rows)
 from rkvsim.calibration.length_eval import PromptBucketBaseline, best_constant, evaluate
 from rkvsim.calibration.length_features import BasicFeatures, LengthOnlyFeatures
 from rkvsim.calibration.length_metrics import (bucket_edges, bucketize, confusion,
@@ -162,11 +162,11 @@ def test_groups_join_conversations_and_repeated_prompts():
     assert g[1] == "b" and g[4] == "d"     # a lone conversation keeps its own id
 
 
-def test_same_prompt_ceiling_is_the_median_of_the_other_replies():
+def test_same_prompt_reference_is_the_median_of_the_other_replies():
     rows = Rows(["Hello", "hello ", "HELLO", "other", "x", "x"], np.array([10, 20, 40, 7, 100, 50]),
                 ["a", "b", "c", "d", "e", "f"])
     assert multi_reply_mask(rows).tolist() == [True, True, True, False, True, True]
-    c = same_prompt_ceiling(rows, model_pred=[10, 20, 40, 1, 100, 50])
+    c = same_prompt_reference(rows, model_pred=[10, 20, 40, 1, 100, 50])
     # hello: 10 <- median(20, 40) = 30 (acc 0, clipped), 20 <- 25 (75%), 40 <- 15 (37.5%);
     # x: 100 <- 50 (50%), 50 <- 100 (0%).
     assert c["prompts"] == 2 and c["rows"] == 5

@@ -22,16 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from rkvsim.calibration.files import atomic_write
-from rkvsim.profiler.device import ProfilerError
 from rkvsim.profiler.engine_bench import BenchSettings
 from rkvsim.profiler.engine_build import EngineBuild, build_engine, cpu_name, find_engine
 from rkvsim.profiler.engine_collect import ENGINE_GRIDS, EngineCollectConfig, collect_engine, model_gguf, profile_key
 from rkvsim.profiler.store import read_json, write_json_atomic
-from rkvsim.simulator.config import Scenario, ScenarioError
+from rkvsim.simulator.config import Scenario
 from rkvsim.simulator.engine import build_workload, simulate_method
 from rkvsim.simulator.engine_cost import packaged_engine_profiles
 
-from .llamacpp_server import ServerError, running_server, server_args
+from .llamacpp_server import running_server, server_args
 from .serving_client import replay
 from .serving_compare import error_pct, measured_summary, simulated_summary
 from .serving_prompts import PromptBank
