@@ -21,8 +21,8 @@ on held-out total tokens than one pool (mean |log error| 0.222 vs 0.211 over 20 
 13 configs, 31 prompts), so the map is conditioned on the uncompressed length alone.
 
 Why not draw the per-prompt ratios L_config / L_fp16: most of their spread is sampling
-noise, not compression. Two FP16 samples of one prompt already differ by 1.5x or more in
-~45% of prompts (fp16-reseed), and a 5-token baseline reply beside a 1,024-token one gives
+noise, not compression. A second FP16 sample of one prompt is at most half or at least
+1.5x as long in about half of the prompts (fp16-reseed, 70 prompts), and a 5-token baseline reply beside a 1,024-token one gives
 r = 200. Drawn per request, such ratios put that noise on top of the workload's own (its
 lengths are samples already) and pull short replies up by regression to the mean: on
 ShareGPT lengths it made the simulator's KIVI-4 replies 1.5x as long as FP16's where the
