@@ -38,7 +38,7 @@ def resimulate(scn, base_dir: Path, res: dict, res_path: Path) -> dict:
     """The cell's measured side as it was; its simulated side and errors from the code as it is."""
     from rkvsim.models.methods import parse_method
     from rkvsim.profiler.store import write_json_atomic
-    from rkvsim.simulator.engine import build_workload, simulate_method
+    from rkvsim.simulator.simulation import build_workload, simulate_method
     from rkvsim.validation.serving import engine_profile_for
     from rkvsim.validation.serving_compare import error_pct, simulated_summary
     from rkvsim.profiler.engine_build import find_engine

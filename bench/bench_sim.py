@@ -25,7 +25,7 @@ def main() -> None:
 
     from rkvsim.models import parse_method
     from rkvsim.simulator.config import Scenario
-    from rkvsim.simulator.engine import build_workload, simulate_method
+    from rkvsim.simulator.simulation import build_workload, simulate_method
 
     scn = Scenario.model_validate({
         "name": "bench", "model": "llama-2-7b", "hardware": "a6000", "methods": [args.method],

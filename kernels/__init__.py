@@ -30,8 +30,8 @@ Compression-side steps, callable alone so a profiler can time them:
 - snapkv.votes(q, k, method), snapkv.select(q, k, method): prefill-time selection
 - streaming.evict(cache, method)
 """
-from . import attention, common, fp16, gear, h2o, kivi, quant, snapkv, streaming
-from .factory import MODULES, Kernel, make_kernel
+from rkvsim.kernels import attention, common, fp16, gear, h2o, kivi, quant, snapkv, streaming
+from rkvsim.kernels.factory import MODULES, Kernel, make_kernel
 
 __all__ = ["make_kernel", "Kernel", "MODULES", "attention", "common", "quant", "fp16", "kivi",
            "gear", "streaming", "h2o", "snapkv"]

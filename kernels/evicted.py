@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .common import gather_tokens, tensor_bytes, token_positions
+from rkvsim.kernels.common import gather_tokens, tensor_bytes, token_positions
 
 
 @dataclass

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from rkvsim.models import Method, parse_method
 
-from . import fp16, gear, h2o, kivi, snapkv, streaming
+from rkvsim.kernels import fp16, gear, h2o, kivi, snapkv, streaming
 
 MODULES = {"fp16": fp16, "kivi": kivi, "gear": gear, "streamingllm": streaming, "h2o": h2o, "snapkv": snapkv}
 

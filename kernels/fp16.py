@@ -13,8 +13,8 @@ from torch import Tensor
 
 from rkvsim.models import Method
 
-from .attention import sdpa
-from .common import append_tokens, check_chunk, check_decode, tensor_bytes
+from rkvsim.kernels.attention import sdpa
+from rkvsim.kernels.common import append_tokens, check_chunk, check_decode, tensor_bytes
 
 
 @dataclass

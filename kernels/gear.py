@@ -28,8 +28,8 @@ from torch import Tensor
 
 from rkvsim.models import Method
 
-from . import kivi, quant
-from .common import tensor_bytes
+from rkvsim.kernels import kivi, quant
+from rkvsim.kernels.common import tensor_bytes
 
 
 @dataclass

@@ -21,9 +21,9 @@ from torch import Tensor
 
 from rkvsim.models import Method
 
-from .attention import attention_with_mass
-from .common import check_chunk, check_decode, tensor_bytes
-from .evicted import EvictedCache
+from rkvsim.kernels.attention import attention_with_mass
+from rkvsim.kernels.common import check_chunk, check_decode, tensor_bytes
+from rkvsim.kernels.evicted import EvictedCache
 
 
 @dataclass

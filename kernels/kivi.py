@@ -24,9 +24,9 @@ from torch import Tensor
 
 from rkvsim.models import Method, quantized_tokens
 
-from . import quant
-from .attention import sdpa
-from .common import check_chunk, check_decode, tensor_bytes
+from rkvsim.kernels import quant
+from rkvsim.kernels.attention import sdpa
+from rkvsim.kernels.common import check_chunk, check_decode, tensor_bytes
 
 
 def quantize_segment(k: Tensor, v: Tensor, method: Method) -> tuple[quant.QTensor, quant.QTensor]:

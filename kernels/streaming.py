@@ -14,9 +14,9 @@ from torch import Tensor
 
 from rkvsim.models import Method
 
-from .attention import sdpa
-from .common import check_chunk, check_decode
-from .evicted import EvictedCache
+from rkvsim.kernels.attention import sdpa
+from rkvsim.kernels.common import check_chunk, check_decode
+from rkvsim.kernels.evicted import EvictedCache
 
 
 def evict(cache: EvictedCache, method: Method) -> EvictedCache:

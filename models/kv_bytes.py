@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 
-from .architectures import ModelSpec
-from .methods import Method
+from rkvsim.models.architectures import ModelSpec
+from rkvsim.models.methods import Method
 
 INDEX_BYTES = 4   # int32 outlier positions
 SCORE_BYTES = 4   # fp32 accumulated attention scores (H2O)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Sequence
 
-from .tasks import run_task
+from rkvsim.planning.tasks import run_task
 
 Call = tuple[str, tuple]          # (task id, run_task arguments)
 

@@ -20,9 +20,9 @@ def _progress(err):
 def cmd_sweep(args) -> int:
     from rkvsim.simulator.config import ScenarioError
 
-    from .backends import BackendError
-    from .spec import load_sweep
-    from .sweep import run_sweep
+    from rkvsim.planning.backends import BackendError
+    from rkvsim.planning.spec import load_sweep
+    from rkvsim.planning.sweep import run_sweep
 
     console, err = _consoles()
     try:
@@ -59,16 +59,15 @@ def _plan_base(args):
     """The scenario as data with --set applied and verbosity switched on unless --no-verbosity."""
     import yaml
 
-    from rkvsim.simulator.cli import _parse_set
-    from rkvsim.simulator.config import ScenarioError, _set_dotted, load_scenario
+    from rkvsim.simulator.config import ScenarioError, load_scenario, parse_overrides, set_dotted
     from rkvsim.simulator.verbosity import load_inflation
 
     path = Path(args.scenario)
-    overrides = _parse_set(args.set)
+    overrides = parse_overrides(args.set)
     scn = load_scenario(path, overrides)  # validates, names the field on error
     base = yaml.safe_load(path.read_text())
     for k, v in overrides.items():
-        _set_dotted(base, k, v)
+        set_dotted(base, k, v)
     base_dir = str(path.resolve().parent)
     if args.no_verbosity:
         base["verbosity"] = {"data": None}
@@ -89,11 +88,11 @@ def cmd_plan(args) -> int:
 
     from rkvsim.simulator.config import ScenarioError
 
-    from .plan import plan, to_json
-    from .plan_report import plan_table, render
-    from .quality import default_scores_dir
-    from .slo import SLOError, parse_slos
-    from .store import atomic_write_bytes
+    from rkvsim.planning.plan import plan, to_json
+    from rkvsim.planning.plan_report import plan_table, render
+    from rkvsim.planning.quality import default_scores_dir
+    from rkvsim.planning.slo import SLOError, parse_slos
+    from rkvsim.planning.store import atomic_write_bytes
 
     console, err = _consoles()
     try:

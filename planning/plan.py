@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 from rkvsim.simulator.config import Scenario, ScenarioError
 
-from .backends import default_workers, run_local
-from .quality import negative_rate
-from .slo import SLO, meets, slack
-from .spec import build_scenario
+from rkvsim.planning.backends import default_workers, run_local
+from rkvsim.planning.quality import negative_rate
+from rkvsim.planning.slo import SLO, meets, slack
+from rkvsim.planning.spec import build_scenario
 
 OPEN_LOOP = ("poisson", "gamma", "constant")
 

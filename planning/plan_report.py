@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import html
 
-from .plan import PlanResult
+from rkvsim.planning.plan import PlanResult
 
 
 def _rate(mp) -> str:

@@ -1,4 +1,4 @@
-"""A method's negative-sample rate (the paper's Algorithm 1, calibration/negatives.py) from per-sample
+"""A method's negative-sample rate (the paper's Algorithm 1, calibration/quality/negatives.py) from per-sample
 LongBench scores, where the scores hold a run at the method's setting.
 
 The shipped scores (../shared/data/rethink-kv/longbench_scores) are the paper's runs of
@@ -51,7 +51,7 @@ def negative_rate(method: Method, scores_dir: Path | None, threshold: float = DE
     """{"rate", "negatives", "benign", "prefix", "threshold"} or None when there is no data."""
     if scores_dir is None or method.kind == "fp16":
         return None
-    from rkvsim.calibration.negatives import available_prefixes, count_negatives, load_scores
+    from rkvsim.calibration.quality.negatives import available_prefixes, count_negatives, load_scores
     prefixes = available_prefixes(scores_dir)
     pre, base = match_prefix(method, prefixes), baseline_prefix(prefixes)
     if pre is None or base is None:

@@ -26,9 +26,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rkvsim.simulator.config import Scenario, ScenarioError, _format_error, _set_dotted, load_scenario, read_yaml
+from rkvsim.simulator.config import Scenario, ScenarioError, format_validation_error, set_dotted, load_scenario, read_yaml
 
-from .axes import AxisError, Range, check_path, grid_points, lhs_points, parse_axis, point_key
+from rkvsim.planning.axes import AxisError, Range, check_path, grid_points, lhs_points, parse_axis, point_key
 
 
 class _Strict(BaseModel):
@@ -79,7 +79,7 @@ class Sweep:
 def build_scenario(base: dict, overrides: dict) -> Scenario:
     data = copy.deepcopy(base)
     for k, v in overrides.items():
-        _set_dotted(data, k, v)
+        set_dotted(data, k, v)
     return Scenario.model_validate(data)
 
 
@@ -90,7 +90,7 @@ def load_sweep(path: str | Path) -> Sweep:
     try:
         spec = SweepFile.model_validate(raw)
     except ValidationError as e:
-        raise ScenarioError(f"{p}: {_format_error(e)}") from None
+        raise ScenarioError(f"{p}: {format_validation_error(e)}") from None
     base_path = (p.parent / spec.base) if not Path(spec.base).is_absolute() else Path(spec.base)
     if not base_path.is_file():
         raise ScenarioError(f"{p}: base: {spec.base} not found (relative paths start at the sweep file's folder)")
@@ -100,7 +100,7 @@ def load_sweep(path: str | Path) -> Sweep:
         load_scenario(base_path, spec.set)   # a broken base fails here, naming its field
         base = read_yaml(base_path, "base scenario")
         for k, v in spec.set.items():
-            _set_dotted(base, k, v)
+            set_dotted(base, k, v)
         axes = {k: parse_axis(k, v) for k, v in spec.axes.items()}
     except AxisError as e:
         raise ScenarioError(f"{p}: {e}") from None
@@ -116,7 +116,7 @@ def load_sweep(path: str | Path) -> Sweep:
             build_scenario(base, pt.overrides)
         except ValidationError as e:
             at = ", ".join(f"{k}={v!r}" for k, v in pt.overrides.items())
-            raise ScenarioError(f"{p}: point {pt.index} ({at}): {_format_error(e)}") from None
+            raise ScenarioError(f"{p}: point {pt.index} ({at}): {format_validation_error(e)}") from None
     seeds = list(range(spec.seeds)) if isinstance(spec.seeds, int) else list(spec.seeds)
     if not seeds:
         raise ScenarioError(f"{p}: seeds: give at least one seed")

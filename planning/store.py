@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rkvsim.calibration.files import atomic_path as atomic_write_bytes
+from rkvsim.models.files import atomic_path as atomic_write_bytes
 from rkvsim.simulator.config import ScenarioError
 
-from .spec import Point, Sweep
+from rkvsim.planning.spec import Point, Sweep
 
 STORE_VERSION = 1
 

@@ -6,10 +6,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backends import default_workers, run_local, run_ray
-from .crossover import Crossover, find_crossovers
-from .spec import Sweep
-from .store import Store, atomic_write_bytes, part_name
+from rkvsim.planning.backends import default_workers, run_local, run_ray
+from rkvsim.planning.crossover import Crossover, find_crossovers
+from rkvsim.planning.spec import Sweep
+from rkvsim.planning.store import Store, atomic_write_bytes, part_name
 
 
 @dataclass
@@ -61,7 +61,7 @@ def run_sweep(sweep: Sweep, out: Path, backend: str = "local", workers: int | No
     if x is not None and len(df):
         others = [a for a in sweep.axes if a != x]
         crossovers = find_crossovers(df, x, sweep.report.metric, others)
-    from .sweep_report import render
+    from rkvsim.planning.sweep_report import render
     text = render(sweep.name, df, list(sweep.axes), x, sweep.report.metric, heat, crossovers)
     report = Path(out) / "report.html"
     atomic_write_bytes(report, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

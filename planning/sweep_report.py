@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import math
 
-from .crossover import BASELINE, Crossover, advantage, higher_is_better
+from rkvsim.planning.crossover import BASELINE, Crossover, advantage, higher_is_better
 
 MAX_TABLE_ROWS = 400
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rkvsim.simulator.engine import build_workload
+from rkvsim.simulator.simulation import build_workload
 from rkvsim.simulator.fleet import plan_variants, predict_lengths, simulate_variant
 from rkvsim.simulator.kv_memory import DoesNotFitError
 from rkvsim.simulator.outputs import build_summary
 from rkvsim.simulator.verbosity import load_inflation
 
-from .axes import cell
-from .spec import build_scenario
+from rkvsim.planning.axes import cell
+from rkvsim.planning.spec import build_scenario
 
 ROW_SCHEMA_VERSION = 1
 _INFLATION: dict = {}

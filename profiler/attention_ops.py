@@ -18,10 +18,10 @@ from typing import Callable
 
 from rkvsim.models import Method, ModelSpec
 
-from .grids import AttentionHeads, Grid
-from .schema import ATTENTION
-from .tasks import Context, Task
-from .timing import measure
+from rkvsim.profiler.grids import AttentionHeads, Grid
+from rkvsim.profiler.schema import ATTENTION
+from rkvsim.profiler.tasks import Context, Task
+from rkvsim.profiler.timing import measure
 
 
 def default_kernel_factory() -> Callable[[Method], object]:

@@ -1,4 +1,5 @@
-"""rkvprof: collect per-operator profiles on this device, or import Vidur-format ones."""
+"""rkvprof's own commands: `collect` (kernels and dense ops on this device, or a real engine's
+steps with --engine), `engine build` and `import-vidur`. Mounted by rkvsim.cli.main."""
 from __future__ import annotations
 
 import argparse
@@ -7,20 +8,27 @@ from pathlib import Path
 
 from rkvsim.models import parse_method, resolve_model
 
-from . import engine_cli
-from rkvsim.calibration.step_fit import FitError as _FitError
-
-from .device import ProfilerError
+from rkvsim.profiler import engine_cli
+from rkvsim.profiler.device import ProfilerError
 
 DEFAULT_METHODS = "fp16,kivi,gear,streamingllm,h2o,snapkv"
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .collect import PARTS
-    from .grids import GRIDS
+def one_line_errors(fn):
+    """A ProfilerError becomes one line on stderr and exit 2: a refusal the user can act on, not
+    a traceback. Anything else is a bug and keeps its traceback."""
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except ProfilerError as e:
+            print(f"rkvprof: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+    return run
 
-    p = argparse.ArgumentParser(prog="rkvprof", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+
+def add_parser(sub) -> None:
+    from rkvsim.profiler.collect import PARTS
+    from rkvsim.profiler.grids import GRIDS
 
     c = sub.add_parser("collect", help="time attention per method, compression steps and dense ops")
     c.add_argument("--model", required=True, help="model name or hub id (rkvsim.models)")
@@ -38,15 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
     engine_cli.add_collect_args(c)   # --engine llamacpp --kv ...
+    c.set_defaults(func=one_line_errors(_collect))
     engine_cli.add_parser(sub)       # rkvprof engine build llamacpp
-    __import__("rkvsim.calibration.fit_cli", fromlist=["add_parsers"]).add_parsers(sub)  # fit, install
+    sub.choices["engine"].set_defaults(func=one_line_errors(engine_cli.run))
 
     i = sub.add_parser("import-vidur", help="convert Vidur-format profile CSVs into rkvprof tables")
     i.add_argument("src", type=Path, help="folder holding <model>-{fp16,kivi,gear,h2o,stream,hf}/ folders")
     i.add_argument("--gpu", required=True, help="hardware the profiles were measured on, e.g. a6000")
     i.add_argument("--model", required=True, help="model the profiles are for")
     i.add_argument("--out", required=True, type=Path)
-    return p
+    i.set_defaults(func=one_line_errors(_import))
 
 
 def _methods(text: str) -> list:
@@ -63,8 +72,10 @@ def _methods(text: str) -> list:
 
 
 def _collect(args) -> int:
-    from .collect import PARTS, CollectConfig, collect, print_summary
-    from .grids import get_grid
+    if engine_cli.wants_engine(args):
+        return engine_cli.run(args)
+    from rkvsim.profiler.collect import PARTS, CollectConfig, collect, print_summary
+    from rkvsim.profiler.grids import get_grid
 
     parts = tuple(s.strip() for s in args.parts.split(",") if s.strip())
     bad = [s for s in parts if s not in PARTS]
@@ -82,28 +93,9 @@ def _collect(args) -> int:
 
 
 def _import(args) -> int:
-    from .vidur_import import import_vidur
+    from rkvsim.profiler.vidur_import import import_vidur
 
     res = import_vidur(args.src, args.gpu, args.model, args.out)
     counts = ", ".join(f"{k} {v}" for k, v in res.rows.items())
     print(f"rkvprof: imported {len(res.meta['files'])} files from {res.meta['source_path']} into {res.out}: {counts}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if engine_cli.wants_engine(args):
-            return engine_cli.run(args)
-        if getattr(args, "calib_func", None):
-            return args.calib_func(args)
-        return _collect(args) if args.command == "collect" else _import(args)
-    except (ProfilerError, _FitError) as e:
-        # One line, exit 2: a refusal the user can act on, not a traceback. Anything else
-        # is a bug and keeps its traceback.
-        print(f"rkvprof: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

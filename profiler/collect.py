@@ -10,15 +10,15 @@ from typing import Callable
 
 from rkvsim.models import Method, ModelSpec
 
-from . import device as devmod
-from .attention_ops import attention_tasks, default_kernel_factory
-from .compression_ops import compression_tasks
-from .dense_ops import dense_tasks
-from .grids import Grid, attention_heads
-from .meta import collected_meta, mismatch, now_utc
-from .schema import META_FILE, TABLES
-from .store import TableWriter, read_json, write_json_atomic
-from .tasks import Context, Task
+from rkvsim.profiler import device as devmod
+from rkvsim.profiler.attention_ops import attention_tasks, default_kernel_factory
+from rkvsim.profiler.compression_ops import compression_tasks
+from rkvsim.profiler.dense_ops import dense_tasks
+from rkvsim.profiler.grids import Grid, attention_heads
+from rkvsim.profiler.meta import collected_meta, mismatch, now_utc
+from rkvsim.profiler.schema import META_FILE, TABLES
+from rkvsim.profiler.store import TableWriter, read_json, write_json_atomic
+from rkvsim.profiler.tasks import Context, Task
 
 PARTS = ("operators", "attention", "compression")
 

@@ -23,9 +23,9 @@ import torch
 
 from rkvsim.models import Method, ModelSpec, quantized_tokens
 
-from .grids import AttentionHeads, Grid
-from .schema import COMPRESSION
-from .tasks import Context, Task, timed
+from rkvsim.profiler.grids import AttentionHeads, Grid
+from rkvsim.profiler.schema import COMPRESSION
+from rkvsim.profiler.tasks import Context, Task, timed
 
 Build = Callable[[], Callable[[], object]]  # makes inputs, returns the callable to time
 

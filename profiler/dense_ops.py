@@ -122,8 +122,8 @@ class WeightSlot:
 
 
 def dense_tasks(model: ModelSpec, grid, ctx) -> list:
-    from .schema import OPERATORS
-    from .tasks import Task, timed
+    from rkvsim.profiler.schema import OPERATORS
+    from rkvsim.profiler.tasks import Task, timed
 
     setup = OpSetup(model, ctx.dtype, ctx.device)
     slot = WeightSlot()

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .device import ProfilerError
+from rkvsim.profiler.device import ProfilerError
 
 # Fields every result needs, whichever format it came from.
 RESULT_FIELDS = ("pp", "tg", "pl", "n_kv", "t_pp", "t_tg")

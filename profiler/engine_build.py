@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .device import ProfilerError
+from rkvsim.profiler.device import ProfilerError
 
 ENGINE = "llamacpp"
 SDIST = "llama-cpp-python"

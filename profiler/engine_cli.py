@@ -30,13 +30,13 @@ def wants_engine(args) -> bool:
 
 
 def run(args) -> int:
-    from .engine_build import build_engine
+    from rkvsim.profiler.engine_build import build_engine
 
     if args.command == "engine":
         build_engine(force=args.force, jobs=args.jobs)
         return 0
-    from .engine_bench import BenchSettings
-    from .engine_collect import ENGINE_GRIDS, EngineCollectConfig, collect_engine
+    from rkvsim.profiler.engine_bench import BenchSettings
+    from rkvsim.profiler.engine_collect import ENGINE_GRIDS, EngineCollectConfig, collect_engine
 
     kv = [k.strip() for k in args.kv.split(",") if k.strip()]
     cfg = EngineCollectConfig(
@@ -46,7 +46,7 @@ def run(args) -> int:
     try:
         meta = collect_engine(cfg)
     except KeyError as e:
-        from .device import ProfilerError
+        from rkvsim.profiler.device import ProfilerError
         raise ProfilerError(str(e.args[0]) if e.args else str(e)) from None
     print(f"rkvprof: engine profile {cfg.out} complete ({', '.join(meta['kv_types'])}; "
           f"{meta['collect_wall_s']:.0f} s of collection)")

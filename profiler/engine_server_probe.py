@@ -6,7 +6,7 @@ starts llama-server with the profile's settings and, for c = 1 .. max(batch size
 requests of a fixed synthetic shape (PROMPT_TOKENS token ids, GEN_TOKENS forced new tokens,
 greedy, streamed), records the median gap between streamed tokens: the server's time per
 decode iteration at batch c. These become `server_decode` rows of the engine table; the
-simulator's engine cost model (simulator/engine_cost.py) takes the part of them the bench
+simulator's engine cost model (simulator/llamacpp_cost.py) takes the part of them the bench
 model does not explain as a per-iteration and per-sequence overhead. The probe is part of
 profiling the engine: it uses none of a validation workload's requests.
 """
@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from .device import ProfilerError
+from rkvsim.profiler.device import ProfilerError
 
 PROMPT_TOKENS = 128
 GEN_TOKENS = 96
@@ -68,7 +68,7 @@ def _one(port: int, i: int, gaps: list, errors: list) -> None:
 
 def probe(binary: Path, gguf: Path, kv: str, settings, batches=PROBE_BATCHES, repeats: int = 3) -> dict[int, list[float]]:
     """{c: [median token gap of each repeat]} for every concurrency c."""
-    from rkvsim.validation.llamacpp_server import running_server   # the one place servers are started/stopped
+    from rkvsim.profiler.llamacpp_server import running_server   # the one place servers are started/stopped
 
     out: dict[int, list[float]] = {c: [] for c in batches}
     log = Path("/tmp") / f"rkvprof-probe-{kv}-{time.time_ns()}.log"

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 from rkvsim.models import ModelSpec
 
-from .timing import TimingPolicy
+from rkvsim.profiler.timing import TimingPolicy
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import datetime as _dt
 import platform
 from importlib import metadata
 
-from .schema import SCHEMA_VERSION
+from rkvsim.profiler.schema import SCHEMA_VERSION
 
 # Fields that must agree for a new run to append to an existing profile: rows measured on
 # another device, model, grid or thread count would silently mix into one table.

@@ -12,9 +12,9 @@ import pandas as pd
 
 from rkvsim.models import resolve_hardware, resolve_model
 
-from .device import ProfilerError
-from .schema import META_FILE, SCHEMA_VERSION, TABLES
-from .store import read_json
+from rkvsim.profiler.device import ProfilerError
+from rkvsim.profiler.schema import META_FILE, SCHEMA_VERSION, TABLES
+from rkvsim.profiler.store import read_json
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 

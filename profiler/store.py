@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from .schema import TableSchema, row_key
+from rkvsim.profiler.schema import TableSchema, row_key
 
 
 def _fsync_dir(path: Path) -> None:

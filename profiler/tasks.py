@@ -6,8 +6,8 @@ from typing import Callable
 
 import torch
 
-from .schema import SCHEMA_VERSION, TableSchema, row_key
-from .timing import TimingPolicy, measure
+from rkvsim.profiler.schema import SCHEMA_VERSION, TableSchema, row_key
+from rkvsim.profiler.timing import TimingPolicy, measure
 
 
 @dataclass

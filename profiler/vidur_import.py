@@ -16,10 +16,10 @@ import pandas as pd
 
 from rkvsim.models import ModelSpec, default_method, resolve_hardware, resolve_model
 
-from .device import ProfilerError
-from .meta import library_versions, now_utc
-from .schema import ATTENTION, META_FILE, OPERATORS, SCHEMA_VERSION, TableSchema
-from .store import read_json, write_json_atomic
+from rkvsim.profiler.device import ProfilerError
+from rkvsim.profiler.meta import library_versions, now_utc
+from rkvsim.profiler.schema import ATTENTION, META_FILE, OPERATORS, SCHEMA_VERSION, TableSchema
+from rkvsim.profiler.store import read_json, write_json_atomic
 
 SUFFIX_KIND = {"fp16": "fp16", "kivi": "kivi", "gear": "gear", "h2o": "h2o", "stream": "streamingllm"}
 SHARED_SUFFIX = "hf"

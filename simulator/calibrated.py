@@ -1,4 +1,4 @@
-"""Step cost from a calibrated profile: lookups compiled by calibration/step_compile.py plus
+"""Step cost from a calibrated profile: lookups compiled by calibration/steps/compile.py plus
 fitted engine terms, numpy only (no regressor runs inside the event loop).
 
     step = scale_s * (dense[T] + head[logits] + attention + all-reduce) + fixed_s + per_seq_s * seqs
@@ -18,7 +18,7 @@ import numpy as np
 
 from rkvsim.models import cached_tokens_vec
 
-from .cost_model import RooflineCostModel, StepBatch
+from rkvsim.simulator.cost_model import RooflineCostModel, StepBatch
 
 ENGINE_FILE = "engine_terms.json"
 

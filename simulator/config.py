@@ -10,9 +10,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from rkvsim.models import Method, default_method, parse_method, resolve_hardware, resolve_model
 
-from .fleet_schema import Arm, FleetEntry, RouterName, RoutingConfig, check_fleets
-from .slots_config import SlotsSchedulerConfig, check_slots, scheduler_kind
-from .workload import WorkloadConfig
+from rkvsim.simulator.fleet_schema import Arm, FleetEntry, RouterName, RoutingConfig, check_fleets
+from rkvsim.simulator.slots_config import SlotsSchedulerConfig, check_slots, scheduler_kind
+from rkvsim.simulator.workload import WorkloadConfig
 
 
 class ScenarioError(ValueError):
@@ -138,7 +138,7 @@ def method_from_entry(entry: str | dict) -> Method:
     raise ValueError(f"method entries are names like 'kivi-4' or mappings with 'kind', got {entry!r}")
 
 
-def _format_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"])
     msg = e["msg"].removeprefix("Value error, ")
@@ -169,14 +169,28 @@ def load_scenario(path: str | Path, overrides: dict | None = None) -> Scenario:
     if not isinstance(data, dict):
         raise ScenarioError(f"{p}: a scenario is a YAML mapping (model:, hardware:, workload: ...)")
     for k, v in (overrides or {}).items():
-        _set_dotted(data, k, v)
+        set_dotted(data, k, v)
     try:
         return Scenario.model_validate(data)
     except ValidationError as e:
-        raise ScenarioError(f"{p}: {_format_error(e)}") from None
+        raise ScenarioError(f"{p}: {format_validation_error(e)}") from None
 
 
-def _set_dotted(d: dict, dotted: str, value) -> None:
+def parse_overrides(items: list[str]) -> dict:
+    """`--set key=value` items as {dotted key: YAML value}."""
+    out = {}
+    for it in items:
+        key, sep, val = it.partition("=")
+        if not sep:
+            raise ScenarioError(f"--set {it!r}: write it as dotted.key=value, e.g. --set workload.num_requests=100")
+        try:
+            out[key] = yaml.safe_load(val)
+        except yaml.YAMLError as e:
+            raise ScenarioError(f"--set {it!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+    return out
+
+
+def set_dotted(d: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
         d = d.setdefault(k, {})

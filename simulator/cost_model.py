@@ -49,7 +49,7 @@ import numpy as np
 from rkvsim.models import HardwareSpec, Method, ModelSpec
 from rkvsim.models.kv_bytes import SCORE_BYTES
 
-from .roofline import (Roofline, RooflineEfficiency, default_efficiency, gear_outliers_vec,
+from rkvsim.simulator.roofline import (Roofline, RooflineEfficiency, default_efficiency, gear_outliers_vec,
                        gear_rank_vec, gear_segment_bytes_vec, quant_bytes_per_token,
                        quantized_tokens_vec, ring_allreduce_s)
 

@@ -19,15 +19,15 @@ import simpy
 
 from rkvsim.models import Method, resolve_hardware, resolve_model
 
-from .config import Scenario, method_from_entry
-from .cost_model import StepBatch
-from .engine import Arrivals, MethodRun, Workload, make_cost_model, simulate_method, variants
-from .fleet_schema import PREDICTIVE, Arm
-from .kv_memory import kv_layout
-from .records import RequestLog
-from .replica import Replica
-from .router import DecodeTable, RouteContext, Router
-from .verbosity import method_outputs, method_ratios
+from rkvsim.simulator.config import Scenario, method_from_entry
+from rkvsim.simulator.cost_model import StepBatch
+from rkvsim.simulator.simulation import Arrivals, MethodRun, Workload, make_cost_model, simulate_method, variants
+from rkvsim.simulator.fleet_schema import PREDICTIVE, Arm
+from rkvsim.simulator.kv_memory import kv_layout
+from rkvsim.simulator.records import RequestLog
+from rkvsim.simulator.replica import Replica
+from rkvsim.simulator.router import DecodeTable, RouteContext, Router
+from rkvsim.simulator.verbosity import method_outputs, method_ratios
 
 _EMPTY = np.zeros(0, np.int64)
 
@@ -118,7 +118,7 @@ def predict_lengths(scn: Scenario, wl: Workload) -> LengthPredictions:
     workload holds token counts, not texts), for all requests at once before simulating."""
     choice = scn.routing.length_predictor
     if choice != "workload_mean":
-        from rkvsim.calibration import length_predictor as lp
+        from rkvsim.calibration.lengths import predictor as lp
         path = lp.default_path() if choice == "default" else Path(choice)
         try:
             pred, side = _load_predictor(str(path), path.stat().st_mtime_ns if path.is_file() else 0)
@@ -139,7 +139,7 @@ def predict_lengths(scn: Scenario, wl: Workload) -> LengthPredictions:
 def _load_predictor(path: str, _mtime: int):
     """Loaded once per process (a sweep predicts for thousands of workloads); keyed on mtime so
     that a retrained artifact is picked up."""
-    from rkvsim.calibration import length_predictor as lp
+    from rkvsim.calibration.lengths import predictor as lp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a scikit-learn version note; the sidecar records it
         return lp.load(path)

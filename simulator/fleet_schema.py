@@ -48,7 +48,7 @@ def check_fleets(scn) -> None:
     """Raises ValueError naming the field when a fleet or arm cannot be built."""
     from rkvsim.models import resolve_model
 
-    from .config import method_from_entry  # lazy: config imports this module
+    from rkvsim.simulator.config import method_from_entry  # lazy: config imports this module
 
     m = resolve_model(scn.model)
     if getattr(scn.scheduler, "kind", "paged") != "paged" and (scn.fleet or scn.arms or scn.router in PREDICTIVE):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .records import ITL_EDGES, RequestLog
+from rkvsim.simulator.records import ITL_EDGES, RequestLog
 
 PCTS = (50, 90, 99)
 

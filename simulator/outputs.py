@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import MethodRun
-from .metrics import per_request_columns, summarize
+from rkvsim.simulator.simulation import MethodRun
+from rkvsim.simulator.metrics import per_request_columns, summarize
 
 SCHEMA_VERSION = 1
 MAX_SERIES_POINTS = 2000
@@ -75,7 +75,7 @@ def series_table(runs: list[MethodRun]):
 
 
 def write_results(out_dir: Path, summary: dict, runs: list[MethodRun], scenario_text: str) -> Path:
-    from .report import write_report
+    from rkvsim.simulator.report import write_report
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -20,10 +20,10 @@ import simpy
 
 from rkvsim.models import cached_tokens_vec
 
-from .config import SchedulerConfig
-from .cost_model import CostModel, StepBatch
-from .kv_memory import KVLayout
-from .records import RequestLog, StepLog
+from rkvsim.simulator.config import SchedulerConfig
+from rkvsim.simulator.cost_model import CostModel, StepBatch
+from rkvsim.simulator.kv_memory import KVLayout
+from rkvsim.simulator.records import RequestLog, StepLog
 
 _EMPTY = np.zeros(0, np.int64)
 

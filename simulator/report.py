@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rkvsim.calibration.files import write_bytes
+from rkvsim.models.files import write_bytes
 
 if TYPE_CHECKING:  # pandas stays off the simulator's import path
     import pandas as pd

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .replica import Replica
+from rkvsim.simulator.replica import Replica
 
 POLICIES = ("round_robin", "least_outstanding", "least_kv", "compression_aware", "oracle")
 PREDICTIVE = ("compression_aware", "oracle")

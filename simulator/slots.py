@@ -27,10 +27,10 @@ import simpy
 
 from rkvsim.models import Method, ModelSpec, kv_bytes_per_token
 
-from .cost_model import CostModel, StepBatch
-from .kv_memory import KVLayout
-from .records import RequestLog, StepLog
-from .slots_config import SlotsSchedulerConfig
+from rkvsim.simulator.cost_model import CostModel, StepBatch
+from rkvsim.simulator.kv_memory import KVLayout
+from rkvsim.simulator.records import RequestLog, StepLog
+from rkvsim.simulator.slots_config import SlotsSchedulerConfig
 
 _EMPTY = np.zeros(0, np.int64)
 

@@ -8,11 +8,11 @@ import numpy as np
 
 from rkvsim.models import Method
 
-from .config import Scenario, ScenarioError
+from rkvsim.simulator.config import Scenario, ScenarioError
 
 
 def shipped_dataset() -> Path:
-    from rkvsim.calibration.inflation import SHIPPED_DATA
+    from rkvsim.calibration.lengths.inflation import SHIPPED_DATA
     return SHIPPED_DATA
 
 
@@ -21,13 +21,13 @@ def load_inflation(scn: Scenario, base_dir: Path):
     v = scn.verbosity
     if v.data is None:
         return None
-    from rkvsim.calibration.inflation import fit_inflation, load_dataset
+    from rkvsim.calibration.lengths.inflation import fit_inflation, load_dataset
     path = shipped_dataset() if v.data == "shipped" else Path(v.data)
     if not path.is_absolute() and v.data != "shipped":
         path = (base_dir / path) if (base_dir / path).exists() else path
     if not path.is_dir():
         raise ScenarioError(f"verbosity.data: {path} is not a generation dataset folder; use 'shipped' or a path "
-                            "written by python -m rkvsim.calibration.gen_collect")
+                            "written by python -m rkvsim.calibration.generation.collect")
     model = fit_inflation(load_dataset(path), seed=scn.seed)
     n = model.info["n_prompts"]
     if n < v.min_prompts:

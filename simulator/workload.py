@@ -205,7 +205,7 @@ def sample_lengths(cfg: WorkloadConfig, rng: np.random.Generator,
         prompt, output = load_trace(path, src.prompt_column, src.output_column)
         what = f"trace {path}"
     else:
-        from .sharegpt import load_lengths  # lazy: reads a cache file, only when asked for
+        from rkvsim.calibration.lengths.sharegpt import load_lengths  # lazy: reads a cache file, only when asked for
         prompt, output = load_lengths()
         what = "ShareGPT"
     return draw_pairs(prompt, output, n, rng, src.max_prompt, src.max_output, what)

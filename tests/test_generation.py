@@ -13,14 +13,14 @@ import json
 import pytest
 import torch
 
-from rkvsim.calibration import gen_store
-from rkvsim.calibration.gen_collect import build_parser, main, parse_labels, parse_shard, todo_pairs
-from rkvsim.calibration.gen_configs import (SCALING, SETTING_FIELDS, default_configs, request_seed,
+from rkvsim.calibration.generation import store as gen_store
+from rkvsim.calibration.generation.collect import build_parser, main, parse_labels, parse_shard, todo_pairs
+from rkvsim.calibration.generation.configs import (SCALING, SETTING_FIELDS, default_configs, request_seed,
                                             select_configs)
-from rkvsim.calibration.gen_decode import sample
-from rkvsim.calibration.gen_meta import (REQUIRED, MetaMismatch, RunSettings, build_meta, load_meta,
+from rkvsim.calibration.generation.decode import sample
+from rkvsim.calibration.generation.meta import (REQUIRED, MetaMismatch, RunSettings, build_meta, load_meta,
                                          save_meta)
-from rkvsim.calibration.gen_prompts import Prompt, sample_prompts
+from rkvsim.calibration.generation.prompts import Prompt, sample_prompts
 from rkvsim.models import Method, kv_bytes_per_head, quantized_tokens
 
 
@@ -41,7 +41,7 @@ needs_model = pytest.mark.skipif(not _have_model_packages(),
 # ------------------------------------------------------------------ the model path
 @pytest.fixture(scope="module")
 def model_tok():
-    from rkvsim.calibration.gen_model import load_model
+    from rkvsim.calibration.generation.model import load_model
 
     model, tok, _ = load_model()
     return model, tok
@@ -49,7 +49,7 @@ def model_tok():
 
 @pytest.fixture(scope="module")
 def prompt_ids(model_tok):
-    from rkvsim.calibration.gen_prompts import chat_ids
+    from rkvsim.calibration.generation.prompts import chat_ids
 
     _, tok = model_tok
     ids = chat_ids(tok, "Name three rivers in Europe and say which is longest.")
@@ -58,7 +58,7 @@ def prompt_ids(model_tok):
 
 
 def _eager_logits(model, ids):
-    from rkvsim.calibration.gen_attention import use_eager
+    from rkvsim.calibration.generation.attention import use_eager
 
     use_eager(model)
     with torch.inference_mode():
@@ -68,7 +68,7 @@ def _eager_logits(model, ids):
 def _kernel_logits(model, ids, method, kv_dtype, decode_last: int):
     """Logits at every position: prefill all but the last `decode_last` tokens, then
     decode those one by one, all through the kernels."""
-    from rkvsim.calibration.gen_attention import KernelRun, use_kernels
+    from rkvsim.calibration.generation.attention import KernelRun, use_kernels
 
     use_kernels(model)
     run = KernelRun.for_method(method, kv_dtype)
@@ -103,7 +103,7 @@ def test_kernel_attention_matches_transformers_eager(model_tok, prompt_ids):
 def test_batched_group_matches_transformers_eager(model_tok, prompt_ids):
     """The batched path (shared prefill, one row per request at decode) gives eager's logits
     in every row, idle rows included in the batch."""
-    from rkvsim.calibration.gen_attention import KernelRun, RunGroup, use_kernels
+    from rkvsim.calibration.generation.attention import KernelRun, RunGroup, use_kernels
 
     model, _ = model_tok
     ref = _eager_logits(model, prompt_ids)
@@ -166,9 +166,9 @@ def test_compressed_cache_bytes_match_formula(model_tok, prompt_ids, method):
 
 @needs_model
 def test_generate_is_reproducible_and_stops(model_tok, prompt_ids):
-    from rkvsim.calibration.gen_attention import use_kernels
-    from rkvsim.calibration.gen_collect import stop_tokens
-    from rkvsim.calibration.gen_decode import LENGTH, generate
+    from rkvsim.calibration.generation.attention import use_kernels
+    from rkvsim.calibration.generation.collect import stop_tokens
+    from rkvsim.calibration.generation.decode import LENGTH, generate
 
     model, tok = model_tok
     use_kernels(model)
@@ -188,8 +188,8 @@ def test_generate_is_reproducible_and_stops(model_tok, prompt_ids):
 def test_group_rows_are_independent_of_their_neighbours(model_tok, prompt_ids):
     """A row of a batched group gives the same tokens whatever the other rows hold, and
     an idle (None) row is just a placeholder."""
-    from rkvsim.calibration.gen_attention import use_kernels
-    from rkvsim.calibration.gen_decode import Request, generate_group
+    from rkvsim.calibration.generation.attention import use_kernels
+    from rkvsim.calibration.generation.decode import Request, generate_group
 
     model, _ = model_tok
     use_kernels(model)
@@ -300,7 +300,7 @@ def test_shards_split_the_prompts_between_workers():
     assert sorted((p.prompt_id, c.label) for s in shards for p, c in s) == \
         sorted((p.prompt_id, c.label) for p, c in todo_pairs(prompts, cfgs, done))
     assert parse_shard(None) == (0, 1)
-    from rkvsim.calibration.gen_meta import regeneration_command
+    from rkvsim.calibration.generation.meta import regeneration_command
     assert regeneration_command(["python", "-m", "x", "--n", "5", "--shard", "1/2", "--part=1", "--threads", "1"]) \
         == ["python", "-m", "x", "--n", "5", "--threads", "1"]
     for bad in ("2/2", "1", "a/b", "0/0", "-1/3"):

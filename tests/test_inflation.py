@@ -1,4 +1,4 @@
-"""Length-inflation model and `rkvsim lengths report|fit` (rkvsim.calibration.inflation*)."""
+"""Length-inflation model and `rkvsim lengths report|fit` (rkvsim.calibration.lengths.inflation*)."""
 from __future__ import annotations
 
 import json
@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rkvsim.calibration import gen_store
-from rkvsim.calibration.inflation import (InflationModel, d_shares, fit_inflation, for_method,
+from rkvsim.calibration.generation import store as gen_store
+from rkvsim.calibration.lengths.inflation import (InflationModel, d_shares, fit_inflation, for_method,
                                           load_dataset, load_model, pairs_from_rows, quantile_bins,
                                           save_model, split_prompts)
-from rkvsim.calibration.inflation_report import build_report, token_ratio_interval, verdict
+from rkvsim.calibration.lengths.inflation_report import build_report, token_ratio_interval, verdict
 from rkvsim.models import default_method, parse_method
-from rkvsim.simulator.cli import main
+from rkvsim.cli.main import rkvsim as main
 
 REAL = Path(__file__).resolve().parents[1] / "calibration" / "data" / "lengths"
 LABELS = {"fp16": "fp16", "fp16-reseed": "fp16", "kivi-4": "kivi", "kivi-2": "kivi", "gear-4": "gear",
@@ -127,7 +127,7 @@ def test_resampling_noise_is_not_inflation():
 
 
 def test_held_out_mapped_lengths_respect_the_rows_cap():
-    from rkvsim.calibration.inflation import score_heldout
+    from rkvsim.calibration.lengths.inflation import score_heldout
     rows = []
     for i in range(40):      # kivi-4 doubles every reply, but replies stop at 512 tokens
         b = 100 + 10 * i

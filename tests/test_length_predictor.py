@@ -6,14 +6,14 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the length predictor needs scikit-learn")
 
-from rkvsim.calibration.length_data import (_components, conversation_of, is_test, multi_reply_mask,
+from rkvsim.calibration.lengths.data import (_components, conversation_of, is_test, multi_reply_mask,
                                             same_prompt_reference, split, Rows)
-from rkvsim.calibration.length_eval import PromptBucketBaseline, best_constant, evaluate
-from rkvsim.calibration.length_features import BasicFeatures, LengthOnlyFeatures
-from rkvsim.calibration.length_metrics import (bucket_edges, bucketize, confusion,
+from rkvsim.calibration.lengths.eval import PromptBucketBaseline, best_constant, evaluate
+from rkvsim.calibration.lengths.features import BasicFeatures, LengthOnlyFeatures
+from rkvsim.calibration.lengths.metrics import (bucket_edges, bucketize, confusion,
                                                paper_accuracy, per_sample_accuracy, spearman,
                                                summarize)
-from rkvsim.calibration.length_predictor import (IdentityInflation, InflationModel,
+from rkvsim.calibration.lengths.predictor import (IdentityInflation, InflationModel,
                                                  LengthPredictor, load, save, sidecar_path)
 
 FAST = dict(max_iter=40, cv_folds=3, min_samples_leaf=10)
@@ -193,9 +193,9 @@ def test_prompt_bucket_baseline():
 
 # ---------------------------------------------------------------- ShareGPT
 def test_sharegpt_smoke():
-    from rkvsim.simulator.sharegpt import ShareGPTMissing
+    from rkvsim.calibration.lengths.sharegpt import ShareGPTMissing
 
-    from rkvsim.calibration.length_data import load_sharegpt
+    from rkvsim.calibration.lengths.data import load_sharegpt
 
     try:
         rows, info = load_sharegpt(limit=700, every=20)

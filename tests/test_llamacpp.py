@@ -75,7 +75,7 @@ def test_engine_cache_folder_is_keyed_and_overridable(tmp_path, monkeypatch):
 
 def test_server_command_carries_the_scenario_settings():
     from rkvsim.simulator.config import load_scenario
-    from rkvsim.validation.llamacpp_server import server_args
+    from rkvsim.profiler.llamacpp_server import server_args
 
     sc = load_scenario("scenarios/llamacpp_q4_0.yaml").scheduler
     argv = server_args(Path("/x/llama-server"), Path("/m.gguf"), "q4_0", sc, 1234)
@@ -115,7 +115,7 @@ def _need_engine_prereqs():
             pytest.fail(msg)
         pytest.skip(msg)
     try:
-        from rkvsim.calibration.gen_model import gguf_path
+        from rkvsim.calibration.generation.model import gguf_path
         gguf_path()
     except ImportError as e:
         pytest.skip(str(e))
@@ -127,7 +127,7 @@ def test_real_llama_server_end_to_end(tmp_path):
 
     from rkvsim.profiler.engine_build import build_engine
     from rkvsim.profiler.engine_collect import ENGINE_GRIDS, EngineCollectConfig, collect_engine
-    from rkvsim.simulator.cli import main
+    from rkvsim.cli.main import rkvsim as main
 
     eng = build_engine(say=print)      # minutes on a fresh machine, then cached
     prof = tmp_path / "profile"
@@ -162,7 +162,7 @@ def test_real_llama_server_end_to_end(tmp_path):
         socket.create_connection(("127.0.0.1", srv["port"]), timeout=2).close()
     # every token's arrival time is kept, and the server's iterations can be rebuilt from them
     from rkvsim.validation.serving_steps import compare, iterations, read_run
-    from rkvsim.simulator.engine_cost import EngineCostModel, read_engine_profile
+    from rkvsim.simulator.llamacpp_cost import EngineCostModel, read_engine_profile
     from rkvsim.models import parse_method
     reqs, toks = read_run(out)
     assert sum(len(v) for v in toks.values()) == sum(int(r["output_tokens"]) for r in reqs)

@@ -1,13 +1,13 @@
-"""rkvsim.calibration.negatives: Algorithm 1 counting, paper-compat mode and the CLI."""
+"""rkvsim.calibration.quality.negatives: Algorithm 1 counting, paper-compat mode and the CLI."""
 import json
 import math
 
 import pytest
 
-from rkvsim.calibration.negatives import (
+from rkvsim.calibration.quality.negatives import (
     MissingTaskWarning, ScoresNotFoundError, available_prefixes, count_negatives, load_scores, threshold_curve,
 )
-from rkvsim.simulator.cli import main
+from rkvsim.cli.main import rkvsim as main
 
 BASE = "hf_m"
 

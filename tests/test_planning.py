@@ -19,7 +19,7 @@ from rkvsim.planning.plan import plan
 from rkvsim.planning.slo import SLOError, meets, parse_slos
 from rkvsim.planning.spec import load_sweep
 from rkvsim.planning.sweep import run_sweep
-from rkvsim.simulator.cli import main as rkvsim_main
+from rkvsim.cli.main import rkvsim as rkvsim_main
 from rkvsim.simulator.config import ScenarioError
 
 BASE = {"name": "small", "seed": 0, "model": "llama-2-7b", "hardware": "a6000", "methods": ["fp16", "kivi-4"],
@@ -92,7 +92,7 @@ def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path):
     base = {**BASE, "workload": {**BASE["workload"], "num_requests": 150}}
     f = write_sweep(tmp_path, {"workload.arrival.rate": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}, base=base)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "rkvsim.simulator.cli", "sweep", str(f), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "rkvsim.cli", "sweep", str(f), "--out", str(out),
                              "--workers", "1"], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

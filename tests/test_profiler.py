@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from rkvsim.profiler import cli  # noqa: E402
+from rkvsim.cli.main import rkvprof  # noqa: E402
 from rkvsim.profiler.device import DeviceInfo, ProfilerError, hardware_name  # noqa: E402
 from rkvsim.profiler.schema import SCHEMA_VERSION, TABLES  # noqa: E402
 
@@ -40,7 +40,7 @@ def keys(df: pd.DataFrame, name: str) -> list[tuple]:
 @pytest.fixture(scope="module")
 def tiny_profile(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "prof"
-    assert cli.main(collect_argv(out)) == 0
+    assert rkvprof(collect_argv(out)) == 0
     return out
 
 
@@ -109,7 +109,7 @@ def test_rerun_of_complete_profile_measures_nothing(tiny_profile, tmp_path, caps
     copy = tmp_path / "copy"
     shutil.copytree(tiny_profile, copy)
     before = {n: (copy / TABLES[n].filename).read_bytes() for n in TABLE_NAMES}
-    assert cli.main(collect_argv(copy)) == 0
+    assert rkvprof(collect_argv(copy)) == 0
     assert "measured 0" in capsys.readouterr().out
     assert before == {n: (copy / TABLES[n].filename).read_bytes() for n in TABLE_NAMES}
 
@@ -125,7 +125,7 @@ def _data_rows(folder: Path) -> int:
 
 def test_resume_after_kill_9(tiny_profile, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "rkvsim.profiler.cli", *collect_argv(out)]
+    cmd = [sys.executable, "-m", "rkvsim.cli.rkvprof", *collect_argv(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while _data_rows(out) < 30 and proc.poll() is None and time.monotonic() < deadline:
@@ -138,7 +138,7 @@ def test_resume_after_kill_9(tiny_profile, tmp_path):
     kept = {n: (out / TABLES[n].filename).read_bytes() for n in TABLE_NAMES if (out / TABLES[n].filename).exists()}
     assert json.loads((out / "meta.json").read_text())["status"] == "running"
 
-    assert cli.main(collect_argv(out)) == 0
+    assert rkvprof(collect_argv(out)) == 0
     for n, data in kept.items():  # finished rows survive untouched
         assert (out / TABLES[n].filename).read_bytes().startswith(data.rsplit(b"\n", 1)[0])
     again, full = read_tables(out), read_tables(tiny_profile)
@@ -156,7 +156,7 @@ def test_torn_last_line_is_cut_and_remeasured(tiny_profile, tmp_path):
     lines = path.read_bytes().splitlines(keepends=True)
     # Drop the last 5 rows and leave half of a sixth, as a kill mid-write would.
     path.write_bytes(b"".join(lines[:-6]) + lines[-6][: len(lines[-6]) // 2])
-    assert cli.main(collect_argv(out)) == 0
+    assert rkvprof(collect_argv(out)) == 0
     df = pd.read_csv(path)
     assert len(df) == len(set(keys(df, "attention"))) == len(pd.read_csv(tiny_profile / "attention.csv"))
     assert not df.isna().all(axis=1).any()
@@ -167,13 +167,13 @@ def test_refuses_to_resume_into_another_models_profile(tiny_profile, tmp_path, c
     shutil.copytree(tiny_profile, out)
     argv = collect_argv(out)
     argv[argv.index(MODEL)] = "llama-2-7b"
-    assert cli.main(argv) == 2
+    assert rkvprof(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model" in err
 
 
 def test_gpu_claim_on_cpu_is_refused_in_one_line(tmp_path, capsys):
-    rc = cli.main(collect_argv(tmp_path / "x", "--gpu", "a6000"))
+    rc = rkvprof(collect_argv(tmp_path / "x", "--gpu", "a6000"))
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and "a6000" in err
@@ -181,7 +181,7 @@ def test_gpu_claim_on_cpu_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_gpu_claim_in_subprocess_exit_code():
-    r = subprocess.run([sys.executable, "-m", "rkvsim.profiler.cli", "collect", "--model", MODEL, "--grid", "tiny",
+    r = subprocess.run([sys.executable, "-m", "rkvsim.cli.rkvprof", "collect", "--model", MODEL, "--grid", "tiny",
                         "--out", "/nonexistent/never-written", "--gpu", "a6000", "--device", "cpu"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
@@ -264,7 +264,7 @@ def test_schema_has_one_version_and_keys_in_columns():
 def vidur_import(shared_dir, tmp_path_factory):
     src = shared_dir / "data" / "rethink-kv" / "profiles" / "a6000"
     out = tmp_path_factory.mktemp("vidur") / "a6000"
-    rc = cli.main(["import-vidur", str(src), "--gpu", "a6000", "--model", "meta-llama/Llama-2-7b-hf",
+    rc = rkvprof(["import-vidur", str(src), "--gpu", "a6000", "--model", "meta-llama/Llama-2-7b-hf",
                    "--out", str(out)])
     assert rc == 0
     return src, out
@@ -304,7 +304,7 @@ def test_import_vidur_covers_five_methods_with_plausible_times(vidur_import):
 
 def test_import_vidur_refuses_unknown_gpu(shared_dir, tmp_path, capsys):
     src = shared_dir / "data" / "rethink-kv" / "profiles" / "a6000"
-    assert cli.main(["import-vidur", str(src), "--gpu", "b9000", "--model", "llama-2-7b", "--out", str(tmp_path)]) == 2
+    assert rkvprof(["import-vidur", str(src), "--gpu", "b9000", "--model", "llama-2-7b", "--out", str(tmp_path)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 

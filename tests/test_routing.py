@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rkvsim.simulator.cli import main as rkvsim_main
+from rkvsim.cli.main import rkvsim as rkvsim_main
 from rkvsim.simulator.config import Scenario, ScenarioError, load_scenario
-from rkvsim.simulator.engine import build_workload, simulate_method
+from rkvsim.simulator.simulation import build_workload, simulate_method
 from rkvsim.simulator.fleet import LengthPredictions, plan_variants, predict_lengths, simulate_fleet, simulate_variant
 from rkvsim.simulator.router import DecodeTable
 

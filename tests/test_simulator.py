@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rkvsim.models import parse_method, resolve_hardware, resolve_model
-from rkvsim.simulator.cli import main
+from rkvsim.cli.main import rkvsim as main
 from rkvsim.simulator.config import Scenario
 from rkvsim.simulator.cost_model import StepBatch
-from rkvsim.simulator.engine import Workload, build_workload, make_cost_model, simulate_method
+from rkvsim.simulator.simulation import Workload, build_workload, make_cost_model, simulate_method
 
 
 def scenario(**kw) -> Scenario:
@@ -226,7 +226,7 @@ def test_verbosity_scenario_runs_on_the_shipped_generations(tmp_path, capsys):
                          ids=lambda p: p.stem)
 def test_shipped_scenarios_validate_and_run(path):
     from rkvsim.simulator.config import load_scenario
-    from rkvsim.simulator.engine import variants
+    from rkvsim.simulator.simulation import variants
     scn = load_scenario(path, {"workload.num_requests": 25})
     wl = build_workload(scn, scn.seed, path.parent)
     for label, m, tp in variants(scn):
@@ -274,7 +274,7 @@ def test_verbosity_from_the_shipped_dataset(tmp_path, capsys):
     assert s["verbosity"].startswith("inflation model fitted on shipped")
     assert s["methods"]["fp16"]["mean_output_tokens"] == 50
     # Every request's 50 tokens mapped by the model fitted on the shipped rows, same seed.
-    from rkvsim.calibration.inflation import fit_inflation, load_dataset
+    from rkvsim.calibration.lengths.inflation import fit_inflation, load_dataset
     m = fit_inflation(load_dataset(shipped_dataset()), seed=0)
     for method in ("kivi-4", "h2o-512"):
         assert s["methods"][method]["mean_output_tokens"] == round(50 * m.expected_ratio(method, 50))

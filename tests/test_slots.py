@@ -1,5 +1,5 @@
 """The llama.cpp slot scheduler (simulator/slots.py), its scenario schema, the engine cost
-model fitted from an engine profile (simulator/engine_cost.py) and llama.cpp's KV bytes."""
+model fitted from an engine profile (simulator/llamacpp_cost.py) and llama.cpp's KV bytes."""
 from __future__ import annotations
 
 import csv
@@ -12,8 +12,8 @@ from rkvsim.models import kv_bytes, kv_bytes_per_token, parse_method, resolve_mo
 from rkvsim.profiler.schema import ENGINE_STEPS, SCHEMA_VERSION
 from rkvsim.simulator.config import Scenario, ScenarioError, load_scenario
 from rkvsim.simulator.cost_model import StepBatch
-from rkvsim.simulator.engine import build_workload, simulate_method
-from rkvsim.simulator.engine_cost import EngineCostModel, read_engine_profile
+from rkvsim.simulator.simulation import build_workload, simulate_method
+from rkvsim.simulator.llamacpp_cost import EngineCostModel, read_engine_profile
 
 E = np.zeros(0, np.int64)
 
@@ -98,7 +98,7 @@ class Recorder:
 
 def run(scn, method="f16", record=False):
     wl = build_workload(scn, scn.seed, ".")
-    from rkvsim.simulator.engine import make_cost_model
+    from rkvsim.simulator.simulation import make_cost_model
     m = parse_method(method)
     cost = make_cost_model(scn, m, 1)
     rec = Recorder(cost) if record else None
@@ -229,7 +229,7 @@ def test_bad_slots_scenarios_name_the_field(tmp_path, change, field):
 
 
 def test_missing_engine_profile_is_one_clear_error(tmp_path):
-    from rkvsim.simulator.cli import main
+    from rkvsim.cli.main import rkvsim as main
     import yaml
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump({"name": "s", "model": "smollm2-135m", "hardware": "cpu", "methods": ["q8_0"],
@@ -237,7 +237,7 @@ def test_missing_engine_profile_is_one_clear_error(tmp_path):
                                  "workload": {"num_requests": 5, "arrival": {"process": "poisson", "rate": 1.0},
                                               "prompt": {"dist": "fixed", "value": 10},
                                               "output": {"dist": "fixed", "value": 10}}}))
-    from rkvsim.simulator.engine_cost import EngineProfileError
+    from rkvsim.simulator.llamacpp_cost import EngineProfileError
     with pytest.raises(EngineProfileError, match="profile"):
         main(["run", str(p), "--out", str(tmp_path / "o")])
 

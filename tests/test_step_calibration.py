@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from rkvsim.calibration import step_fit as sf  # noqa: E402
-from rkvsim.calibration.step_compile import compile_costs  # noqa: E402
-from rkvsim.calibration.step_features import (DECODE_FEATURES, DENSE_FEATURES, DENSE_OPS,  # noqa: E402
+from rkvsim.calibration.steps import fit as sf  # noqa: E402
+from rkvsim.calibration.steps.compile import compile_costs  # noqa: E402
+from rkvsim.calibration.steps.features import (DECODE_FEATURES, DENSE_FEATURES, DENSE_OPS,  # noqa: E402
                                               PER_LAYER_OPS, PREFILL_FEATURES, decode_work, dense_work,
                                               design, prefill_work)
 from rkvsim.models import parse_method, resolve_hardware, resolve_model  # noqa: E402
@@ -187,7 +187,7 @@ def test_validate_matches_independent_computation(profile, fit, tmp_path):
     csv = tmp_path / "measured.csv"
     df.to_csv(csv, index=False)
     out = tmp_path / "val"
-    r = subprocess.run([sys.executable, "-m", "rkvsim.simulator.cli", "validate", "--profile", str(profile),
+    r = subprocess.run([sys.executable, "-m", "rkvsim.cli", "validate", "--profile", str(profile),
                         "--measured", str(csv), "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     doc = json.loads((out / "validation.json").read_text())
@@ -211,7 +211,7 @@ def test_validate_matches_independent_computation(profile, fit, tmp_path):
 def test_validate_bad_csv_is_one_line(profile, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("model,method,bsz\nx,None-16,1\n")
-    r = subprocess.run([sys.executable, "-m", "rkvsim.simulator.cli", "validate", "--profile", str(profile),
+    r = subprocess.run([sys.executable, "-m", "rkvsim.cli", "validate", "--profile", str(profile),
                         "--measured", str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2
     assert "missing column(s) prompt_len, stage, thr" in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -220,7 +220,7 @@ def test_validate_bad_csv_is_one_line(profile, tmp_path):
 
 def test_run_uses_installed_profile(profile, fit, tmp_path):
     env = dict(os.environ, RKVSIM_PROFILES=str(tmp_path / "store"), RKVSIM_CACHE=str(tmp_path / "cache"))
-    r = subprocess.run([sys.executable, "-m", "rkvsim.profiler.cli", "install", str(profile)], env=env,
+    r = subprocess.run([sys.executable, "-m", "rkvsim.cli.rkvprof", "install", str(profile)], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     scn = tmp_path / "s.yaml"
@@ -229,7 +229,7 @@ def test_run_uses_installed_profile(profile, fit, tmp_path):
                    "workload:\n  num_requests: 40\n  arrival: {process: poisson, rate: 2.0}\n"
                    "  prompt: {dist: fixed, value: 512}\n  output: {dist: fixed, value: 64}\n")
     out = tmp_path / "res"
-    r = subprocess.run([sys.executable, "-m", "rkvsim.simulator.cli", "run", str(scn), "--out", str(out)], env=env,
+    r = subprocess.run([sys.executable, "-m", "rkvsim.cli", "run", str(scn), "--out", str(out)], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -238,7 +238,7 @@ def test_run_uses_installed_profile(profile, fit, tmp_path):
     assert any("applied to llama-2-13b" in n for n in notes)          # shape transfer, said
     assert any("h2o attention not profiled" in n for n in notes)      # borrowed FP16 attention, said
     # The same scenario with the prior forced says so.
-    r = subprocess.run([sys.executable, "-m", "rkvsim.simulator.cli", "run", str(scn), "--out", str(tmp_path / "r2"),
+    r = subprocess.run([sys.executable, "-m", "rkvsim.cli", "run", str(scn), "--out", str(tmp_path / "r2"),
                         "--set", "profile=roofline"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "r2" / "summary.json").read_text())["cost_source"] == "roofline-prior (uncalibrated)"
@@ -249,7 +249,7 @@ def test_profile_of_other_hardware_is_refused(profile, tmp_path):
     scn.write_text(f"name: x\nmodel: llama-2-7b\nhardware: a100-80g\nprofile: {profile}\nmethods: [fp16]\n"
                    "workload:\n  num_requests: 5\n  arrival: {process: poisson, rate: 2.0}\n"
                    "  prompt: {dist: fixed, value: 64}\n  output: {dist: fixed, value: 8}\n")
-    r = subprocess.run([sys.executable, "-m", "rkvsim.simulator.cli", "run", str(scn), "--out", str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "-m", "rkvsim.cli", "run", str(scn), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "measured on 'a6000'" in r.stderr and not (tmp_path / "o").exists()

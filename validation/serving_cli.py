@@ -23,18 +23,17 @@ def cmd_validate_serving(args) -> int:
     from rich.console import Console
 
     from rkvsim.profiler.device import ProfilerError
-    from rkvsim.simulator.cli import _parse_set
-    from rkvsim.simulator.config import ScenarioError, load_scenario
-    from rkvsim.simulator.engine_cost import EngineProfileError
+    from rkvsim.simulator.config import ScenarioError, load_scenario, parse_overrides
+    from rkvsim.simulator.llamacpp_cost import EngineProfileError
 
-    from .llamacpp_server import ServerError
-    from .serving import ValidationError, validate_serving
+    from rkvsim.profiler.llamacpp_server import ServerError
+    from rkvsim.validation.serving import ValidationError, validate_serving
 
     err = Console(stderr=True)
     console = Console(width=None if sys.stdout.isatty() else 150)
     path = Path(args.scenario)
     try:
-        overrides = _parse_set(args.set)
+        overrides = parse_overrides(args.set)
         if args.requests is not None:
             if args.requests < 1:
                 raise ScenarioError("--requests must be at least 1")

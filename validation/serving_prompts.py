@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rkvsim.simulator.sharegpt import data_file, first_pair, iter_records
+from rkvsim.calibration.lengths.sharegpt import data_file, first_pair, iter_records
 
 N_TEXTS = 400     # enough distinct prompts for the bench's request counts, read in about a second
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rkvsim.calibration.files import atomic_write
+from rkvsim.models.files import atomic_write
 
-from .serving_compare import LATENCIES, STATS
+from rkvsim.validation.serving_compare import LATENCIES, STATS
 
 _TITLES = {"ttft_s": "TTFT", "tpot_s": "TPOT", "e2e_s": "E2E"}
 

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gap-ms", type=float, default=4.0)
     args = ap.parse_args(argv)
     from rkvsim.models.methods import parse_method
-    from rkvsim.simulator.engine_cost import EngineCostModel, read_engine_profile
+    from rkvsim.simulator.llamacpp_cost import EngineCostModel, read_engine_profile
     res = json.loads((args.run_dir / "validation_serving.json").read_text())
     meta, rows = read_engine_profile(res["engine_profile"])
     sched = res["server_settings"]

@@ -101,7 +101,7 @@ class Predictors:
 
 
 def operator_seconds(df: pd.DataFrame, profile_dir, hw: HardwareSpec, budget: int) -> Predictors:
-    from rkvsim.calibration.profiles import calibrated_cost_model
+    from rkvsim.calibration.steps.profiles import calibrated_cost_model
     n = len(df)
     dense, attn, roof, labels = np.zeros(n), np.zeros(n), np.zeros(n), []
     max_tok = int((df["bsz"] * df["prompt_len"]).max())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .steps import (STAGES, ValidationError, fit_engine_terms, heldout_kfold_shapes,
+from rkvsim.validation.steps import (STAGES, ValidationError, fit_engine_terms, heldout_kfold_shapes,
                     heldout_leave_one_method_out, operator_seconds, read_measured, score_table)
 
 MODES = (
@@ -36,9 +36,9 @@ def cmd_validate(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from rkvsim.calibration.files import write_bytes
-    from rkvsim.calibration.profiles import fit_for
-    from rkvsim.calibration.step_fit import FitError, fit_folder
+    from rkvsim.models.files import write_bytes
+    from rkvsim.calibration.steps.profiles import fit_for
+    from rkvsim.calibration.steps.fit import FitError, fit_folder
     from rkvsim.models import resolve_hardware
     from rkvsim.profiler.device import ProfilerError
     from rkvsim.profiler.profile import load_profile

@@ -1,0 +1,1 @@
+"""rkvsim.calibration.steps."""

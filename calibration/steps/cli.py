@@ -1,0 +1,90 @@
+"""`rkvprof fit DIR` (fit step-cost predictors beside a profile) and `rkvprof install DIR`
+(put a profile where simulations of its hardware find it)."""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _one_line(fn):
+    """A FitError (a profile that cannot be fitted or read) is one line and exit 2."""
+    def run(args) -> int:
+        from rkvsim.calibration.steps.fit import FitError
+        from rkvsim.profiler.device import ProfilerError
+        try:
+            return fn(args)
+        except (FitError, ProfilerError) as e:
+            print(f"rkvprof: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+    return run
+
+
+def add_parser(sub) -> None:
+    f = sub.add_parser("fit", help="fit per-operator step-cost predictors on a profile; k-fold held-out errors")
+    f.add_argument("profile", type=Path, help="profile folder (rkvprof collect / import-vidur)")
+    f.add_argument("--folds", type=int, default=5, help="k of the k-fold held-out scoring (default 5)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--candidates", default=None,
+                   help="comma-separated subset of physics,physics+gbt,forest,xgboost (default: all available)")
+    f.set_defaults(func=_one_line(cmd_fit))
+    i = sub.add_parser("install", help="copy a profile (and its fit) into the user store the simulator searches")
+    i.add_argument("profile", type=Path)
+    i.set_defaults(func=_one_line(cmd_install))
+
+
+def cmd_fit(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from rkvsim.profiler.profile import load_profile
+
+    from rkvsim.calibration.steps.fit import fit_folder, fit_profile, save_fit
+
+    prof = load_profile(args.profile)
+    only = tuple(s.strip() for s in args.candidates.split(",")) if args.candidates else None
+    n_jobs = 0
+    if "operators" in prof.tables:
+        n_jobs += prof.tables["operators"]["op"].nunique()
+    if "attention" in prof.tables:
+        n_jobs += len(prof.tables["attention"].groupby(["method", "stage"]))
+    with Progress(transient=True) as bar:
+        task = bar.add_task("fitting operators", total=n_jobs)
+        fit = fit_profile(prof, folds=args.folds, seed=args.seed, only=only,
+                          progress=lambda fam, meth, op: bar.update(task, advance=1, description=f"{fam} {meth} {op}"))
+    out = save_fit(fit, fit_folder(args.profile))
+    con = Console()
+    cands = sorted({k for f in fit.ops.values() for k in f.heldout})
+    t = Table(title=f"{args.folds}-fold held-out error (mean |pred - meas| / meas, %) on {prof.origin}")
+    for c in ("family", "method", "operator", "rows", *cands, "chosen"):
+        t.add_column(c)
+    for (fam, meth, op), f in sorted(fit.ops.items()):
+        t.add_row(fam, meth, op, str(f.rows), *[f"{100 * f.heldout[c]:.2f}" if c in f.heldout else "-" for c in cands],
+                  f"{f.chosen} ({100 * f.heldout[f.chosen]:.2f}%)")
+    con.print(t)
+    con.print(f"wrote {out}/step_fit.pkl and {out}/fit.json")
+    return 0
+
+
+def cmd_install(args) -> int:
+    from rkvsim.profiler.profile import load_profile
+
+    from rkvsim.calibration.steps.profiles import user_store
+
+    prof = load_profile(args.profile)
+    dest = user_store() / prof.hardware / prof.meta.get("model", "unknown")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Copy beside the destination, then swap in: a reader never sees half a profile.
+    tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=dest.parent))
+    shutil.copytree(args.profile, tmp / "p")
+    old = dest.with_name(dest.name + ".old")
+    if dest.exists():
+        dest.rename(old)
+    (tmp / "p").rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"rkvprof: installed {args.profile} as {dest}; simulations on hardware {prof.hardware!r} now use it",
+          file=sys.stdout)
+    return 0

@@ -1,0 +1,360 @@
+"""Per-operator, per-method step-cost predictors fitted on profile tables (`rkvprof fit`).
+
+Each operator (a dense op, decode attention of a method, prefill attention of a method) gets
+several candidate regressors, each scored by k-fold cross-validation on rows it was not
+fitted on; the candidate with the lowest held-out error is refitted on every row and kept.
+
+Candidates (all predict seconds from the physics columns of calibration/steps/features.py,
+so they apply to model shapes the profile never saw):
+- physics: time = c0 + sum_k c_k * feature_k with c >= 0 (non-negative least squares on
+  relative error). Extrapolates linearly, which is what FLOPs and bytes do.
+- physics+gbt: physics times exp(gradient-boosted correction on log features): the
+  linear law plus the kernel's non-linearities (tile quantisation, occupancy) inside the
+  profiled range, flat outside it.
+- forest: a random forest on log features predicting log time (Vidur's choice).
+- xgboost: gradient-boosted trees on log features (only when the xgboost package is there).
+
+The estimators follow scikit-learn's fit/predict; the fitted set is an artifact
+(`<profile>/fit/step_fit.pkl` + a readable `fit.json`) that step_compile.py turns into
+lookup tables for the simulator.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rkvsim.models import parse_method
+
+from rkvsim.models.files import write_bytes
+from rkvsim.calibration.steps.features import (DECODE_FEATURES, DENSE_FEATURES, DENSE_OPS, PREFILL_FEATURES,
+                            decode_work, dense_work, design, log_features, prefill_work)
+
+FIT_VERSION = 1
+FIT_DIR = "fit"
+FIT_PICKLE = "step_fit.pkl"
+FIT_JSON = "fit.json"
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+# ---- candidates ---------------------------------------------------------------------------
+class PhysicsRegressor:
+    """time = c0 + sum c_k x_k, c >= 0, least squares on relative error."""
+    name = "physics"
+
+    def __init__(self, features: tuple[str, ...]):
+        self.features = features
+
+    def fit(self, work: dict, y: np.ndarray) -> "PhysicsRegressor":
+        from scipy.optimize import nnls
+        X = design(work, self.features)
+        scale = np.maximum(np.abs(X).max(axis=0), 1e-30)   # conditioning: columns span 1 .. 1e13
+        w = 1.0 / np.maximum(y, 1e-12)
+        coef, _ = nnls((X / scale) * w[:, None], y * w, maxiter=50 * X.shape[1])
+        self.coef_ = coef / scale
+        return self
+
+    def predict(self, work: dict) -> np.ndarray:
+        return np.maximum(design(work, self.features) @ self.coef_, 1e-9)
+
+
+class PhysicsBoost:
+    """physics x exp(boosted trees on log features): non-linear corrections, flat outside the data."""
+    name = "physics+gbt"
+
+    def __init__(self, features: tuple[str, ...], seed: int = 0):
+        self.features, self.seed = features, seed
+
+    def fit(self, work: dict, y: np.ndarray) -> "PhysicsBoost":
+        from sklearn.ensemble import HistGradientBoostingRegressor
+        self.base_ = PhysicsRegressor(self.features).fit(work, y)
+        r = np.log(y / self.base_.predict(work))
+        self.gbt_ = HistGradientBoostingRegressor(max_iter=200, learning_rate=0.08, min_samples_leaf=8,
+                                                  random_state=self.seed).fit(log_features(work, self.features), r)
+        return self
+
+    def predict(self, work: dict) -> np.ndarray:
+        return self.base_.predict(work) * np.exp(self.gbt_.predict(log_features(work, self.features)))
+
+
+class LogForest:
+    """Random forest on log features predicting log time (the Vidur family)."""
+    name = "forest"
+
+    def __init__(self, features: tuple[str, ...], seed: int = 0):
+        self.features, self.seed = features, seed
+
+    def fit(self, work: dict, y: np.ndarray) -> "LogForest":
+        from sklearn.ensemble import RandomForestRegressor
+        self.rf_ = RandomForestRegressor(n_estimators=60, min_samples_leaf=2, random_state=self.seed,
+                                         n_jobs=1).fit(log_features(work, self.features), np.log(y))
+        return self
+
+    def predict(self, work: dict) -> np.ndarray:
+        return np.exp(self.rf_.predict(log_features(work, self.features)))
+
+
+class LogXGB:
+    name = "xgboost"
+
+    def __init__(self, features: tuple[str, ...], seed: int = 0):
+        self.features, self.seed = features, seed
+
+    def fit(self, work: dict, y: np.ndarray) -> "LogXGB":
+        import xgboost
+        self.xgb_ = xgboost.XGBRegressor(n_estimators=300, max_depth=6, learning_rate=0.08,
+                                         random_state=self.seed, n_jobs=1, verbosity=0)
+        self.xgb_.fit(log_features(work, self.features), np.log(y))
+        return self
+
+    def predict(self, work: dict) -> np.ndarray:
+        return np.exp(self.xgb_.predict(log_features(work, self.features)))
+
+
+def have_xgboost() -> bool:
+    try:
+        import xgboost  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def candidates(features: tuple[str, ...], seed: int, only: tuple[str, ...] | None = None) -> list:
+    cands = [PhysicsRegressor(features), PhysicsBoost(features, seed), LogForest(features, seed)]
+    if have_xgboost():
+        cands.append(LogXGB(features, seed))
+    if only:
+        cands = [c for c in cands if c.name in only]
+    return cands
+
+
+def _subset(work: dict, idx: np.ndarray) -> dict:
+    return {k: np.asarray(v)[idx] for k, v in work.items()}
+
+
+def mape(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(np.abs(pred - y) / y))
+
+
+def kfold_error(make, work: dict, y: np.ndarray, folds: int, seed: int) -> tuple[float, np.ndarray]:
+    """Mean absolute percentage error of `make()` on rows held out of its fit, and the
+    out-of-fold predictions (every row predicted by a model that never saw it)."""
+    n = len(y)
+    order = np.random.default_rng(seed).permutation(n)
+    oof = np.empty(n)
+    for k in range(folds):
+        test = order[k::folds]
+        train = np.setdiff1d(order, test, assume_unique=True)
+        oof[test] = make().fit(_subset(work, train), y[train]).predict(_subset(work, test))
+    return mape(oof, y), oof
+
+
+# ---- one operator ---------------------------------------------------------------------------
+@dataclass
+class OpFit:
+    family: str                     # dense | decode | prefill
+    method: str                     # profile method label ('all' for dense ops)
+    op: str
+    features: tuple[str, ...]
+    chosen: str
+    estimator: object
+    heldout: dict[str, float]       # candidate -> k-fold held-out MAPE
+    rows: int
+    ranges: dict[str, list[float]]  # profiled range of the raw inputs (see step_compile.anchored)
+    physics: object = None          # the linear law refitted on all rows: scales predictions
+                                    # beyond the profiled range
+    transfer: object = None         # physics-anchored estimator for model shapes not profiled
+                                    # (trees alone cannot scale with FLOPs they never saw)
+
+    def predict(self, work: dict) -> np.ndarray:
+        return self.estimator.predict(work)
+
+
+def fit_op(family: str, method: str, op: str, work: dict, y: np.ndarray, features: tuple[str, ...],
+           folds: int = 5, seed: int = 0, only: tuple[str, ...] | None = None) -> OpFit:
+    y = np.asarray(y, np.float64)
+    # Small tables (a quick CPU grid times a dense op at ~6 token counts): fewer folds, each
+    # still held out; under 4 rows nothing can be held out, so only the physics law is fitted
+    # and its error is reported as unknown (NaN), never as a training-set score.
+    folds = min(folds, len(y) // 2)
+    if folds < 2:
+        est = PhysicsRegressor(features).fit(work, y)
+        keys = [k for k in ("tokens", "batch", "ctx", "past") if k in work]
+        ranges = {k: [float(np.min(work[k])), float(np.max(work[k]))] for k in keys}
+        return OpFit(family, method, op, features, "physics", est, {"physics": float("nan")}, len(y), ranges, est, est)
+    if len(y) < 12 and only is None:
+        only = ("physics", "physics+gbt")   # trees on a handful of rows only memorise them
+    scores = {}
+    for cand in candidates(features, seed, only):
+        make = (lambda c=cand: type(c)(features) if isinstance(c, PhysicsRegressor) else type(c)(features, seed))
+        scores[cand.name] = kfold_error(make, work, y, folds, seed)[0]
+    best = min(scores, key=scores.get)
+    est = next(c for c in candidates(features, seed, only) if c.name == best).fit(work, y)
+    keys = [k for k in ("tokens", "batch", "ctx", "past") if k in work]
+    ranges = {k: [float(np.min(work[k])), float(np.max(work[k]))] for k in keys}
+    phys = est if best == "physics" else PhysicsRegressor(features).fit(work, y)
+    transfer = est if best in ("physics", "physics+gbt") else (
+        PhysicsBoost(features, seed).fit(work, y) if only is None or "physics+gbt" in only else phys)
+    return OpFit(family, method, op, features, best, est, scores, len(y), ranges, phys, transfer)
+
+
+# ---- a whole profile ----------------------------------------------------------------------
+@dataclass
+class StepFit:
+    version: int
+    profile: str                    # profile folder it was fitted on
+    origin: str                     # profile:<hw>@<date>
+    hardware: str
+    model: str
+    dtype_bytes: int
+    tables_sha256: str
+    ops: dict[tuple[str, str, str], OpFit] = field(default_factory=dict)
+    created: str = ""
+    versions: dict = field(default_factory=dict)
+
+    def methods(self, family: str) -> list[str]:
+        return sorted({m for (f, m, _) in self.ops if f == family})
+
+    def get(self, family: str, method: str, op: str) -> OpFit | None:
+        return self.ops.get((family, method, op))
+
+    def summary(self) -> list[dict]:
+        out = []
+        for (fam, meth, op), f in sorted(self.ops.items()):
+            row = {"family": fam, "method": meth, "op": op, "rows": f.rows, "chosen": f.chosen}
+            row.update({f"heldout_mape_{k}": v for k, v in f.heldout.items()})
+            out.append(row)
+        return out
+
+
+def _tables_sha(folder: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("attention.csv", "operators.csv"):
+        p = folder / name
+        if p.exists():
+            h.update(name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _dense_rows(ops: pd.DataFrame, dt: int) -> dict[str, tuple[dict, np.ndarray]]:
+    out = {}
+    # Dense ops are method-independent: Vidur ships a copy of the same mlp.csv per method, so
+    # rows with the same shape are merged (median) before fitting, not counted five times.
+    shape = ["op", "num_tokens", "tp", "hidden", "intermediate", "num_q_heads", "num_kv_heads", "head_dim", "vocab"]
+    ops = ops.groupby(shape, as_index=False)["time_s_median"].median()
+    for op, g in ops.groupby("op"):
+        if op not in DENSE_OPS:
+            continue
+        work = dense_work(op, g["num_tokens"], g["hidden"], g["intermediate"], g["num_q_heads"],
+                          g["num_kv_heads"], g["head_dim"], g["vocab"], g["tp"], dt)
+        out[op] = (work, g["time_s_median"].to_numpy(float))
+    return out
+
+
+def attention_work(stage: str, method_label: str, g: pd.DataFrame, dt: int) -> dict:
+    m = parse_method(method_label)
+    if stage == "decode":
+        # Keyed by the tokens the cache holds: collected rows record them (cache_tokens, after
+        # eviction); Vidur's rows were timed at a cache of kv_len tokens, evicted or not.
+        held = g["kv_len"].to_numpy(np.int64)
+        if "cache_tokens" in g:
+            ct = pd.to_numeric(g["cache_tokens"], errors="coerce").to_numpy(float)
+            held = np.where(np.isnan(ct), held, ct).astype(np.int64)
+        return decode_work(m, g["batch_size"], held, g["num_q_heads"], g["num_kv_heads"],
+                           g["head_dim"], prompt=held, dtype_bytes=dt)
+    return prefill_work(m, g["new_tokens"], g["kv_len"], g["num_q_heads"], g["num_kv_heads"],
+                        g["head_dim"], dtype_bytes=dt)
+
+
+def attention_time(g: pd.DataFrame) -> np.ndarray:
+    """Kernel time plus the engine work Vidur times apart (reshapes, cache save)."""
+    t = g["time_s_median"].to_numpy(float)
+    if "overhead_s_median" in g:
+        t = t + g["overhead_s_median"].fillna(0.0).to_numpy(float)
+    return t
+
+
+def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | None = None,
+                progress=None) -> StepFit:
+    """Fit every operator of a loaded profiler.profile.Profile."""
+    meta = profile.meta
+    dt = DTYPE_BYTES.get(str(meta.get("dtype", "float16")), 2)
+    jobs = []
+    ops = profile.tables.get("operators")
+    if ops is not None and len(ops):
+        ops = ops[ops["time_s_median"] > 0]
+        for op, (work, y) in _dense_rows(ops, dt).items():
+            jobs.append(("dense", "all", op, work, y, DENSE_FEATURES))
+    att = profile.tables.get("attention")
+    if att is not None and len(att):
+        att = att[att["time_s_median"] > 0]
+        for (method, stage), g in att.groupby(["method", "stage"]):
+            family = "decode" if stage == "decode" else "prefill"
+            feats = DECODE_FEATURES if family == "decode" else PREFILL_FEATURES
+            jobs.append((family, method, "attention", attention_work(stage, method, g, dt), attention_time(g), feats))
+    if not jobs:
+        raise ValueError(f"{profile.folder}: no operator or attention rows to fit")
+    fit = StepFit(FIT_VERSION, str(profile.folder), profile.origin, profile.hardware, meta.get("model", ""),
+                  dt, _tables_sha(Path(profile.folder)),
+                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=_versions())
+    from threadpoolctl import threadpool_limits
+    # One thread: the fits are small, and OpenMP workers spinning on a busy 2-core machine
+    # made gradient boosting 8x slower than single-threaded.
+    with threadpool_limits(1):
+        for family, method, op, work, y, feats in jobs:
+            fit.ops[(family, method, op)] = fit_op(family, method, op, work, y, feats, folds, seed, only)
+            if progress:
+                progress(family, method, op)
+    return fit
+
+
+def _versions() -> dict:
+    import sklearn
+    return {"python": platform.python_version(), "numpy": np.__version__, "scikit-learn": sklearn.__version__}
+
+
+# ---- artifact -----------------------------------------------------------------------------
+def fit_folder(profile_dir: str | Path) -> Path:
+    return Path(profile_dir) / FIT_DIR
+
+
+def save_fit(fit: StepFit, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes(out / FIT_PICKLE, pickle.dumps(fit, protocol=pickle.HIGHEST_PROTOCOL))
+    doc = {"version": fit.version, "profile": fit.profile, "origin": fit.origin, "hardware": fit.hardware,
+           "model": fit.model, "tables_sha256": fit.tables_sha256, "created": fit.created,
+           "versions": fit.versions, "metric": "k-fold held-out mean absolute percentage error (fraction)",
+           "operators": fit.summary()}
+    write_bytes(out / FIT_JSON, json.dumps(doc, indent=1, sort_keys=True).encode())
+    return out
+
+
+class FitError(RuntimeError):
+    pass
+
+
+def load_fit(profile_dir: str | Path, fit_dir: str | Path | None = None) -> StepFit:
+    """The fit saved beside a profile (or in `fit_dir`); refuses one fitted on different tables."""
+    folder = Path(profile_dir)
+    path = Path(fit_dir or fit_folder(folder)) / FIT_PICKLE
+    if not path.exists():
+        raise FitError(f"{folder} has no fitted step costs; run: rkvprof fit {folder}")
+    try:
+        fit = pickle.loads(path.read_bytes())
+    except Exception as e:   # a pickle from another scikit-learn / numpy version
+        raise FitError(f"{path} cannot be read here ({type(e).__name__}: {e}); refit: rkvprof fit {folder}") from None
+    if getattr(fit, "version", None) != FIT_VERSION:
+        raise FitError(f"{path} has fit version {getattr(fit, 'version', None)}, this rkvsim reads {FIT_VERSION}; "
+                       f"refit: rkvprof fit {folder}")
+    if fit.tables_sha256 != _tables_sha(folder):
+        raise FitError(f"{path} was fitted on other tables than {folder} now holds; refit: rkvprof fit {folder}")
+    return fit

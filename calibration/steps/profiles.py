@@ -1,0 +1,132 @@
+"""Where calibrated profiles live, and turning one into the simulator's cost model.
+
+A scenario's hardware gets calibrated costs when a profile for it exists, looked up in order:
+1. the scenario's `profile:` folder (`profile: roofline` forces the prior);
+2. the user store `$RKVSIM_PROFILES` (default ~/.local/share/rkvsim/profiles)/<hardware>/<model>,
+   filled by `rkvprof install DIR`; then any model of that hardware there (shape transfer);
+3. the profiles shipped in the package (profiler/data/<hardware>/<model>), same order.
+The fit is read from `<profile>/fit/` when `rkvprof fit` wrote it there; otherwise the profile
+is fitted once and cached under ~/.cache/rkvsim/fits/<tables sha256>/.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from rkvsim.models import HardwareSpec, Method, ModelSpec
+
+from rkvsim.calibration.steps.fit import FIT_PICKLE, FitError, StepFit, _tables_sha, fit_folder, load_fit, save_fit
+
+PROFILES_ENV = "RKVSIM_PROFILES"
+CACHE_ENV = "RKVSIM_CACHE"
+FORCE_PRIOR = "roofline"
+
+
+def user_store() -> Path:
+    return Path(os.environ.get(PROFILES_ENV) or Path.home() / ".local" / "share" / "rkvsim" / "profiles")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rkvsim")
+
+
+def packaged_store() -> Path:
+    spec = importlib.util.find_spec("rkvsim.profiler")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def _meta(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _usable(folder: Path, hardware: str) -> bool:
+    m = _meta(folder)
+    # Engine profiles (llama.cpp's own step timings) feed the slots scheduler, not this fit.
+    if m and (m.get("engine") or m.get("source") == "rkvprof-engine"):
+        return False
+    return bool(m) and m.get("hardware") == hardware and m.get("status", "complete") == "complete" \
+        and (folder / "attention.csv").exists()
+
+
+def find_profile(hardware: HardwareSpec, model: ModelSpec, explicit: str | None = None,
+                 base_dir: Path | None = None) -> Path | None:
+    """The profile folder to calibrate with, or None for the roofline prior."""
+    if explicit:
+        if explicit == FORCE_PRIOR:
+            return None
+        p = Path(explicit)
+        if not p.is_absolute() and base_dir is not None and not p.exists():
+            p = base_dir / p
+        m = _meta(p)
+        if m is None:
+            raise FitError(f"profile: {explicit} is not an rkvprof profile folder (no meta.json); "
+                           "give a folder written by rkvprof collect/import-vidur, or 'roofline'")
+        if m.get("hardware") != hardware.name:
+            raise FitError(f"profile: {explicit} was measured on {m.get('hardware')!r}, the scenario's hardware is "
+                           f"{hardware.name!r}; use a profile of that hardware or change hardware")
+        return p
+    for root in (user_store(), packaged_store()):
+        same = root / hardware.name / model.name
+        if _usable(same, hardware.name):
+            return same
+        hw_dir = root / hardware.name
+        if hw_dir.is_dir():
+            for other in sorted(hw_dir.iterdir()):
+                if _usable(other, hardware.name):
+                    return other
+    return None
+
+
+@lru_cache(maxsize=16)
+def _fit_for(folder: str, sha: str) -> StepFit:
+    f = Path(folder)
+    if (fit_folder(f) / FIT_PICKLE).exists():
+        return load_fit(f)
+    cached = cache_root() / "fits" / sha
+    if (cached / FIT_PICKLE).exists():
+        try:
+            return load_fit(f, cached)
+        except FitError:
+            pass
+    from rkvsim.profiler.profile import load_profile
+    from rkvsim.calibration.steps.fit import fit_profile
+    print(f"rkvsim: fitting step costs on {f} (once; cached in {cached})", file=sys.stderr)
+    fit = fit_profile(load_profile(f))
+    save_fit(fit, cached)
+    return fit
+
+
+def fit_for(folder: Path) -> StepFit:
+    return _fit_for(str(Path(folder).resolve()), _tables_sha(Path(folder)))
+
+
+@lru_cache(maxsize=64)
+def _compiled(folder: str, sha: str, model: ModelSpec, method: Method, tp: int, max_tokens: int,
+              max_batch: int, max_ctx: int):
+    from threadpoolctl import threadpool_limits
+
+    from rkvsim.calibration.steps.compile import compile_costs
+    fit = _fit_for(folder, sha)
+    # One thread: OpenMP workers of the boosted trees spin against the simulator's own process
+    # on a loaded machine (measured: 4.4 s instead of 0.4 s to compile one method).
+    with threadpool_limits(1):
+        return compile_costs(fit, model, method, tp, max_tokens, max_batch, max_ctx)
+
+
+def calibrated_cost_model(folder: Path, model: ModelSpec, hardware: HardwareSpec, method: Method, tp: int,
+                          max_tokens: int, max_batch: int, max_ctx: int):
+    """CalibratedCostModel for one replica, with engine terms installed beside the profile if any."""
+    from rkvsim.simulator.calibrated import CalibratedCostModel, load_engine_terms
+    from rkvsim.simulator.cost_model import RooflineCostModel
+    folder = Path(folder)
+    comp = _compiled(str(folder.resolve()), _tables_sha(folder), model, method, tp, int(max_tokens),
+                     int(max_batch), int(max_ctx))
+    engine = load_engine_terms(fit_folder(folder))
+    return CalibratedCostModel(comp, RooflineCostModel(model, hardware, method, tp), engine)

@@ -1,0 +1,1 @@
+"""The home of both console scripts (rkvsim.cli.main); it sits above every other package."""
