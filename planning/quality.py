@@ -14,7 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
-from rkvsim.models import Method
+from rkvsim.models import BASELINE, Method
 
 DEFAULT_THRESHOLD = 0.1
 
@@ -27,16 +27,9 @@ def default_scores_dir() -> Path | None:
 
 
 def match_prefix(method: Method, prefixes: list[str]) -> str | None:
-    k = method.kind
-    if k == "kivi":
-        pat = rf"^kivi_.*_{method.bits}bits_group{method.group_size}_residual{method.residual}$"
-    elif k == "gear":
-        pat = rf"^gear_.*_{method.bits}bits$"
-    elif k in ("h2o", "streamingllm"):
-        cap = method.heavy + method.recent if k == "h2o" else method.sink + method.recent
-        pat = rf"^{k}_.*_c{cap}_w\d+_"
-    else:
+    if method.spec.paper_scores is None:
         return None
+    pat = method.spec.paper_scores(method)
     hits = sorted(p for p in prefixes if re.search(pat, p))
     if not hits:
         return None
@@ -49,7 +42,7 @@ def baseline_prefix(prefixes: list[str]) -> str | None:
 
 def negative_rate(method: Method, scores_dir: Path | None, threshold: float = DEFAULT_THRESHOLD) -> dict | None:
     """{"rate", "negatives", "benign", "prefix", "threshold"} or None when there is no data."""
-    if scores_dir is None or method.kind == "fp16":
+    if scores_dir is None or method.family == BASELINE:
         return None
     from rkvsim.calibration.quality.negatives import available_prefixes, count_negatives, load_scores
     prefixes = available_prefixes(scores_dir)

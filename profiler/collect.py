@@ -17,7 +17,8 @@ from rkvsim.profiler.dense_ops import dense_tasks
 from rkvsim.profiler.grids import Grid, attention_heads
 from rkvsim.profiler.meta import collected_meta, mismatch, now_utc
 from rkvsim.profiler.schema import META_FILE, TABLES
-from rkvsim.profiler.store import TableWriter, read_json, write_json_atomic
+from rkvsim.models.files import read_json_if_exists, write_json
+from rkvsim.profiler.store import TableWriter
 from rkvsim.profiler.tasks import Context, Task
 
 PARTS = ("operators", "attention", "compression")
@@ -121,7 +122,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
     meta.update(started=run["started"], status="running", runs=[])
     cfg.out.mkdir(parents=True, exist_ok=True)
     meta_path = cfg.out / META_FILE
-    existing = read_json(meta_path)
+    existing = read_json_if_exists(meta_path)
     if existing is not None:
         why = mismatch(existing, meta)
         if why:
@@ -129,7 +130,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
     elif any((cfg.out / TABLES[p].filename).exists() for p in PARTS):
         raise devmod.ProfilerError(f"{cfg.out} holds tables but no {META_FILE}; use an empty --out")
     _merge_methods(existing, meta)
-    write_json_atomic(meta_path, meta)
+    write_json(meta_path, meta, sort_keys=True, default=str)
 
     writers = {name: TableWriter(cfg.out, TABLES[name]) for name in PARTS}
     torch.manual_seed(cfg.seed)
@@ -161,7 +162,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
                measured=len(pending), wall_s=round(wall, 3))
     meta["runs"].append(run)
     meta.update(status="complete" if not oom else "incomplete", finished=run["finished"], rows=rows)
-    write_json_atomic(meta_path, meta)
+    write_json(meta_path, meta, sort_keys=True, default=str)
     return CollectResult(cfg.out, len(tasks), skipped, len(pending), wall, rows)
 
 

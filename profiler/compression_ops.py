@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from rkvsim.models import Method, ModelSpec, quantized_tokens
+from rkvsim.models import EVICTING, Method, ModelSpec, quantized_tokens
 
 from rkvsim.profiler.grids import AttentionHeads, Grid
 from rkvsim.profiler.schema import COMPRESSION
@@ -35,15 +35,22 @@ def _kernels():
     return kernels
 
 
+def _module(m: Method):
+    """The method's own kernel module (its spec names it)."""
+    import importlib
+    return importlib.import_module(f"rkvsim.kernels.{m.spec.kernel}")
+
+
 def _quantizer_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Context):
     kn = _kernels()
-    mod = kn.gear if m.kind == "gear" else kn.kivi
+    corrected = m.spec.corrections is not None    # GEAR: low-rank + outliers on top of the quantizer
+    mod = _module(m)
     hkv = h.num_kv_heads
 
     def segment(b: int, n_q: int) -> Build:
         def build():
             k, v = ctx.randn(b, hkv, n_q, d), ctx.randn(b, hkv, n_q, d)
-            if m.kind == "gear":
+            if corrected:
                 return lambda: (kn.gear.compress_segment(k, m, keys=True), kn.gear.compress_segment(v, m, keys=False))
             return lambda: kn.kivi.quantize_segment(k, v, m)
         return build
@@ -76,19 +83,19 @@ def _quantizer_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Cont
             return lambda: cache.keys_values()
         return build
 
-    seg_op = "compress_segment" if m.kind == "gear" else "quantize_segment"
+    seg_op = "compress_segment" if corrected else "quantize_segment"
     for b in grid.prefill_batch_sizes:
         for kv, n in grid.prefill_points():
             n_q = quantized_tokens(m, kv + n) - quantized_tokens(m, kv)
             if n_q:
                 yield seg_op, b, 0, n_q, segment(b, n_q)
-                if m.kind == "gear":
+                if corrected:
                     yield "low_rank", b, 0, n_q, low_rank(b, n_q)
     for b in grid.decode_batch_sizes:
         for kv in grid.decode_kv_lens:
             yield "quantize_on_append", b, kv, m.group_size, on_append(b, kv)
             if quantized_tokens(m, kv):
-                yield ("reconstruct" if m.kind == "gear" else "dequantize_cache"), b, kv, kv, materialise(b, kv)
+                yield ("reconstruct" if corrected else "dequantize_cache"), b, kv, kv, materialise(b, kv)
 
 
 def _eviction_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Context):
@@ -99,7 +106,7 @@ def _eviction_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Conte
     def cache_of(b: int, n: int):
         k, v = ctx.randn(b, hkv, n, d), ctx.randn(b, hkv, n, d)
         pos = kn.common.token_positions(b, hkv, 0, n, ctx.device)
-        if m.kind == "h2o":
+        if m.spec.attention_scores:
             scores = torch.rand(b, hkv, n, device=ctx.device, dtype=torch.float32)
             return kn.h2o.H2OCache(k, v, pos, n, scores=scores)
         return kn.evicted.EvictedCache(k, v, pos, n)
@@ -107,7 +114,7 @@ def _eviction_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Conte
     def evict(b: int, n: int) -> Build:
         def build():
             cache = cache_of(b, n)
-            mod = kn.h2o if m.kind == "h2o" else kn.streaming
+            mod = _module(m)
             return lambda: mod.evict(cache, m)
         return build
 
@@ -122,7 +129,7 @@ def _eviction_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Conte
     for b in grid.decode_batch_sizes:          # decode: one token over the budget
         seen.add((b, cap + 1))
         yield "evict", b, cap + 1, cap + 1, evict(b, cap + 1)
-        if m.kind == "h2o":
+        if m.spec.attention_scores:
             yield "update_scores", b, cap + 1, cap + 1, update(b, cap + 1)
     for b in grid.prefill_batch_sizes:         # prefill: a prompt over the budget
         for n in _prompt_lengths(grid):
@@ -152,11 +159,14 @@ def _snapkv_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Context
 
 
 def _cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Context):
-    if m.kind in ("kivi", "gear"):
+    s = m.spec
+    # Group quantizers launch their own quantize kernels; a quantizer fused into the cache
+    # write (FP8) has no compression step of its own to time.
+    if s.quantized_tokens is not None and s.quantize_launches:
         return _quantizer_cases(m, grid, h, d, ctx)
-    if m.kind in ("h2o", "streamingllm"):
+    if s.family == EVICTING:
         return _eviction_cases(m, grid, h, d, ctx)
-    if m.kind == "snapkv":
+    if s.prompt_vote:
         return _snapkv_cases(m, grid, h, d, ctx)
     return iter(())
 

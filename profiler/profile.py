@@ -14,7 +14,7 @@ from rkvsim.models import resolve_hardware, resolve_model
 
 from rkvsim.profiler.device import ProfilerError
 from rkvsim.profiler.schema import META_FILE, SCHEMA_VERSION, TABLES
-from rkvsim.profiler.store import read_json
+from rkvsim.models.files import read_json_if_exists
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -38,7 +38,7 @@ class Profile:
 
 def load_profile(folder: Path | str, hardware: str | None = None, model: str | None = None) -> Profile:
     folder = Path(folder)
-    meta = read_json(folder / META_FILE)
+    meta = read_json_if_exists(folder / META_FILE)
     if meta is None:
         raise ProfilerError(f"{folder} has no {META_FILE}: not an rkvprof profile")
     if meta.get("schema_version") != SCHEMA_VERSION:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -29,25 +28,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def read_json(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def _csv_line(values: list) -> str:

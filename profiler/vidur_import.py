@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rkvsim.models import ModelSpec, default_method, resolve_hardware, resolve_model
+from rkvsim.models import ModelSpec, default_method, resolve_hardware, resolve_model, specs
 
 from rkvsim.profiler.device import ProfilerError
 from rkvsim.profiler.meta import library_versions, now_utc
 from rkvsim.profiler.schema import ATTENTION, META_FILE, OPERATORS, SCHEMA_VERSION, TableSchema
-from rkvsim.profiler.store import read_json, write_json_atomic
+from rkvsim.models.files import atomic_path, read_json_if_exists, write_json
 
-SUFFIX_KIND = {"fp16": "fp16", "kivi": "kivi", "gear": "gear", "h2o": "h2o", "stream": "streamingllm"}
 SHARED_SUFFIX = "hf"
 SHARED_METHOD = "all"
 MLP_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj",
@@ -54,12 +53,20 @@ def discover(src: Path) -> tuple[list[Folder], list[str]]:
         suffix = suffix.lower()
         if suffix == SHARED_SUFFIX:
             folders.append(Folder(d, model_part, suffix, SHARED_METHOD, SHARED_METHOD))
-        elif suffix in SUFFIX_KIND and model_part:
-            m = default_method(SUFFIX_KIND[suffix])
+        elif model_part and (m := _method_of_suffix(suffix)) is not None:
             folders.append(Folder(d, model_part, suffix, m.label, m.kind))
         else:
             ignored.append(d.name)
     return folders, ignored
+
+
+def _method_of_suffix(suffix: str):
+    """The paper's folders are named <model>-<method> with a kind's name or alias ('stream')."""
+    try:
+        m = default_method(suffix)
+    except ValueError:
+        return None
+    return m if m.spec.kernel is not None else None
 
 
 def sha256(path: Path) -> str:
@@ -157,12 +164,7 @@ def merge_duplicates(df: pd.DataFrame, schema: TableSchema) -> tuple[pd.DataFram
 
 
 def _write_table(df: pd.DataFrame, path: Path) -> None:
-    import os
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_path(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def import_vidur(src: Path, gpu: str, model_name: str, out: Path) -> ImportResult:
@@ -176,10 +178,11 @@ def import_vidur(src: Path, gpu: str, model_name: str, out: Path) -> ImportResul
         raise ProfilerError(str(e.args[0])) from None
     folders, ignored = discover(src)
     if not folders:
-        raise ProfilerError(f"no <model>-{{{','.join([*SUFFIX_KIND, SHARED_SUFFIX])}}} folders under {src}")
+        names = [k for k, sp in specs().items() if sp.kernel] + ["stream", SHARED_SUFFIX]
+        raise ProfilerError(f"no <model>-{{{','.join(names)}}} folders under {src}")
 
     out.mkdir(parents=True, exist_ok=True)
-    existing = read_json(out / META_FILE)
+    existing = read_json_if_exists(out / META_FILE)
     if existing is not None:
         for k, want in (("source", "vidur-import"), ("model", model.name), ("hardware", hardware)):
             if existing.get(k) != want:
@@ -235,5 +238,5 @@ def import_vidur(src: Path, gpu: str, model_name: str, out: Path) -> ImportResul
         "imported": now_utc(),
         "versions": library_versions(),
     }
-    write_json_atomic(out / META_FILE, meta)
+    write_json(out / META_FILE, meta, sort_keys=True, default=str)
     return ImportResult(out, meta["rows"], meta)

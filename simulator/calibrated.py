@@ -169,3 +169,15 @@ class CalibratedCostModel:
         out = {k: (st.attn_scale if k.startswith("attn_") else st.scale) * v for k, v in parts.items()}
         out["step_overhead"] = st.fixed_s + st.per_seq_s * (nd + npf)
         return out
+
+
+def calibrated_cost_model(folder: Path, model, hardware, method, tp: int, max_tokens: int, max_batch: int,
+                          max_ctx: int) -> "CalibratedCostModel":
+    """CalibratedCostModel for one replica: the profile's compiled lookups, with engine terms
+    installed beside the profile if any, and the roofline prior for what no profile row covers."""
+    from rkvsim.calibration.steps.fit import fit_folder
+    from rkvsim.calibration.steps.profiles import compiled_costs
+
+    comp = compiled_costs(folder, model, method, tp, max_tokens, max_batch, max_ctx)
+    engine = load_engine_terms(fit_folder(Path(folder)))
+    return CalibratedCostModel(comp, RooflineCostModel(model, hardware, method, tp), engine)

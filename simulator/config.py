@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from rkvsim.models import Method, default_method, parse_method, resolve_hardware, resolve_model
+from rkvsim.models import Method, method_from_entry, resolve_hardware, resolve_model
 
 from rkvsim.simulator.fleet_schema import Arm, FleetEntry, RouterName, RoutingConfig, check_fleets
 from rkvsim.simulator.slots_config import SlotsSchedulerConfig, check_slots, scheduler_kind
@@ -120,22 +120,6 @@ class Scenario(_Strict):
     @property
     def method_list(self) -> list[Method]:
         return [method_from_entry(e) for e in self.methods]
-
-
-def method_from_entry(entry: str | dict) -> Method:
-    """'kivi-2' or {kind: kivi, bits: 2, residual: 64}."""
-    try:
-        if isinstance(entry, str):
-            return parse_method(entry)
-        if isinstance(entry, dict):
-            d = dict(entry)
-            kind = d.pop("kind", None)
-            if kind is None:
-                raise ValueError(f"method {entry} needs a 'kind' (fp16, kivi, gear, streamingllm, h2o, snapkv)")
-            return default_method(str(kind), **d)
-    except TypeError as e:
-        raise ValueError(f"bad method {entry!r}: {e}") from None
-    raise ValueError(f"method entries are names like 'kivi-4' or mappings with 'kind', got {entry!r}")
 
 
 def format_validation_error(err: ValidationError) -> str:

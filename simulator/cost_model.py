@@ -47,11 +47,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from rkvsim.models import HardwareSpec, Method, ModelSpec
-from rkvsim.models.kv_bytes import SCORE_BYTES
 
-from rkvsim.simulator.roofline import (Roofline, RooflineEfficiency, default_efficiency, gear_outliers_vec,
-                       gear_rank_vec, gear_segment_bytes_vec, quant_bytes_per_token,
-                       quantized_tokens_vec, ring_allreduce_s)
+from rkvsim.simulator.roofline import Roofline, RooflineEfficiency, default_efficiency, ring_allreduce_s
 
 ROOFLINE_SOURCE = "roofline-prior (uncalibrated)"
 
@@ -99,15 +96,20 @@ class RooflineCostModel:
         self.hq = max(1, m.num_heads // tp)
         self.hkv = max(1, m.num_kv_heads // tp)     # as models.kv_bytes splits KV heads
         self.full = 2 * self.d * self.dt
-        self.kind = method.kind
-        self.quantized = self.kind in ("kivi", "gear")
-        self.f = eff.dequant_roundtrip if self.quantized else 0.0
+        # What the method adds to a step comes from its spec (models/method_specs/), by trait.
+        self.spec = spec = method.spec
+        self.quantized = spec.quantized_tokens is not None
+        self.gear = spec.corrections             # low-rank + outlier error correction (GEAR)
+        self.f = eff.dequant_roundtrip if self.quantized and not spec.fused_dequant else 0.0
+        self.dequant_flops = eff.dequant_flops if spec.dequant_flops is None else spec.dequant_flops
+        self.quant_flops = eff.quant_flops if spec.quant_flops is None else spec.quant_flops
         if self.quantized:
-            self.qpt = quant_bytes_per_token(method, self.d, self.dt)
+            self.qpt = spec.quant_bytes_per_token(method, self.d, self.dt)
+        if self.gear is not None:
             g = np.array([method.group_size], np.int64)
-            self.seg_g = float(gear_segment_bytes_vec(method, g, self.d, self.dt)[0])
-            self.rank_g = int(gear_rank_vec(method, g, self.d)[0])
-            self.out_g = 2 * int(gear_outliers_vec(method, g, self.d)[0])
+            self.seg_g = float(self.gear.segment_bytes(method, g, self.d, self.dt)[0])
+            self.rank_g = int(self.gear.rank(method, g, self.d)[0])
+            self.out_g = 2 * int(self.gear.outliers(method, g, self.d)[0])
         self._dense_cache: dict[int, tuple[float, tuple[float, ...]]] = {}
         self._head_cache: dict[int, tuple[float, float]] = {}
         self._build_tables(min(max(m.max_position, 4096), 32768) + 1)   # grows on demand
@@ -208,23 +210,24 @@ class RooflineCostModel:
     _NCOL = 6
 
     def _build_tables(self, n: int) -> None:
-        meth, kind, d, dt = self.method, self.kind, self.d, self.dt
+        meth, spec, d, dt = self.method, self.spec, self.d, self.dt
         x = np.arange(n, dtype=np.int64)
         dec_c = np.zeros((n, self._NCOL))
         dec_p = None
         pre = np.zeros((n, self._NCOL))     # a prefill chunk's past, by past length
         if self.quantized:
-            g = meth.group_size
-            nq = quantized_tokens_vec(meth, x)
+            nq = spec.quantized_tokens(meth, x)
             for tab in (dec_c, pre):
                 tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3] = x, x - nq, nq, nq * self.qpt
-            if kind == "gear":
+            if self.gear is not None:
+                g = meth.group_size
+                cor = self.gear
                 # Decode: a prefill segment of nq(prompt) tokens, then (nq(ctx)-nq(prompt))/G
                 # segments of G tokens (models.kv_bytes.gear_segments), split into ctx and
                 # prompt parts. In prefill the past is one segment.
-                seg = gear_segment_bytes_vec(meth, nq, d, dt)
-                rank_work = nq * gear_rank_vec(meth, nq, d)
-                outl = 2 * gear_outliers_vec(meth, nq, d)
+                seg = cor.segment_bytes(meth, nq, d, dt)
+                rank_work = nq * cor.rank(meth, nq, d)
+                outl = 2 * cor.outliers(meth, nq, d)
                 dec_c[:, 3] += nq / g * self.seg_g
                 dec_c[:, 4] = nq * self.rank_g
                 dec_c[:, 5] = nq / g * self.out_g
@@ -241,11 +244,12 @@ class RooflineCostModel:
             dec_c[:, 0] = dec_c[:, 1] = kept
             # In prefill H2O and SnapKV still hold the whole prompt (they evict when it ends);
             # StreamingLLM's window applies from the start.
-            pre[:, 0] = pre[:, 1] = kept if kind == "streamingllm" else x
-            if kind == "snapkv":
+            pre[:, 0] = pre[:, 1] = kept if spec.cap_in_prefill else x
+            budget = spec.prompt_budget(meth) if spec.prompt_budget else None
+            if budget is not None:
                 dec_c[:, 0] = dec_c[:, 1] = x
                 dec_p = np.zeros((n, self._NCOL))
-                dec_p[:, 0] = dec_p[:, 1] = np.minimum(x, meth.budget) - x
+                dec_p[:, 0] = dec_p[:, 1] = np.minimum(x, budget) - x
         self._dec_c, self._dec_p, self._pre = dec_c, dec_p, pre
         self._nq_tab = np.ascontiguousarray(pre[:, 2])
         self._ones = np.ones(1024)
@@ -278,7 +282,7 @@ class RooflineCostModel:
         """Sum over requests of models.kv_bytes(model, method, prompt, ctx, tp): the exposed
         check that the tables reproduce the single source of truth."""
         s = self._decode_sums(np.asarray(ctx, np.int64), np.asarray(prompt, np.int64))
-        score = SCORE_BYTES * s[0] if self.kind == "h2o" else 0.0
+        score = self.spec.score_bytes * s[0] if self.spec.score_bytes else 0.0
         return self.L * self.hkv * (s[1] * self.full + s[3] + score)
 
     # ---- attention and compression-side work ------------------------------------------
@@ -287,7 +291,8 @@ class RooflineCostModel:
         Cache sums s: [attended, full-precision, quantized tokens, quantized bytes,
         GEAR low-rank work, GEAR outliers], per KV head and layer, summed over requests."""
         op, L, d, hq, hkv, full, dt = self.rl.op, self.L, self.d, self.hq, self.hkv, self.full, self.dt
-        eff, f, kind, meth = self.eff, self.f, self.kind, self.method
+        eff, f, meth, spec = self.eff, self.f, self.method, self.spec
+        dqf, qf = self.dequant_flops, self.quant_flops
         terms: list[tuple[str, float]] = []
         deq_tokens = deq_bytes = lowrank = outl = 0.0   # quantized KV attended this step
         quant_tokens = quant_kernels = 0.0              # tokens quantized this step
@@ -304,7 +309,7 @@ class RooflineCostModel:
             area = w[0] + 0.5 * nn
             stored = hkv * (s[1] * full + (1 - f) * s[3] + f * s[2] * full)
             io = s_new * (2 * hq * d * dt + 2 * hkv * d * dt + hkv * full)   # q,k,v in; out; cache write
-            vfl = hq * area * eff.softmax_flops + (1 - f) * hkv * 2 * d * s[2] * eff.dequant_flops
+            vfl = hq * area * eff.softmax_flops + (1 - f) * hkv * 2 * d * s[2] * dqf
             terms.append(("attn_prefill", L * op(4 * area * d * hq, vfl, stored + io)))
             deq_tokens, deq_bytes, lowrank, outl = s[2], s[3], s[4], s[5]
             if self.quantized:
@@ -315,12 +320,12 @@ class RooflineCostModel:
                     self._build_tables(max(2 * len(self._pre), int((past + new).max()) + 1))
                     newly = self._nq_tab.take(past + new) - self._nq_tab.take(past)
                 quant_tokens += float(newly.sum())
-                quant_kernels += 1
-                if kind == "gear":
+                quant_kernels += 1 if spec.quantize_launches else 0
+                if self.gear is not None:
                     ni = newly.astype(np.int64)
-                    gear_work += float((ni * gear_rank_vec(meth, ni, d)).sum())
-                    gear_bytes += float(gear_segment_bytes_vec(meth, ni, d, dt).sum())
-            if kind in ("h2o", "snapkv"):
+                    gear_work += float((ni * self.gear.rank(meth, ni, d)).sum())
+                    gear_bytes += float(self.gear.segment_bytes(meth, ni, d, dt).sum())
+            if spec.attention_scores or spec.prompt_vote:
                 done = past + new if b.prefill_done is None else (past + new)[b.prefill_done.astype(bool)]
                 terms += self._prefill_eviction(newf, past, s_new, nn, done)
 
@@ -328,7 +333,7 @@ class RooflineCostModel:
             s = self._decode_sums(b.decode_ctx, b.decode_prompt)
             stored = hkv * (s[1] * full + (1 - f) * s[3] + f * s[2] * full)
             io = nd * (2 * hq * d * dt + hkv * full)            # q in, out, the new token's K/V written
-            vfl = hq * s[0] * eff.softmax_flops + (1 - f) * hkv * 2 * d * s[2] * eff.dequant_flops
+            vfl = hq * s[0] * eff.softmax_flops + (1 - f) * hkv * 2 * d * s[2] * dqf
             terms.append(("attn_decode", L * op(4 * s[0] * d * hq, vfl, stored + io)))
             deq_tokens += s[2]
             deq_bytes += s[3]
@@ -338,31 +343,32 @@ class RooflineCostModel:
                 # Every G steps a request quantizes G tokens: amortised, one token per request
                 # per step; across a batch some request does so nearly every step.
                 quant_tokens += nd
-                quant_kernels += min(1.0, nd / meth.group_size)
-                if kind == "gear":
+                if spec.quantize_launches:
+                    quant_kernels += min(1.0, nd / meth.group_size)
+                if self.gear is not None:
                     gear_work += nd * self.rank_g
                     gear_bytes += nd * self.seg_g / meth.group_size
-            if kind == "h2o":
+            if spec.attention_scores:
                 # Attention must also emit its fp32 probabilities (written, read back), which
                 # are added to the accumulated scores; then the lowest-score token is evicted.
                 c = s[0]
                 terms.append(("h2o_scores", L * op(
-                    0, hq * c + eff.topk_flops * hkv * c, 2 * 4 * hq * c + 2 * SCORE_BYTES * hkv * c, 2)))
+                    0, hq * c + eff.topk_flops * hkv * c, 2 * 4 * hq * c + 2 * spec.score_bytes * hkv * c, 2)))
 
         if self.quantized:
             if quant_tokens:
                 # Read the fp16 tokens, write payload + scales.
                 terms.append(("kv_quantize", L * op(
-                    0, hkv * quant_tokens * 2 * d * eff.quant_flops,
+                    0, hkv * quant_tokens * 2 * d * qf,
                     hkv * quant_tokens * (full + self.qpt), quant_kernels)))
             if deq_tokens and f > 0:
                 # Unfused share f: a dequantize kernel reads that share of the stored KV and
                 # writes it as fp16, which attention reads back (counted in attn_*'s bytes).
                 # The explicit inefficiency term; see RooflineEfficiency.dequant_roundtrip.
                 terms.append(("kv_dequant", L * op(
-                    0, f * hkv * 2 * d * deq_tokens * eff.dequant_flops,
+                    0, f * hkv * 2 * d * deq_tokens * dqf,
                     f * hkv * (deq_bytes + deq_tokens * full), 1)))
-            if kind == "gear":
+            if self.gear is not None:
                 if deq_tokens:
                     # Low-rank reconstruction 2*n*r*d per head for K and V (its factors' bytes
                     # are read with the cache). Outliers are scattered back into the dequantized
@@ -386,22 +392,22 @@ class RooflineCostModel:
                           done: np.ndarray) -> list[tuple[str, float]]:
         """H2O's score pass on every chunk and eviction at prompt end; SnapKV's vote at prompt end."""
         op, L, d, hq, hkv, full, dt = self.rl.op, self.L, self.d, self.hq, self.hkv, self.full, self.dt
-        eff, meth = self.eff, self.method
+        eff, meth, spec = self.eff, self.method, self.spec
         terms = []
-        if self.kind == "h2o":
+        if spec.attention_scores:
             # No fused kernel returns probabilities: an extra QK^T pass writes the whole
             # (masked) Hq x n x (past+n) fp32 matrix; softmax and a column sum read it back.
             rect = float(newf @ past) + nn
             terms.append(("h2o_scores", L * op(
                 2 * d * hq * rect, hq * rect * (eff.softmax_flops + 1),
-                2 * 4 * hq * rect + SCORE_BYTES * hkv * (float(past.sum()) + s_new), 3)))
+                2 * 4 * hq * rect + spec.score_bytes * hkv * (float(past.sum()) + s_new), 3)))
             if len(done):
                 # Top-k over the prompt's scores, then compact the kept KV.
                 s_p = float(done.sum())
                 kept = float(np.minimum(done, meth.token_cap).sum())
                 terms.append(("h2o_evict", L * op(
-                    0, eff.topk_flops * hkv * s_p, SCORE_BYTES * hkv * s_p + 2 * hkv * full * kept, 2)))
-        elif len(done):
+                    0, eff.topk_flops * hkv * s_p, spec.score_bytes * hkv * s_p + 2 * hkv * full * kept, 2)))
+        elif spec.prompt_vote and len(done):
             # SnapKV, once per request at its last chunk: the window's queries score the prompt's
             # keys, scores are summed over the window and max-pooled, top-k kept, cache compacted.
             # Skipped when the prompt already fits the budget (as SnapKV does).

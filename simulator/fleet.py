@@ -19,7 +19,8 @@ import simpy
 
 from rkvsim.models import Method, resolve_hardware, resolve_model
 
-from rkvsim.simulator.config import Scenario, method_from_entry
+from rkvsim.models import method_from_entry
+from rkvsim.simulator.config import Scenario
 from rkvsim.simulator.cost_model import StepBatch
 from rkvsim.simulator.simulation import Arrivals, MethodRun, Workload, make_cost_model, simulate_method, variants
 from rkvsim.simulator.fleet_schema import PREDICTIVE, Arm

@@ -46,9 +46,7 @@ class RoutingConfig(_Strict):
 
 def check_fleets(scn) -> None:
     """Raises ValueError naming the field when a fleet or arm cannot be built."""
-    from rkvsim.models import resolve_model
-
-    from rkvsim.simulator.config import method_from_entry  # lazy: config imports this module
+    from rkvsim.models import method_from_entry, resolve_model
 
     m = resolve_model(scn.model)
     if getattr(scn.scheduler, "kind", "paged") != "paged" and (scn.fleet or scn.arms or scn.router in PREDICTIVE):

@@ -4,18 +4,15 @@ time, and KV-cache arithmetic vectorised over a batch of requests.
 Nothing here is fitted. Every constant is a stated prior that a profile (calibration/)
 replaces; results that use it say "roofline-prior (uncalibrated)".
 
-The KV arithmetic mirrors models/kv_bytes.py (the single source of truth) term by term so
-that the cost model can evaluate a whole batch with a handful of numpy operations;
-tests/test_cost_model.py checks it against models.kv_bytes exactly.
+The KV arithmetic is each method's spec (models/method_specs/), whose formulas take arrays, so
+the cost model evaluates a whole batch with the very formula the block manager and the kernels'
+`nbytes` use.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as np
-
-from rkvsim.models import HardwareSpec, Method, cached_tokens_vec
-from rkvsim.models.kv_bytes import INDEX_BYTES, SCORE_BYTES
+from rkvsim.models import HardwareSpec
 
 
 @dataclass(frozen=True)
@@ -73,62 +70,3 @@ def ring_allreduce_s(nbytes: float, tp: int, hw: HardwareSpec) -> float:
     if tp <= 1:
         return 0.0
     return 2.0 * (tp - 1) / tp * nbytes / hw.link_bandwidth + 2 * (tp - 1) * hw.link_latency_s
-
-
-# ---- KV-cache arithmetic, vectorised (mirrors models/kv_bytes.py) ------------------------
-
-def quantized_tokens_vec(method: Method, n: np.ndarray) -> np.ndarray:
-    """models.quantized_tokens over an int64 array."""
-    g, r = method.group_size, method.residual
-    return np.maximum(n - r, 0) // g * g
-
-
-def quant_bytes_per_token(method: Method, head_dim: int, dtype_bytes: int) -> float:
-    """Payload + scales/zeros of ONE quantized token (K and V, one head). Exact because the
-    quantized count is always a multiple of the group size."""
-    g = method.group_size
-    payload = 2 * head_dim * method.bits / 8
-    key_params = head_dim * 2 * dtype_bytes / g
-    value_params = -(-head_dim // g) * 2 * dtype_bytes
-    return payload + key_params + value_params
-
-
-def gear_rank_vec(method: Method, n_s: np.ndarray, head_dim: int) -> np.ndarray:
-    # Same float expression as math.ceil(rank_frac * min(n_s, d)) so the results match bit for bit.
-    return np.maximum(1, np.ceil(method.rank_frac * np.minimum(n_s, head_dim))).astype(np.int64)
-
-
-def gear_outliers_vec(method: Method, n_s: np.ndarray, head_dim: int) -> np.ndarray:
-    """Outliers of ONE of K or V for a segment of n_s tokens (0 for an empty segment)."""
-    return np.ceil(method.outlier_frac * n_s * head_dim).astype(np.int64)
-
-
-def gear_segment_bytes_vec(method: Method, n_s: np.ndarray, head_dim: int, dtype_bytes: int) -> np.ndarray:
-    """models.kv_bytes.gear_segment_bytes over an array (0 where n_s == 0)."""
-    rank = gear_rank_vec(method, n_s, head_dim)
-    low_rank = (n_s + head_dim) * rank * dtype_bytes
-    outliers = gear_outliers_vec(method, n_s, head_dim) * (dtype_bytes + INDEX_BYTES)
-    return np.where(n_s > 0, 2 * (low_rank + outliers), 0)
-
-
-def kv_bytes_per_head_vec(method: Method, head_dim: int, prompt: np.ndarray, total: np.ndarray,
-                          dtype_bytes: int = 2) -> np.ndarray:
-    """models.kv_bytes_per_head over arrays, exact (integer arithmetic). Multiply by
-    num_layers * kv heads per rank for models.kv_bytes. Requires total >= prompt."""
-    prompt = np.asarray(prompt, np.int64)
-    total = np.asarray(total, np.int64)
-    full = 2 * head_dim * dtype_bytes
-    if method.kind in ("kivi", "gear"):
-        g = method.group_size
-        n_q = quantized_tokens_vec(method, total)
-        payload = 2 * n_q * head_dim * method.bits // 8
-        params = (n_q // g) * head_dim * 2 * dtype_bytes + n_q * (-(-head_dim // g)) * 2 * dtype_bytes
-        b = (total - n_q) * full + payload + params
-        if method.kind == "gear":
-            first = quantized_tokens_vec(method, prompt)
-            later = (n_q - first) // g
-            seg_g = int(gear_segment_bytes_vec(method, np.array([g]), head_dim, dtype_bytes)[0])
-            b = b + gear_segment_bytes_vec(method, first, head_dim, dtype_bytes) + later * seg_g
-        return b
-    n = cached_tokens_vec(method, prompt, total)
-    return n * (full + (SCORE_BYTES if method.kind == "h2o" else 0))

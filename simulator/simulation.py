@@ -96,7 +96,8 @@ def make_cost_model(scn: Scenario, method: Method, tp: int) -> CostModel:
         from rkvsim.simulator.llamacpp_cost import engine_cost_model   # llama.cpp: its engine profile's costs
         return engine_cost_model(scn, method)
     model, hw = resolve_model(scn.model), resolve_hardware(scn.hardware)
-    from rkvsim.calibration.steps.profiles import calibrated_cost_model, find_profile
+    from rkvsim.calibration.steps.profiles import find_profile
+    from rkvsim.simulator.calibrated import calibrated_cost_model
     from rkvsim.calibration.steps.fit import FitError
     try:
         folder = find_profile(hw, model, scn.profile)

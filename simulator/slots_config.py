@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rkvsim.models.methods import LLAMACPP_KV
+from rkvsim.models.methods import ENGINE_KV, kinds
 
 
 class SlotsSchedulerConfig(BaseModel):
@@ -70,9 +70,9 @@ def scheduler_kind(v) -> str:
 
 def check_slots(scn) -> None:
     """Scenario-level rules of a slots scheduler (a llama.cpp server)."""
-    bad = [m.label for m in scn.method_list if m.kind not in LLAMACPP_KV]
+    bad = [m.label for m in scn.method_list if m.family != ENGINE_KV]
     if bad:
         raise ValueError(f"methods {bad}: a slots (llama.cpp) scheduler takes llama.cpp KV types; "
-                         f"use some of {', '.join(LLAMACPP_KV)}")
+                         f"use some of {', '.join(kinds(ENGINE_KV))}")
     if scn.tp_list != [1]:
         raise ValueError("tp: a slots (llama.cpp server) scheduler runs one process per replica; set tp: 1")

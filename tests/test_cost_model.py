@@ -13,7 +13,8 @@ import pytest
 
 from rkvsim.models import kv_bytes, kv_bytes_per_head, parse_method, resolve_hardware, resolve_model
 from rkvsim.simulator.cost_model import ROOFLINE_SOURCE, CostModel, RooflineCostModel, StepBatch
-from rkvsim.simulator.roofline import RooflineEfficiency, kv_bytes_per_head_vec, ring_allreduce_s
+from rkvsim.models.kv_bytes import kv_bytes_per_head_vec
+from rkvsim.simulator.roofline import RooflineEfficiency, ring_allreduce_s
 
 E = np.zeros(0, np.int64)
 A6000 = resolve_hardware("a6000")

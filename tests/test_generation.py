@@ -15,7 +15,7 @@ import torch
 
 from rkvsim.calibration.generation import store as gen_store
 from rkvsim.calibration.generation.collect import build_parser, main, parse_labels, parse_shard, todo_pairs
-from rkvsim.calibration.generation.configs import (SCALING, SETTING_FIELDS, default_configs, request_seed,
+from rkvsim.calibration.generation.configs import (SCALING, default_configs, request_seed,
                                             select_configs)
 from rkvsim.calibration.generation.decode import sample
 from rkvsim.calibration.generation.meta import (REQUIRED, MetaMismatch, RunSettings, build_meta, load_meta,
@@ -227,7 +227,7 @@ def test_configs_cover_each_method_twice_with_unique_labels():
     assert temps[0] == 0.9 and temps[-1] == 1.1
     assert all(c.temperature == 1.0 for c in cfgs if c.method.kind != "fp16")
     for c in cfgs:
-        assert set(c.settings()) == set(SETTING_FIELDS[c.method.kind])
+        assert set(c.settings()) == set(c.method.spec.settings)
     h2o64 = next(c for c in cfgs if c.label == "h2o-64").method
     assert (h2o64.heavy, h2o64.recent) == (8, 56)
 

@@ -14,6 +14,7 @@ from rkvsim.calibration.lengths.inflation import (InflationModel, d_shares, fit_
                                           save_model, split_prompts)
 from rkvsim.calibration.lengths.inflation_report import build_report, token_ratio_interval, verdict
 from rkvsim.models import default_method, parse_method
+from rkvsim.models.files import write_json
 from rkvsim.cli.main import rkvsim as main
 
 REAL = Path(__file__).resolve().parents[1] / "calibration" / "data" / "lengths"
@@ -209,7 +210,7 @@ def _write_dataset(folder: Path, rows, n_target: int):
     with open(gen_store.part_path(folder), "ab") as f:
         f.write(b'{"prompt_id": "torn", "conf')                   # a writer's torn tail
     configs = {lb: {"label": lb, "method": k} for lb, k in LABELS.items()}
-    gen_store.write_json_atomic(folder / "meta.json", {"n": n_target, "configs": configs,
+    write_json(folder / "meta.json", {"n": n_target, "configs": configs,
                                                       "model": {"name": "tiny"},
                                                       "settings": {"max_new_tokens": 512}})
 

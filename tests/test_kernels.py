@@ -429,7 +429,7 @@ def test_gear_one_segment_per_quantizing_chunk(label):
     """nbytes = KIVI's payload + window, plus gear_segment_bytes for every quantization event:
     one per chunk that quantizes, then one per G decode tokens."""
     m = parse_method(label)
-    base = replace(m, kind="kivi")
+    base = Method("kivi", bits=m.bits, group_size=m.group_size, residual=m.residual)
     q, k, v = make_qkv(612, seed=9)
     segments = []
     for a, b, _, _, cache in chunked(make_kernel(m), q, k, v, CUTS):

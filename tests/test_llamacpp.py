@@ -115,7 +115,7 @@ def _need_engine_prereqs():
             pytest.fail(msg)
         pytest.skip(msg)
     try:
-        from rkvsim.calibration.generation.model import gguf_path
+        from rkvsim.models.weights import gguf_path
         gguf_path()
     except ImportError as e:
         pytest.skip(str(e))

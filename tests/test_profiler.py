@@ -79,7 +79,7 @@ def test_tiny_grid_writes_tables_and_meta(tiny_profile):
 def test_tiny_grid_times_chunks_on_a_past(tiny_profile):
     """Prefill rows with kv_len > 0: a 64-token chunk ending a 224-token prompt whose first
     160 tokens are cached; the cache after it is the method's for the whole prompt."""
-    from dataclasses import replace
+    from rkvsim.models import Method
 
     from rkvsim.models import kv_bytes_per_head, parse_method, quantized_tokens
     from rkvsim.models.kv_bytes import gear_segment_bytes
@@ -96,7 +96,7 @@ def test_tiny_grid_times_chunks_on_a_past(tiny_profile):
         assert row.loc[label, "cache_nbytes"] == per_seq * kv_bytes_per_head(m, 64, 224, 224, 4), label
     gear = parse_method("gear-4")
     segments = (quantized_tokens(gear, 160), quantized_tokens(gear, 224) - quantized_tokens(gear, 160))
-    expect = kv_bytes_per_head(replace(gear, kind="kivi"), 64, 224, 224, 4) + sum(
+    expect = kv_bytes_per_head(Method("kivi", bits=gear.bits, group_size=gear.group_size, residual=gear.residual), 64, 224, 224, 4) + sum(
         gear_segment_bytes(gear, s, 64, 4) for s in segments)
     assert row.loc["gear-4", "cache_nbytes"] == per_seq * expect
     # The chunk's quantization event is also timed alone (kv_len 0: independent of the past).

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from rkvsim.calibration.generation.prompts import load_pairs, sample_prompts
-from rkvsim.calibration.generation.store import RowWriter, load_rows, part_path, write_json_atomic, write_jsonl_atomic
+from rkvsim.calibration.generation.store import RowWriter, load_rows, part_path
+from rkvsim.models.files import write_json, write_jsonl
 from rkvsim.profiler.engine_build import build_engine, cpu_name, find_engine
 from rkvsim.profiler.engine_collect import KV_TYPES, model_gguf
 from rkvsim.simulator.slots_config import SlotsSchedulerConfig
@@ -55,7 +56,7 @@ def collect(n: int, out: Path, kv_types: list[str], seed: int = 0, max_tokens: i
                     # Raw-text token count for the length filter (the template adds a few tokens).
                     prompts, sstats = sample_prompts(pairs, n, server.tokenize, seed,
                                                      max_prompt_tokens=2048 - max_tokens - 64)
-                    write_jsonl_atomic(out / "prompts.jsonl", [
+                    write_jsonl(out / "prompts.jsonl", [
                         {"prompt_id": p.prompt_id, "sharegpt_id": p.sharegpt_id, "text": p.text,
                          "raw_tokens": p.num_tokens} for p in prompts])
                 todo_kv = [p for p in prompts if (p.prompt_id, kv) not in done]
@@ -103,7 +104,7 @@ def collect(n: int, out: Path, kv_types: list[str], seed: int = 0, max_tokens: i
             "server": {"n_parallel": parallel, "ctx_size": sched.ctx_size, "threads": threads,
                        "endpoint": "/v1/chat/completions (server-side chat template)"},
             "cpu": cpu_name(), "n_prompts": n, "sharegpt": pstats}
-    write_json_atomic(out / "meta.json", meta)
+    write_json(out / "meta.json", meta)
     return written
 
 

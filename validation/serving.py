@@ -25,7 +25,7 @@ from rkvsim.models.files import atomic_write
 from rkvsim.profiler.engine_bench import BenchSettings
 from rkvsim.profiler.engine_build import EngineBuild, build_engine, cpu_name, find_engine
 from rkvsim.profiler.engine_collect import ENGINE_GRIDS, EngineCollectConfig, collect_engine, model_gguf, profile_key
-from rkvsim.profiler.store import read_json, write_json_atomic
+from rkvsim.models.files import cache_dir, read_json_if_exists, write_json
 from rkvsim.simulator.config import Scenario
 from rkvsim.simulator.simulation import build_workload, simulate_method
 from rkvsim.simulator.llamacpp_cost import packaged_engine_profiles
@@ -45,8 +45,7 @@ class ValidationError(RuntimeError):
 
 
 def profile_cache_root() -> Path:
-    env = os.environ.get("RKVSIM_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "rkvsim") / "engine-profiles"
+    return cache_dir() / "engine-profiles"
 
 
 def bench_settings(sched) -> BenchSettings:
@@ -75,11 +74,11 @@ def engine_profile_for(scn: Scenario, eng: EngineBuild, say=print) -> Path:
     _gguf, sha = model_gguf(scn.model)
     cache = profile_cache_root() / profile_key(scn.model, settings, eng, sha)
     for folder in [*packaged_engine_profiles(scn.model, scn.hardware), cache]:
-        if _matches(read_json(folder / "meta.json"), eng, sha, settings, kv):
+        if _matches(read_json_if_exists(folder / "meta.json"), eng, sha, settings, kv):
             return folder
     say(f"validate-serving: no engine profile of this machine for KV {','.join(sorted(kv))} yet; "
         f"collecting the quick grid into {cache} (about 5 minutes per KV type on a quiet 2-core host)")
-    old = read_json(cache / "meta.json") or {}
+    old = read_json_if_exists(cache / "meta.json") or {}
     kv_all = sorted(kv | set(old.get("kv_types", [])))
     collect_engine(EngineCollectConfig(model=scn.model, kv_types=kv_all, grid=ENGINE_GRIDS["quick"], out=cache,
                                        settings=settings, engine=eng, progress=True), say=say)
@@ -192,10 +191,10 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
     done = np.isfinite(log.finish)
     scols = {"ttft_s": (log.first_token - log.arrival)[done], "e2e_s": (log.finish - log.arrival)[done],
              "tpot_s": ((log.finish - log.first_token) / np.maximum(log.output - 1, 1))[done & (log.output > 1)]}
-    write_json_atomic(out / RESULT_FILE, result)
+    write_json(out / RESULT_FILE, result, sort_keys=True, default=str)
     _write_requests(out / "requests_measured.csv", ms)
     # Every token's arrival time: what validation/serving_steps.py rebuilds the server's iterations from.
-    write_json_atomic(out / TOKENS_FILE, {"t0": "replay start", "unit": "s",
+    write_json(out / TOKENS_FILE, {"t0": "replay start", "unit": "s",
                                           "requests": {str(m.rid): [round(t, 6) for t in m.token_times] for m in ms}})
     from rkvsim.validation.serving_report import write_report
     write_report(out / "validation_serving.html", result, mcols, scols)

@@ -24,15 +24,12 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
 
-from rkvsim.models import HardwareSpec, Method, parse_method, resolve_model
+from rkvsim.models import HardwareSpec, Method, method_from_engine_name, resolve_model
 from rkvsim.simulator.calibrated import EngineTerms, StageTerms
 from rkvsim.simulator.cost_model import RooflineCostModel, StepBatch
 
 COLUMNS = ("model", "method", "bsz", "prompt_len", "stage", "thr")
 STAGES = ("prefill", "decoding")
-KIND_NAMES = {"none": "fp16", "fp16": "fp16", "kivi": "kivi", "gear": "gear", "h2o": "h2o",
-              "streamingllm": "streamingllm", "snapkv": "snapkv"}
-
 
 class ValidationError(ValueError):
     pass
@@ -55,17 +52,12 @@ def read_measured(path) -> pd.DataFrame:
 
 
 def method_for(name: str, budget: int) -> Method:
-    """'None-16' -> fp16, 'KIVI-4' -> kivi-4, 'H2O-16' -> h2o-<budget> (16 = fp16 payload)."""
-    head, _, bits = str(name).rpartition("-")
-    kind = KIND_NAMES.get((head or name).lower())
-    if kind is None:
-        raise ValidationError(f"method {name!r} unknown; expected None-16, KIVI-<bits>, GEAR-<bits>, H2O-16, "
-                              "StreamingLLM-16 or SnapKV-16")
-    if kind == "fp16":
-        return parse_method("fp16")
-    if kind in ("kivi", "gear"):
-        return parse_method(f"{kind}-{bits}")
-    return parse_method(f"{kind}-{budget}")
+    """'None-16' -> fp16, 'KIVI-4' -> kivi-4, 'H2O-16' -> h2o-<budget> (16 = fp16 payload): the
+    names LMDeploy's logs use, which each method's spec lists (engine_names)."""
+    try:
+        return method_from_engine_name(name, budget)
+    except ValueError as e:
+        raise ValidationError(str(e)) from None
 
 
 def step_batch(stage: str, bsz: int, prompt_len: int) -> StepBatch:
@@ -101,7 +93,7 @@ class Predictors:
 
 
 def operator_seconds(df: pd.DataFrame, profile_dir, hw: HardwareSpec, budget: int) -> Predictors:
-    from rkvsim.calibration.steps.profiles import calibrated_cost_model
+    from rkvsim.simulator.calibrated import calibrated_cost_model
     n = len(df)
     dense, attn, roof, labels = np.zeros(n), np.zeros(n), np.zeros(n), []
     max_tok = int((df["bsz"] * df["prompt_len"]).max())

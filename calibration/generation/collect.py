@@ -20,7 +20,8 @@ from pathlib import Path
 
 from rkvsim.calibration.generation.configs import SEED_MODES, GenConfig, default_configs, request_seed, select_configs
 from rkvsim.calibration.generation.meta import MetaMismatch, RunSettings, build_meta, command_line, git_commit, load_meta, save_meta
-from rkvsim.calibration.generation.store import RowWriter, load_rows, part_path, write_jsonl_atomic
+from rkvsim.calibration.generation.store import RowWriter, load_rows, part_path
+from rkvsim.models.files import write_jsonl
 
 KV_DTYPES = ("float16", "float32", "bfloat16")
 REPO = Path(__file__).resolve().parents[2]
@@ -170,7 +171,7 @@ def collect(out: Path, n: int, configs: list[GenConfig], settings: RunSettings, 
         save_meta(out, meta)
         prompts_file = out / "prompts.jsonl"
         if not prompts_file.exists() or _count_lines(prompts_file) <= len(prompts):
-            write_jsonl_atomic(prompts_file, [p.record() for p in prompts])
+            write_jsonl(prompts_file, [p.record() for p in prompts])
         return _run(model, tok, out, prompts, configs, settings, writer, console, max_rows, shard)
 
 

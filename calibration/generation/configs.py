@@ -33,15 +33,6 @@ from rkvsim.models import Method, default_method
 
 SEED_MODES = ("shared", "per-config")
 
-# The Method fields that matter for each kind (the rest keep defaults and are not recorded).
-SETTING_FIELDS = {
-    "fp16": (),
-    "kivi": ("bits", "group_size", "residual"),
-    "gear": ("bits", "group_size", "residual", "rank_frac", "outlier_frac"),
-    "streamingllm": ("sink", "recent"),
-    "h2o": ("heavy", "recent"),
-    "snapkv": ("budget", "window", "kernel"),
-}
 
 SCALING = {
     "why": "ShareGPT prompts are short and responses capped at max_new_tokens, so the paper's "
@@ -67,7 +58,7 @@ class GenConfig:
     stream: str = "main"    # configs with the same stream share random draws (seed_mode shared)
 
     def settings(self) -> dict:
-        return {f: getattr(self.method, f) for f in SETTING_FIELDS[self.method.kind]}
+        return dict(self.method.settings)
 
     def describe(self) -> dict:
         return {"label": self.label, "method": self.method.kind, "settings": self.settings(),

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rkvsim.calibration.generation.configs import SCALING, GenConfig
-from rkvsim.calibration.generation.store import read_json, write_json_atomic
+from rkvsim.models.files import read_json, write_json
 
 META_NAME = "meta.json"
 SCHEMA = "rkvsim-lengths-v1"
@@ -123,7 +123,7 @@ def load_meta(out_dir: Path) -> dict | None:
 
 
 def save_meta(out_dir: Path, meta: dict) -> None:
-    write_json_atomic(Path(out_dir) / META_NAME, meta)
+    write_json(Path(out_dir) / META_NAME, meta)
 
 
 # Flags that only say how the work is spread over workers; the rows do not depend on them.

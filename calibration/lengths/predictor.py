@@ -249,7 +249,7 @@ class LengthPredictor:
 
 # ---------------------------------------------------------------- artifact
 def default_path(features: str = "basic") -> Path:
-    from rkvsim.calibration.lengths.sharegpt import cache_dir
+    from rkvsim.models.files import cache_dir
 
     return cache_dir() / f"length-predictor-{features}.joblib"
 

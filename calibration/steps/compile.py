@@ -73,10 +73,12 @@ def pick_attention(fit: StepFit, method: Method) -> tuple[str, Method, str | Non
     if same:
         return same[0], method, (f"attention of {method.label} from the {same[0]} fit "
                                            f"(its bytes and cached tokens computed for {method.label})")
-    if "fp16" in have and method.kind in ("snapkv", "streamingllm", "h2o"):
+    if "fp16" in have and method.spec.fp16_attention_stand_in:
+        what = ("its selection/eviction work is not included" if method.token_cap is not None
+                or method.spec.prompt_budget is not None else "read at FP16's bytes, an upper bound")
         return "fp16", parse_method("fp16"), (
             f"{method.kind} attention not profiled: FP16 attention over the tokens {method.label} keeps "
-            "(its selection/eviction work is not included)")
+            f"({what})")
     raise LookupError(f"the profile has no attention for {method.kind} and no FP16 attention to stand in; "
                       f"profile it: rkvprof collect --methods {method.label}")
 

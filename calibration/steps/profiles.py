@@ -18,20 +18,16 @@ from functools import lru_cache
 from pathlib import Path
 
 from rkvsim.models import HardwareSpec, Method, ModelSpec
+from rkvsim.models.files import cache_dir
 
 from rkvsim.calibration.steps.fit import FIT_PICKLE, FitError, StepFit, _tables_sha, fit_folder, load_fit, save_fit
 
 PROFILES_ENV = "RKVSIM_PROFILES"
-CACHE_ENV = "RKVSIM_CACHE"
 FORCE_PRIOR = "roofline"
 
 
 def user_store() -> Path:
     return Path(os.environ.get(PROFILES_ENV) or Path.home() / ".local" / "share" / "rkvsim" / "profiles")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rkvsim")
 
 
 def packaged_store() -> Path:
@@ -89,7 +85,7 @@ def _fit_for(folder: str, sha: str) -> StepFit:
     f = Path(folder)
     if (fit_folder(f) / FIT_PICKLE).exists():
         return load_fit(f)
-    cached = cache_root() / "fits" / sha
+    cached = cache_dir() / "fits" / sha
     if (cached / FIT_PICKLE).exists():
         try:
             return load_fit(f, cached)
@@ -120,13 +116,10 @@ def _compiled(folder: str, sha: str, model: ModelSpec, method: Method, tp: int, 
         return compile_costs(fit, model, method, tp, max_tokens, max_batch, max_ctx)
 
 
-def calibrated_cost_model(folder: Path, model: ModelSpec, hardware: HardwareSpec, method: Method, tp: int,
-                          max_tokens: int, max_batch: int, max_ctx: int):
-    """CalibratedCostModel for one replica, with engine terms installed beside the profile if any."""
-    from rkvsim.simulator.calibrated import CalibratedCostModel, load_engine_terms
-    from rkvsim.simulator.cost_model import RooflineCostModel
+def compiled_costs(folder: Path, model: ModelSpec, method: Method, tp: int, max_tokens: int, max_batch: int,
+                   max_ctx: int):
+    """The profile's fitted step costs for one (model, method, tp), compiled into lookups
+    (calibration.steps.compile.CompiledCosts) over the scheduler's limits; cached per process."""
     folder = Path(folder)
-    comp = _compiled(str(folder.resolve()), _tables_sha(folder), model, method, tp, int(max_tokens),
+    return _compiled(str(folder.resolve()), _tables_sha(folder), model, method, tp, int(max_tokens),
                      int(max_batch), int(max_ctx))
-    engine = load_engine_terms(fit_folder(folder))
-    return CalibratedCostModel(comp, RooflineCostModel(model, hardware, method, tp), engine)

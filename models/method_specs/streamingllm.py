@@ -1,0 +1,28 @@
+"""StreamingLLM (Xiao et al., 2024): the first `sink` tokens and the most recent `recent` tokens;
+the window applies from the first prefill chunk on."""
+from rkvsim.models.method_specs._eviction import split_budget
+from rkvsim.models.methods import EVICTING, MethodSpec
+
+
+def _bytes(m, head_dim, prompt, total, dtype_bytes):
+    import numpy as np
+    return np.minimum(total, m.sink + m.recent) * (2 * head_dim * dtype_bytes)
+
+
+def _token_bytes(m, model, tp, dtype_bytes):
+    heads = max(1, model.num_kv_heads // tp)
+    return model.num_layers * heads * (2 * model.head_dim * dtype_bytes)
+
+
+SPEC = MethodSpec(
+    kind="streamingllm", family=EVICTING, doc=__doc__,
+    settings={"sink": 64, "recent": 448},
+    number=lambda m: m.sink + m.recent, from_number=split_budget("sink", 64),
+    aliases={"stream": {}, "streaming": {}, "streaming-llm": {}},
+    engine_names=("StreamingLLM", "stream"),
+    kernel="streaming",
+    paper_scores=lambda m: rf"^streamingllm_.*_c{m.sink + m.recent}_w\d+_",
+    bytes_per_head=_bytes, token_bytes=_token_bytes,
+    token_cap=lambda m: m.sink + m.recent, cap_in_prefill=True,
+    fp16_attention_stand_in=True,
+)
