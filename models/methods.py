@@ -41,6 +41,7 @@ class MethodSpec:
     settings: dict[str, Any] = field(default_factory=dict)      # name -> default
     check: Callable | None = None                 # check(m): raise ValueError naming the setting
     number: Callable | None = None                # the N of the label "kind-N" (bits, or a budget)
+    name: Callable | None = None                  # m -> label, where "kind-N" does not fit the settings
     from_number: Callable | None = None           # from_number(n) -> settings for "kind-N"
     aliases: dict[str, dict] = field(default_factory=dict)   # other names -> settings they imply
     engine_names: tuple[str, ...] = ()            # names in engines' and papers' logs (LMDeploy: KIVI-4)
@@ -70,6 +71,8 @@ class MethodSpec:
     prefix_shareable: bool = False                # full blocks can be shared by prefix caching
 
     def label(self, m: "Method") -> str:
+        if self.name is not None:
+            return self.name(m)
         n = self.number(m) if self.number else None
         return self.kind if n is None else f"{self.kind}-{n}"
 
