@@ -36,18 +36,18 @@ def cell_list(loads: list[float], cv: float) -> list[tuple[str, dict | None, flo
 
 def resimulate(scn, base_dir: Path, res: dict, res_path: Path) -> dict:
     """The cell's measured side as it was; its simulated side and errors from the code as it is."""
+    from rkvsim.models.files import write_json
     from rkvsim.models.methods import parse_method
-    from rkvsim.profiler.store import write_json_atomic
-    from rkvsim.simulator.simulation import build_workload, simulate_method
+    from rkvsim.simulator.pipeline import run_scenario
     from rkvsim.validation.serving import engine_profile_for
     from rkvsim.validation.serving_compare import error_pct, simulated_summary
     from rkvsim.profiler.engine_build import find_engine
     scn = scn.model_copy(update={"profile": str(engine_profile_for(scn, find_engine()))})
-    run = simulate_method(scn, parse_method(res["method"]), build_workload(scn, scn.seed, base_dir))
+    (run,) = run_scenario(scn, scn.seed, base_dir, inflation=None, labels=[parse_method(res["method"]).label]).runs
     sim = simulated_summary(run, res["measured"].get("offered_requests_per_s") is not None)
     res = {**res, "simulated": sim, "error_pct": error_pct(res["measured"], sim), "cost_source": run.cost_source,
            "engine_profile": scn.profile, "resimulated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_json_atomic(res_path, res)
+    write_json(res_path, res, sort_keys=True, default=str)
     return res
 
 
@@ -142,10 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     met = sum(x["goal_met"] for x in summary)
     console.print(f"goal met in {met} of {len(summary)} cells")
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / ".bench_serving.json.tmp"
-    tmp.write_text(json.dumps({"cells": summary, "requests": args.requests, "loads": loads, "cv": args.cv}, indent=1))
-    os.replace(tmp, args.out / "bench_serving.json")
+    from rkvsim.models.files import write_json
+    write_json(args.out / "bench_serving.json", {"cells": summary, "requests": args.requests, "loads": loads,
+                                                 "cv": args.cv}, indent=1)
     return 0
 
 

@@ -23,9 +23,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from rkvsim.models import parse_method
     from rkvsim.simulator.config import Scenario
-    from rkvsim.simulator.simulation import build_workload, simulate_method
+    from rkvsim.simulator.pipeline import run_scenario
+    from rkvsim.simulator.simulation import build_workload
 
     scn = Scenario.model_validate({
         "name": "bench", "model": "llama-2-7b", "hardware": "a6000", "methods": [args.method],
@@ -36,7 +36,7 @@ def main() -> None:
     t0 = time.perf_counter()
     wl = build_workload(scn, args.seed, ".")
     t1 = time.perf_counter()
-    run = simulate_method(scn, parse_method(args.method), wl)
+    (run,) = run_scenario(scn, args.seed, workload=wl, inflation=None).runs
     t2 = time.perf_counter()
     steps = sum(len(r.steps) for r in run.replicas)
     events = steps + args.requests  # one engine-iteration event per step, one arrival event per request

@@ -8,10 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rkvsim.simulator.simulation import build_workload
-from rkvsim.simulator.fleet import plan_variants, predict_lengths, simulate_variant
-from rkvsim.simulator.kv_memory import DoesNotFitError
 from rkvsim.simulator.outputs import build_summary
+from rkvsim.simulator.pipeline import run_scenario
 from rkvsim.simulator.verbosity import load_inflation
 
 from rkvsim.planning.axes import cell
@@ -48,21 +46,18 @@ def run_task(base: dict, base_dir: str, overrides: dict, seed: int, point: int, 
     """Rows (one per compared set-up) of one point at one seed."""
     scn = build_scenario(base, overrides)
     bd = Path(base_dir)
-    wl = build_workload(scn, seed, bd)
-    inflation = _inflation(scn, bd)
-    variants = plan_variants(scn)
-    preds = predict_lengths(scn, wl) if any(v.router == "compression_aware" for v in variants) else None
+    res = run_scenario(scn, seed, bd, inflation=_inflation(scn, bd), keep_going=True)
     head = {"schema_version": ROW_SCHEMA_VERSION, "point": point, "point_key": key, "seed": seed}
     axes = {path: cell(value) for path, value in overrides.items()}
+    runs = {r.label: r for r in res.runs}
     rows = []
-    for v in variants:
+    for v in res.variants:
         desc = {"method": v.label, "compress": v.method.label, "tp": v.tp, "arm": v.arm, "router": v.router,
                 "fleet": v.fleet_label, "gpus": v.gpus}
-        try:
-            run = simulate_variant(scn, v, wl, inflation=inflation, predictions=preds)
-        except DoesNotFitError as e:
-            rows.append({**head, **desc, **axes, "status": f"does not fit: {e}", "cost_source": ""})
+        if v.label in res.does_not_fit:
+            rows.append({**head, **desc, **axes, "status": f"does not fit: {res.does_not_fit[v.label]}", "cost_source": ""})
             continue
+        run = runs[v.label]
         summary = build_summary(scn.name, seed, [run], {})
         rows.append({**head, **desc, **axes, "status": "ok", "cost_source": run.cost_source,
                      **flatten_metrics(summary["methods"][v.label])})

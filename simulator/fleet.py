@@ -1,34 +1,26 @@
-"""Mixed fleets and routing experiments: which (router, fleet) set-ups a scenario compares, and
-simulating one of them.
+"""Which set-ups a scenario compares (a method at a TP degree, or a (router, fleet) arm of mixed
+replicas), and the routing inputs computed before a simulation starts: per-request length
+predictions and, per replica configuration, prefill seconds and a decode-step table.
 
-A plain scenario (no `fleet:`, no `arms:`, a non-predictive router) runs through
-engine.simulate_method unchanged, so its numbers are those of `rkvsim run` before fleets
-existed. Otherwise each replica gets its own layout, cost model (always from
-engine.make_cost_model, so calibrated costs flow in) and output lengths (per method, with the
-scenario's verbosity), and the router sees per-request predictions computed up front.
+A plain scenario (no `fleet:`, no `arms:`, a non-predictive router) is one set-up per method and
+TP degree, each a single group of `replicas` identical replicas; simulator/simulation.py runs
+every set-up through the same loop.
 """
 from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import simpy
 
-from rkvsim.models import Method, resolve_hardware, resolve_model
-
-from rkvsim.models import method_from_entry
+from rkvsim.models import Method, method_from_entry, resolve_model
 from rkvsim.simulator.config import Scenario
 from rkvsim.simulator.cost_model import StepBatch
-from rkvsim.simulator.simulation import Arrivals, MethodRun, Workload, make_cost_model, simulate_method, variants
 from rkvsim.simulator.fleet_schema import PREDICTIVE, Arm
-from rkvsim.simulator.kv_memory import kv_layout
-from rkvsim.simulator.records import RequestLog
-from rkvsim.simulator.replica import Replica
-from rkvsim.simulator.router import DecodeTable, RouteContext, Router
-from rkvsim.simulator.verbosity import method_outputs, method_ratios
+from rkvsim.simulator.router import DecodeTable, RouteContext
+from rkvsim.simulator.verbosity import method_ratios
 
 _EMPTY = np.zeros(0, np.int64)
 
@@ -61,6 +53,12 @@ class Variant:
     def describe(self) -> dict:
         return {"method": self.method.label, "tp": self.tp, "arm": self.arm or None, "router": self.router,
                 "fleet": self.fleet_label, "gpus": self.gpus}
+
+
+def variants(scn: Scenario) -> list[tuple[str, Method, int]]:
+    """(label, method, tp) for every method at every TP degree the scenario compares."""
+    tps = scn.tp_list
+    return [(m.label if len(tps) == 1 else f"{m.label}@tp{tp}", m, tp) for tp in tps for m in scn.method_list]
 
 
 def uses_fleets(scn: Scenario) -> bool:
@@ -114,7 +112,7 @@ class LengthPredictions:
     source: str               # what predicted them, for the results
 
 
-def predict_lengths(scn: Scenario, wl: Workload) -> LengthPredictions:
+def predict_lengths(scn: Scenario, wl) -> LengthPredictions:
     """Uncompressed response length per request, predicted from its prompt size alone (the
     workload holds token counts, not texts), for all requests at once before simulating."""
     choice = scn.routing.length_predictor
@@ -146,26 +144,6 @@ def _load_predictor(path: str, _mtime: int):
         return lp.load(path)
 
 
-# ---------------------------------------------------------------- simulation
-
-@dataclass
-class FleetRun(MethodRun):
-    variant: Variant | None = None
-    route_decisions: int = 0
-    length_source: str = ""
-    configs: list = field(default_factory=list)
-
-
-def simulate_variant(scn: Scenario, v: Variant, wl: Workload, inflation=None,
-                     predictions: LengthPredictions | None = None) -> MethodRun:
-    """One set-up on one workload. Plain set-ups go through engine.simulate_method."""
-    if len(v.members) == 1 and v.router not in PREDICTIVE:
-        m = v.members[0]
-        plain = scn.model_copy(update={"replicas": m.replicas, "router": v.router})
-        return simulate_method(plain, m.method, wl, tp=m.tp, label=v.label, inflation=inflation)
-    return simulate_fleet(scn, v, wl, inflation, predictions)
-
-
 def _decode_table(cost, max_batch: int, max_len: int) -> DecodeTable:
     bs = sorted({int(b) for b in np.unique(np.geomspace(1, max_batch, 9).round())} | {1, max_batch})
     if len(bs) == 1:
@@ -188,72 +166,28 @@ def _prefill_seconds(cost, prompt: np.ndarray) -> np.ndarray:
     return t[inv]
 
 
-def simulate_fleet(scn: Scenario, v: Variant, wl: Workload, inflation=None,
-                   predictions: LengthPredictions | None = None) -> FleetRun:
-    model, hw = resolve_model(scn.model), resolve_hardware(scn.hardware)
+def route_context(v: Variant, wl, costs: list, layouts: list, outputs: list, keys: list, config_of: list[int],
+                  fits: np.ndarray, scn: Scenario, inflation,
+                  predictions: LengthPredictions | None) -> tuple[RouteContext | None, str]:
+    """What the router knows before the simulation starts, and where its lengths came from."""
+    if v.router not in PREDICTIVE:
+        # Several configurations: the router filters by feasibility only.
+        return (RouteContext(config_of, fits, None, None, None, None, None) if len(keys) > 1 else None), ""
     sc = scn.scheduler
-    max_len = sc.max_model_len or model.max_position
+    max_len = sc.max_model_len or resolve_model(scn.model).max_position
     prompt = wl.prompt.astype(np.int64)
-    # One configuration per distinct (method, tp): layout, cost model, output lengths.
-    keys = list(dict.fromkeys((m.method, m.tp) for m in v.members))
-    layouts, costs, outputs = [], [], []
-    for method, tp in keys:
-        layouts.append(kv_layout(model, hw, method, tp, sc.block_size, sc.gpu_memory_utilization,
-                                 sc.max_batched_tokens, sc.max_batch_size))
-        costs.append(make_cost_model(scn, method, tp))
-        outputs.append(np.asarray(method_outputs(method, wl.prompt, wl.output, inflation, max_len), np.int64))
-    config_of = [keys.index((m.method, m.tp)) for m in v.members for _ in range(m.replicas)]
-    # The same admission rule as engine.simulate_method, per configuration.
-    fits = np.stack([(prompt + o <= max_len) & (lay.blocks_for_vec(prompt + o) <= lay.num_blocks)
-                     for lay, o in zip(layouts, outputs)])
-    ctx = None
-    length_source = ""
-    if v.router in PREDICTIVE:
-        if v.router == "oracle":
-            believed = np.stack(outputs).astype(float)
-            length_source = "true lengths (oracle)"
-        else:
-            predictions = predictions or predict_lengths(scn, wl)
-            believed = np.stack([predictions.fp16 * method_ratios(method, predictions.fp16, inflation)
-                                 for method, _tp in keys])
-            length_source = predictions.source
-        prefill = np.stack([_prefill_seconds(c, prompt) for c in costs])
-        ctx = RouteContext(
-            config_of=config_of, fits=fits, prefill_s=prefill, length=believed,
-            mean_prefill_s=prefill.mean(axis=1),
-            mean_blocks=np.array([lay.blocks_for_vec(prompt).mean() for lay in layouts]),
-            decode=[_decode_table(c, sc.max_batch_size, max_len) for c in costs])
-    compared = next((i for i, (m, _t) in enumerate(keys) if m == v.method), 0)
-    log = RequestLog(wl.prompt, outputs[compared])
-    env = simpy.Environment()
-    feed = Arrivals(env, wl)
-    on_done = feed.on_done
-    replicas = [Replica(env, i, layouts[c], costs[c], sc, log, on_done) for i, c in enumerate(config_of)]
-    router = Router(replicas, v.router, ctx)
-    # Without a context the router would not filter: give it one with feasibility only.
-    if ctx is None and len(keys) > 1:
-        router.ctx = RouteContext(config_of, fits, None, None, None, None, None)
-
-    def dispatch(rid: int) -> None:
-        log.arrival[rid] = env.now
-        r = router.pick(rid) if len(keys) > 1 or ctx is not None else router.pick()
-        if r is not None and not fits[config_of[r.index], rid]:
-            r = None  # a single-configuration fleet whose pool cannot hold the request
-        if r is None:
-            p, o = int(prompt[rid]), int(outputs[compared][rid])
-            lay = layouts[compared]
-            if p + o > max_len:
-                log.reject(rid, f"prompt+output {p + o} exceeds the {max_len}-token context window")
-            else:
-                log.reject(rid, f"needs {lay.blocks_for(p + o)} KV blocks, no replica of the fleet holds that many")
-            on_done(rid)
-            return
-        log.output[rid] = outputs[config_of[r.index]][rid]
-        r.submit(rid)
-
-    feed.start(dispatch)
-    env.run()
-    sources = sorted({c.source for c in costs})
-    return FleetRun(v.label, v.method, v.tp, layouts[compared], log, replicas, "; ".join(sources),
-                    variant=v, route_decisions=router.estimates, length_source=length_source,
-                    configs=[f"{m.label}@tp{t}" for m, t in keys])
+    if v.router == "oracle":
+        believed = np.stack(outputs).astype(float)
+        source = "true lengths (oracle)"
+    else:
+        predictions = predictions or predict_lengths(scn, wl)
+        believed = np.stack([predictions.fp16 * method_ratios(method, predictions.fp16, inflation)
+                             for method, _tp in keys])
+        source = predictions.source
+    prefill = np.stack([_prefill_seconds(c, prompt) for c in costs])
+    ctx = RouteContext(
+        config_of=config_of, fits=fits, prefill_s=prefill, length=believed,
+        mean_prefill_s=prefill.mean(axis=1),
+        mean_blocks=np.array([lay.blocks_for_vec(prompt).mean() for lay in layouts]),
+        decode=[_decode_table(c, sc.max_batch_size, max_len) for c in costs])
+    return ctx, source

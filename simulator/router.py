@@ -71,7 +71,7 @@ class Router:
             raise ValueError(f"router: unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
         if policy in PREDICTIVE and ctx is None:
             raise ValueError(f"router: {policy} needs length predictions; run the scenario through "
-                             "rkvsim.simulator.fleet.simulate_variant")
+                             "rkvsim.simulator.pipeline.run_scenario")
         self.replicas = list(replicas)
         self.policy = policy
         self.ctx = ctx

@@ -1,7 +1,8 @@
-"""One simulation: a workload, a router and replicas in one SimPy environment, per method."""
+"""The simulation loop: a workload, a router and replicas in one SimPy environment, for one
+set-up (a method, or a mixed fleet) at a time."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from rkvsim.simulator.cost_model import CostModel, RooflineCostModel
 from rkvsim.simulator.kv_memory import KVLayout, kv_layout
 from rkvsim.simulator.records import RequestLog
 from rkvsim.simulator.replica import Replica
+from rkvsim.simulator.fleet import LengthPredictions, Member, Variant, route_context
 from rkvsim.simulator.router import Router
 from rkvsim.simulator.verbosity import method_outputs
 from rkvsim.simulator.workload import sample_arrivals, sample_lengths
@@ -31,6 +33,8 @@ class Workload:
 
 @dataclass
 class MethodRun:
+    """What one set-up's simulation leaves: its request log, replicas (with their step series)
+    and where its costs came from."""
     label: str
     method: Method
     tp: int
@@ -38,6 +42,10 @@ class MethodRun:
     log: RequestLog
     replicas: list[Replica]
     cost_source: str
+    variant: Variant | None = None
+    route_decisions: int = 0      # predictive routing decisions made
+    length_source: str = ""       # what the router believed response lengths to be
+    configs: list = field(default_factory=list)
 
 
 def build_workload(scn: Scenario, seed: int, base_dir: Path) -> Workload:
@@ -85,12 +93,6 @@ class Arrivals:
             self.env.process(self._open_loop(self.wl.arrivals))
 
 
-def variants(scn: Scenario) -> list[tuple[str, Method, int]]:
-    """(label, method, tp) for every method at every TP degree the scenario compares."""
-    tps = scn.tp_list
-    return [(m.label if len(tps) == 1 else f"{m.label}@tp{tp}", m, tp) for tp in tps for m in scn.method_list]
-
-
 def make_cost_model(scn: Scenario, method: Method, tp: int) -> CostModel:
     if scn.scheduler.kind == "slots":
         from rkvsim.simulator.llamacpp_cost import engine_cost_model   # llama.cpp: its engine profile's costs
@@ -110,40 +112,80 @@ def make_cost_model(scn: Scenario, method: Method, tp: int) -> CostModel:
         raise ScenarioError(f"profile: {' '.join(str(e).split())}") from None
 
 
-def simulate_method(scn: Scenario, method: Method, wl: Workload, tp: int | None = None,
-                    cost: CostModel | None = None, label: str | None = None, inflation=None) -> MethodRun:
+def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, predictions: LengthPredictions | None = None,
+             cost: CostModel | None = None) -> MethodRun:
+    """One set-up on one workload: the simulation loop every run goes through.
+
+    Each distinct (method, tp) of the set-up is one replica configuration with its own KV layout,
+    cost model and output lengths (the method's verbosity). A request goes to a replica whose
+    KV pool and context window hold it (the router picks among those); one no replica can hold
+    is rejected, counted and never queued. `cost` replaces the cost model of a single-
+    configuration set-up (tests inject recorders)."""
     model, hw = resolve_model(scn.model), resolve_hardware(scn.hardware)
-    tp = tp or scn.tp_list[0]
     sc = scn.scheduler
     slots = sc.kind == "slots"   # a llama.cpp server: fixed slots (simulator/slots.py)
     if slots:
         from rkvsim.simulator.slots import SlotReplica, slot_layout
-        layout = slot_layout(model, method, sc)
-    else:
-        layout = kv_layout(model, hw, method, tp, sc.block_size, sc.gpu_memory_utilization,
-                           sc.max_batched_tokens, sc.max_batch_size)
-    cost = cost or make_cost_model(scn, method, tp)
     max_len = sc.ctx_slot if slots else (sc.max_model_len or model.max_position)
-    outputs = method_outputs(method, wl.prompt, wl.output, inflation, max_len)
-    log = RequestLog(wl.prompt, outputs)
+    keys = list(dict.fromkeys((m.method, m.tp) for m in v.members))
+    assert cost is None or len(keys) == 1, "an injected cost model serves one configuration"
+    layouts, costs, outputs = [], [], []
+    for method, tp in keys:
+        layouts.append(slot_layout(model, method, sc) if slots else
+                       kv_layout(model, hw, method, tp, sc.block_size, sc.gpu_memory_utilization,
+                                 sc.max_batched_tokens, sc.max_batch_size))
+        costs.append(cost or make_cost_model(scn, method, tp))
+        out = method_outputs(method, wl.prompt, wl.output, inflation, max_len)
+        outputs.append(out if len(keys) == 1 else np.asarray(out, np.int64))
+    config_of = [keys.index((m.method, m.tp)) for m in v.members for _ in range(m.replicas)]
+    prompt = wl.prompt.astype(np.int64)
+    # Admission: the context window and the whole KV pool of that configuration.
+    too_long = np.stack([prompt + o > max_len for o in outputs])
+    fits = np.stack([~tl & (lay.blocks_for_vec(prompt + o) <= lay.num_blocks)
+                     for tl, lay, o in zip(too_long, layouts, outputs)])
+    feasible = fits.any(axis=0)
+    ctx, length_source = route_context(v, wl, costs, layouts, outputs, keys, config_of, fits, scn, inflation,
+                                       predictions)
+    compared = next((i for i, (m, _t) in enumerate(keys) if m == v.method), 0)
+    log = RequestLog(wl.prompt, outputs[compared])
     env = simpy.Environment()
     feed = Arrivals(env, wl)
-    replicas = [(SlotReplica if slots else Replica)(env, i, layout, cost, sc, log, feed.on_done)
-                for i in range(scn.replicas)]
-    router = Router(replicas, scn.router)
+    replica_cls = SlotReplica if slots else Replica
+    replicas = [replica_cls(env, i, layouts[c], costs[c], sc, log, feed.on_done) for i, c in enumerate(config_of)]
+    router = Router(replicas, v.router, ctx)
+    lay0 = layouts[compared]
+
+    def reject(rid: int) -> None:
+        p, o = int(log.prompt[rid]), int(log.output[rid])
+        if too_long[compared, rid]:
+            log.reject(rid, f"prompt+output {p + o} exceeds the {max_len}-token context window")
+        elif len(keys) == 1 and len(replicas) == 1:
+            log.reject(rid, f"needs {lay0.blocks_for(p + o)} KV blocks, the replica has {lay0.num_blocks}")
+        else:
+            log.reject(rid, f"needs {lay0.blocks_for(p + o)} KV blocks, no replica of the fleet holds that many")
+        feed.on_done(rid)
 
     def dispatch(rid: int) -> None:
         log.arrival[rid] = env.now
-        p, o = int(log.prompt[rid]), int(log.output[rid])
-        if p + o > max_len:
-            log.reject(rid, f"prompt+output {p + o} exceeds the {max_len}-token context window")
-        elif layout.blocks_for(p + o) > layout.num_blocks:
-            log.reject(rid, f"needs {layout.blocks_for(p + o)} KV blocks, the replica has {layout.num_blocks}")
-        else:
-            router.pick().submit(rid)
+        if not feasible[rid]:
+            reject(rid)
             return
-        feed.on_done(rid)
+        r = router.pick(rid) if ctx is not None else router.pick()
+        assert r is not None and fits[config_of[r.index], rid], "the router sent a request where it cannot fit"
+        if len(keys) > 1:
+            log.output[rid] = outputs[config_of[r.index]][rid]
+        r.submit(rid)
 
     feed.start(dispatch)
     env.run()
-    return MethodRun(label or method.label, method, tp, layout, log, replicas, cost.source)
+    return MethodRun(v.label, v.method, v.tp, layouts[compared], log, replicas, "; ".join(sorted({c.source for c in costs})),
+                     variant=v, route_decisions=router.estimates, length_source=length_source,
+                     configs=[f"{m.label}@tp{t}" for m, t in keys])
+
+
+def simulate_method(scn: Scenario, method: Method, wl: Workload, tp: int | None = None,
+                    cost: CostModel | None = None, label: str | None = None, inflation=None) -> MethodRun:
+    """`simulate` of one method on `scn.replicas` identical replicas behind the scenario's router."""
+    tp = tp or scn.tp_list[0]
+    v = Variant(label or method.label, method, tp, scn.router, [Member(method, tp, scn.replicas)])
+    return simulate(scn, v, wl, inflation=inflation, cost=cost)

@@ -12,7 +12,7 @@ New requests are handed to free slots between iterations (the least recently use
 as the server picks when no prompt cache matches; a slot's id is its llama.cpp sequence id, so
 which slots decode together decides how the step is cut into ubatches, simulator/ubatch.py); when no slot is free they wait in FIFO
 order. Without a unified KV cache each slot holds ctx_size / n_parallel tokens, and a request
-that cannot fit its slot's context is rejected before it queues (engine.simulate_method
+that cannot fit its slot's context is rejected before it queues (simulation.simulate
 checks prompt + output against the slot context; llama.cpp refuses a prompt longer than the
 slot and cuts generation at its end); with kv_unified a slot may use the whole context and
 the queue head waits until its prompt + output fits in the cells the active slots leave free.

@@ -31,7 +31,7 @@ PLAN_ARGS = ["scenarios/sharegpt_poisson.yaml", "--rate", "6", "--slo", "ttft_p9
 DEFAULT_CLI = "rkvsim.cli"
 # Keys whose values name paths, dates or wall-clock times, at any depth.
 DROP = {"path", "out", "results", "report", "created", "date", "wall_s", "elapsed_s", "scenario_path",
-        "profile_path"}
+        "profile_path", "negative_samples_source"}
 
 
 def _clean(x):

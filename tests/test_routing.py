@@ -9,7 +9,8 @@ import pytest
 from rkvsim.cli.main import rkvsim as rkvsim_main
 from rkvsim.simulator.config import Scenario, ScenarioError, load_scenario
 from rkvsim.simulator.simulation import build_workload, simulate_method
-from rkvsim.simulator.fleet import LengthPredictions, plan_variants, predict_lengths, simulate_fleet, simulate_variant
+from rkvsim.simulator.fleet import LengthPredictions, plan_variants, predict_lengths
+from rkvsim.simulator.simulation import simulate
 from rkvsim.simulator.router import DecodeTable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def test_router_never_picks_a_replica_that_cannot_hold_the_request(router):
     scn = Scenario.model_validate(small_gpu_fleet(router))
     wl = build_workload(scn, 0, ROOT)
     (v,) = plan_variants(scn)
-    run = simulate_variant(scn, v, wl)
+    run = simulate(scn, v, wl)
     fp16_layout = run.replicas[0].layout
     assert run.replicas[0].layout.method.kind == "fp16" and run.replicas[1].layout.method.kind == "kivi"
     need = np.array([fp16_layout.blocks_for(int(p + o)) for p, o in zip(run.log.prompt, run.log.output)])
@@ -51,7 +52,7 @@ def test_request_no_replica_holds_is_rejected_not_routed():
     d["workload"]["prompt"] = {"dist": "uniform", "low": 100, "high": 3500}
     scn = Scenario.model_validate(d)
     wl = build_workload(scn, 1, ROOT)
-    run = simulate_variant(scn, plan_variants(scn)[0], wl)
+    run = simulate(scn, plan_variants(scn)[0], wl)
     lay = run.replicas[0].layout
     too_big = np.array([lay.blocks_for(int(p + o)) > lay.num_blocks for p, o in zip(wl.prompt, wl.output)])
     assert too_big.any()
@@ -60,13 +61,13 @@ def test_request_no_replica_holds_is_rejected_not_routed():
 
 
 def test_homogeneous_fleet_matches_the_plain_engine():
-    """simulate_fleet duplicates engine.simulate_method's dispatch; on one configuration they agree."""
+    """A fleet of one configuration in two groups simulates as the same replicas in one group."""
     d = small_gpu_fleet("least_kv", hardware="a6000", methods=["kivi-4"], fleet=[{"replicas": 2}])
     d["scheduler"]["gpu_memory_utilization"] = 0.9
     scn = Scenario.model_validate(d)
     wl = build_workload(scn, 3, ROOT)
     v = plan_variants(scn)[0]
-    fleet = simulate_fleet(scn, v, wl)
+    fleet = simulate(scn, v, wl)
     plain = simulate_method(scn.model_copy(update={"replicas": 2}), v.method, wl)
     for col in ("arrival", "first_token", "finish", "replica"):
         np.testing.assert_array_equal(getattr(fleet.log, col), getattr(plain.log, col))
@@ -127,8 +128,8 @@ def test_compression_aware_and_oracle_decide_every_request():
                                                   scheduler={"max_batch_size": 64, "max_batched_tokens": 4096}))
     wl = build_workload(scn, 0, ROOT)
     v = plan_variants(scn)[0]
-    const = simulate_fleet(scn, v, wl, predictions=LengthPredictions(np.full(len(wl.prompt), 64.0), "const"))
-    oracle = simulate_fleet(scn, v.__class__(v.label, v.method, v.tp, "oracle", v.members), wl)
+    const = simulate(scn, v, wl, predictions=LengthPredictions(np.full(len(wl.prompt), 64.0), "const"))
+    oracle = simulate(scn, v.__class__(v.label, v.method, v.tp, "oracle", v.members), wl)
     assert const.route_decisions == len(wl.prompt) and oracle.route_decisions == len(wl.prompt)
     assert oracle.length_source == "true lengths (oracle)" and const.length_source == "const"
     for run in (const, oracle):

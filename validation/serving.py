@@ -27,7 +27,8 @@ from rkvsim.profiler.engine_build import EngineBuild, build_engine, cpu_name, fi
 from rkvsim.profiler.engine_collect import ENGINE_GRIDS, EngineCollectConfig, collect_engine, model_gguf, profile_key
 from rkvsim.models.files import cache_dir, read_json_if_exists, write_json
 from rkvsim.simulator.config import Scenario
-from rkvsim.simulator.simulation import build_workload, simulate_method
+from rkvsim.simulator.pipeline import run_scenario
+from rkvsim.simulator.simulation import build_workload
 from rkvsim.simulator.llamacpp_cost import packaged_engine_profiles
 
 from rkvsim.profiler.llamacpp_server import running_server, server_args
@@ -157,7 +158,7 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
         raise ValidationError(f"the server evaluated other prompt lengths than sent for requests {bad_counts[:5]}")
 
     # ---- simulate -----------------------------------------------------------------------
-    run = simulate_method(scn, method, wl)
+    (run,) = run_scenario(scn, scn.seed, base_dir, workload=wl, inflation=None, labels=[label]).runs
     measured = measured_summary(ms, open_loop)
     simulated = simulated_summary(run, open_loop)
     result = {

@@ -50,11 +50,16 @@ def group_bytes_per_head(m, head_dim: int, prompt, total, dtype_bytes: int):
     return (total - n_q) * full + payload + params
 
 
+def _request_bytes(model, m, prompt: int, total: int, tp: int, dtype_bytes: int) -> int:
+    """models.kv_bytes.kv_bytes, spelled here so that the spec modules import nothing above them."""
+    heads = max(1, model.num_kv_heads // tp)
+    return model.num_layers * heads * int(m.spec.bytes_per_head(m, model.head_dim, prompt, total, dtype_bytes))
+
+
 def marginal_token_bytes(m, model, tp: int, dtype_bytes: int) -> float:
     """What one more cached token costs once the cache is long: measured across 64 groups of
     decode-time growth, so the window and the prefill segment cancel."""
-    from rkvsim.models.kv_bytes import kv_bytes
-
+    kv_bytes = _request_bytes
     g = m.group_size
     lo = m.residual + 64 * g
     hi = lo + 64 * g
@@ -65,9 +70,8 @@ def marginal_token_bytes(m, model, tp: int, dtype_bytes: int) -> float:
 def window_overhead(m, model, tp: int, dtype_bytes: int) -> float:
     """Bytes a request holds beyond marginal bytes x tokens at its worst point: the full-precision
     window at its fullest (and GEAR's prefill segment terms)."""
-    from rkvsim.models.kv_bytes import kv_bytes, kv_bytes_per_token
-
-    per = kv_bytes_per_token(model, m, tp, dtype_bytes)
+    kv_bytes = _request_bytes
+    per = marginal_token_bytes(m, model, tp, dtype_bytes)
     g, r = m.group_size, m.residual
     worst = 0.0
     # The window is fullest just before a group is quantized: n = r + g - 1 (mod g).
