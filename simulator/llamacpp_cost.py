@@ -121,7 +121,7 @@ def _prompt_ubatch(u: list[tuple[int, int]], done: dict[int, int]) -> Ubatch:
     return float(sum(n for _, n in u)), 0.0, a_pre
 
 
-class EngineCostModel:
+class LlamaCppCostModel:
     """CostModel of one llama.cpp KV type on a server that cuts batches into n_ubatch-token
     ubatches over `streams` KV streams (1: unified KV). See the module docstring for the model."""
 
@@ -295,10 +295,10 @@ def find_engine_profile(scn) -> Path:
     return found[0]
 
 
-_CACHE: dict[tuple[str, str], EngineCostModel] = {}
+_CACHE: dict[tuple[str, str], LlamaCppCostModel] = {}
 
 
-def engine_cost_model(scn, method: Method) -> EngineCostModel:
+def llamacpp_cost_model(scn, method: Method) -> LlamaCppCostModel:
     folder = find_engine_profile(scn)
     rows_file = folder / STEPS_FILE
     # Keyed on the table's mtime too: a profile collected again is read again.
@@ -309,5 +309,5 @@ def engine_cost_model(scn, method: Method) -> EngineCostModel:
     hit = _CACHE.get(key)
     if hit is None:
         meta, rows = read_engine_profile(folder)
-        hit = _CACHE[key] = EngineCostModel(meta, rows, method, n_ubatch=sched.n_ubatch, streams=streams)
+        hit = _CACHE[key] = LlamaCppCostModel(meta, rows, method, n_ubatch=sched.n_ubatch, streams=streams)
     return hit

@@ -96,7 +96,15 @@ class Replica:
                 entry[1] += chunk
             if chunks:
                 self._finish_prefills(now)
+            # The block ledger balances whenever a request joined, left or moved on.
+            assert not (chunks or self.n_dec != n) or self._ledger() == self.blocks_used, \
+                f"replica {self.index}: blocks_used {self.blocks_used} != blocks held {self._ledger()}"
+            assert 0 <= self.blocks_used <= self.layout.num_blocks, f"replica {self.index}: {self.blocks_used} blocks used"
             self.steps.add(now, dt, n + len(chunks), self.kv_fraction, new_tokens)
+
+    def _ledger(self) -> int:
+        """Blocks held by the running and prefilling requests (what blocks_used must equal)."""
+        return int(self.D[self.BLK, :self.n_dec].sum()) + sum(e[3] for e in self.prefilling)
 
     # ---- scheduling ------------------------------------------------------------------
     def _plan_step(self):
@@ -143,6 +151,7 @@ class Replica:
             if self.blocks_used + need > lay.num_blocks - (self.watermark if busy else 0):
                 break
             self.waiting.popleft()
+            assert rid not in (e[0] for e in self.prefilling), f"request {rid} admitted twice"
             self.blocks_used += need
             entry = [rid, 0, total, need]
             self.prefilling.append(entry)
@@ -171,6 +180,7 @@ class Replica:
             n -= 1
             total -= int(need[n])
             self._preempt_last()
+        assert total <= lay.num_blocks, f"replica {self.index}: decodes need {total} of {lay.num_blocks} blocks"
         self.blocks_used = total
         return need[:n]
 
@@ -183,12 +193,14 @@ class Replica:
         log.last_token[rid] = self.F[self.LAST, i]
         log.itl_max[rid] = np.fmax(log.itl_max[rid], self.F[self.ITLMAX, i])
         self.blocks_used -= int(D[self.BLK, i])
+        assert i >= 0 and self.blocks_used >= 0, f"replica {self.index}: preempted from an empty batch"
         self.n_dec = i
         self.waiting.appendleft(rid)
 
     def _preempt_prefill(self) -> None:
         rid, _done, _total, blocks = self.prefilling.pop()
         self.blocks_used -= blocks
+        assert self.blocks_used >= 0, f"replica {self.index}: freed more blocks than held"
         self.log.preemptions[rid] += 1
         self.waiting.appendleft(rid)
 
@@ -237,14 +249,18 @@ class Replica:
             # Eviction and SnapKV selection shrink the cache once the prompt is attended.
             cached = lay.method.cached_tokens(total, total)
             keep_blocks = lay.blocks_for(cached)
+            assert keep_blocks <= blocks, f"request {rid}: eviction grew its cache ({blocks} -> {keep_blocks} blocks)"
             self.blocks_used -= blocks - keep_blocks
             i = self.n_dec
+            assert i < self.cfg.max_batch_size, f"replica {self.index}: more than max_batch_size running"
             D[:, i] = (total, gen, rid, total, log.output[rid], keep_blocks)  # CTX GEN RID PLEN OUT BLK
             F[:, i] = (now, 0.0)
             self.n_dec += 1
         self.prefilling = still
 
     def _complete(self, rid: int, gen: int, now: float) -> None:
+        assert np.isnan(self.log.finish[rid]), f"request {rid} completed twice"
+        assert self.log.replica[rid] == self.index, f"request {rid} completed on a replica it was not sent to"
         self.log.generated[rid] = gen
         self.log.finish[rid] = now
         self.outstanding -= 1

@@ -95,8 +95,8 @@ class Arrivals:
 
 def make_cost_model(scn: Scenario, method: Method, tp: int) -> CostModel:
     if scn.scheduler.kind == "slots":
-        from rkvsim.simulator.llamacpp_cost import engine_cost_model   # llama.cpp: its engine profile's costs
-        return engine_cost_model(scn, method)
+        from rkvsim.simulator.llamacpp_cost import llamacpp_cost_model   # llama.cpp: its engine profile's costs
+        return llamacpp_cost_model(scn, method)
     model, hw = resolve_model(scn.model), resolve_hardware(scn.hardware)
     from rkvsim.calibration.steps.profiles import find_profile
     from rkvsim.simulator.calibrated import calibrated_cost_model

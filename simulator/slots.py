@@ -126,6 +126,7 @@ class SlotReplica:
             self.waiting.popleft()
             # llama-server's LRU pick: the oldest last use; among equals the highest slot index.
             s = min(free, key=lambda x: (x.last_used, -x.index))
+            assert not s.busy and all(x.rid != rid for x in self.slots), f"request {rid} given a second slot"
             s.rid, s.prompt, s.output, s.done_prompt, s.generated = rid, p, o, 0, 0
             s.itl_max = 0.0
             self.cells_reserved += p + o
@@ -172,6 +173,7 @@ class SlotReplica:
         new_tokens = sum(c for _, c in chunks)
         log.prefill_tokens += new_tokens
         self.cells_used += len(dec) + new_tokens
+        assert self.cells_used <= self.layout.num_blocks, f"{self.cells_used} KV cells used of {self.layout.num_blocks}"
         if dec:
             itl = np.array([now - s.last_token for s in dec])
             log.add_itls(itl)
@@ -194,12 +196,14 @@ class SlotReplica:
 
     def _release(self, s: Slot, now: float) -> None:
         log, rid = self.log, s.rid
+        assert rid >= 0 and np.isnan(log.finish[rid]), f"slot {s.index} released twice"
         log.generated[rid] = s.generated
         log.finish[rid] = now
         log.itl_max[rid] = s.itl_max if s.generated > 1 else np.nan
         # The last sampled token is never fed back, so the request held prompt + output - 1 cells.
         self.cells_used -= s.prompt + s.generated - 1
         self.cells_reserved -= s.prompt + s.output
+        assert self.cells_used >= 0 and self.cells_reserved >= 0, "freed more KV cells than held"
         s.rid, s.last_used = -1, now
         self.outstanding -= 1
         self.on_done(rid)

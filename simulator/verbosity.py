@@ -32,7 +32,7 @@ def load_inflation(scn: Scenario, base_dir: Path):
     n = model.info["n_prompts"]
     if n < v.min_prompts:
         raise ScenarioError(f"verbosity.data: {path} has {n} prompts with paired generations, fewer than "
-                            f"verbosity.min_prompts={v.min_prompts}; collect more (gen_collect resumes) or lower it")
+                            f"verbosity.min_prompts={v.min_prompts}; collect more (python -m rkvsim.calibration.generation.collect resumes) or lower it")
     return model
 
 

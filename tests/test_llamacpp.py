@@ -162,7 +162,7 @@ def test_real_llama_server_end_to_end(tmp_path):
         socket.create_connection(("127.0.0.1", srv["port"]), timeout=2).close()
     # every token's arrival time is kept, and the server's iterations can be rebuilt from them
     from rkvsim.validation.serving_steps import compare, iterations, read_run
-    from rkvsim.simulator.llamacpp_cost import EngineCostModel, read_engine_profile
+    from rkvsim.simulator.llamacpp_cost import LlamaCppCostModel, read_engine_profile
     from rkvsim.models import parse_method
     reqs, toks = read_run(out)
     assert sum(len(v) for v in toks.values()) == sum(int(r["output_tokens"]) for r in reqs)
@@ -172,7 +172,7 @@ def test_real_llama_server_end_to_end(tmp_path):
     its = iterations(reqs, toks, slots=slots)
     assert len(its) >= max(int(r["output_tokens"]) for r in reqs)
     assert sum(len(i.prefill) for i in its) == 24          # every prompt starts exactly one iteration
-    rows = compare(its, EngineCostModel(*read_engine_profile(prof), parse_method("f16")))
+    rows = compare(its, LlamaCppCostModel(*read_engine_profile(prof), parse_method("f16")))
     assert sum(r["iterations"] for r in rows) == len(its) and all(r["model_s"] > 0 for r in rows)
 
 

@@ -13,7 +13,7 @@ from rkvsim.profiler.schema import ENGINE_STEPS, SCHEMA_VERSION
 from rkvsim.simulator.config import Scenario, ScenarioError, load_scenario
 from rkvsim.simulator.cost_model import StepBatch
 from rkvsim.simulator.simulation import build_workload, simulate_method
-from rkvsim.simulator.llamacpp_cost import EngineCostModel, read_engine_profile
+from rkvsim.simulator.llamacpp_cost import LlamaCppCostModel, read_engine_profile
 
 E = np.zeros(0, np.int64)
 
@@ -176,7 +176,7 @@ def test_single_request_latency_is_sum_of_engine_steps(profile):
                                             "prompt": {"dist": "fixed", "value": 700},
                                             "output": {"dist": "fixed", "value": 5}})
     r, wl, _ = run(scn)
-    cost = EngineCostModel(*read_engine_profile(profile), parse_method("f16"))
+    cost = LlamaCppCostModel(*read_engine_profile(profile), parse_method("f16"))
     # n_batch 512: the prompt takes two steps (512 + 188), then 4 decode steps.
     t = cost.step_time(StepBatch(np.array([512]), np.array([0]), E, E, np.array([False])))
     t += cost.step_time(StepBatch(np.array([188]), np.array([512]), E, E, np.array([True])))
@@ -243,9 +243,9 @@ def test_missing_engine_profile_is_one_clear_error(tmp_path):
 
 
 # ---- engine cost model -------------------------------------------------------------------------
-def test_engine_cost_model_recovers_the_measured_law_and_interpolates_linearly(profile):
+def test_llamacpp_cost_model_recovers_the_measured_law_and_interpolates_linearly(profile):
     meta, rows = read_engine_profile(profile)
-    cm = EngineCostModel(meta, rows, parse_method("f16"))
+    cm = LlamaCppCostModel(meta, rows, parse_method("f16"))
     assert cm.fit_error["max_abs_rel"] < 1e-6
     assert cm.source.startswith("profile:cpu@2026-11-23") and "llama.cpp" in cm.source
     # Mixed steps the bench never ran: decodes in slots 0..n_dec-1 + a chunk on a past in the
@@ -272,15 +272,15 @@ def test_engine_cost_model_recovers_the_measured_law_and_interpolates_linearly(p
     t = [cm.step_time(StepBatch(E, E, np.full(n, 500, np.int64), np.full(n, 400, np.int64))) for n in (4, 5, 6, 8)]
     assert t[0] < t[1] < t[2] < t[3] and t[2] - t[1] == pytest.approx(t[1] - t[0], rel=1e-6)
     # A slower KV type is slower everywhere.
-    q8 = EngineCostModel(meta, rows, parse_method("q8_0"))
+    q8 = LlamaCppCostModel(meta, rows, parse_method("q8_0"))
     b = StepBatch(E, E, np.full(4, 800, np.int64), np.full(4, 700, np.int64))
     assert q8.step_time(b) == pytest.approx(1.1 * cm.step_time(b), rel=1e-6)
 
 
-def test_engine_cost_model_refuses_a_kv_type_it_has_no_rows_for(profile):
+def test_llamacpp_cost_model_refuses_a_kv_type_it_has_no_rows_for(profile):
     meta, rows = read_engine_profile(profile)
     with pytest.raises(ValueError, match="q4_0"):
-        EngineCostModel(meta, rows, parse_method("q4_0"))
+        LlamaCppCostModel(meta, rows, parse_method("q4_0"))
 
 
 # ---- llama.cpp KV bytes ----------------------------------------------------------------------

@@ -3,11 +3,11 @@
     python -m rkvsim.validation.lengths_llamacpp --n 30 --out calibration/data/lengths-llamacpp
 
 For each llama.cpp KV type (f16, q8_0, q4_0) a llama-server with that cache type answers the
-same N ShareGPT first turns (calibration.gen_prompts: a seeded sample) through
+same N ShareGPT first turns (calibration.generation.prompts: a seeded sample) through
 /v1/chat/completions, the model's chat template applied by the server, temperature 1.0, EOS
 allowed, at most --max-tokens new tokens, per-request seed = the prompt's index + --seed (the
 same for every KV type, so only the cache differs). Rows go to part-0.jsonl in the format of
-calibration.gen_store (one durable line per (prompt, KV type), `config` = the KV type), so
+calibration.generation.store (one durable line per (prompt, KV type), `config` = the KV type), so
 `rkvsim lengths report --data calibration/data/lengths-llamacpp --baseline f16` reads them.
 Resumable: a rerun skips the rows already there.
 """

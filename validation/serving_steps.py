@@ -147,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gap-ms", type=float, default=4.0)
     args = ap.parse_args(argv)
     from rkvsim.models.methods import parse_method
-    from rkvsim.simulator.llamacpp_cost import EngineCostModel, read_engine_profile
+    from rkvsim.simulator.llamacpp_cost import LlamaCppCostModel, read_engine_profile
     res = json.loads((args.run_dir / "validation_serving.json").read_text())
     meta, rows = read_engine_profile(res["engine_profile"])
     sched = res["server_settings"]
-    cost = EngineCostModel(meta, rows, parse_method(res["method"]), n_ubatch=sched["n_ubatch"],
+    cost = LlamaCppCostModel(meta, rows, parse_method(res["method"]), n_ubatch=sched["n_ubatch"],
                            streams=1 if sched["kv_unified"] else sched["n_parallel"])
     reqs, tokens = read_run(args.run_dir)
     slots = slots_from_log(args.run_dir / "server.log", reqs, skip=int(res.get("warm_up_requests", 0)))
