@@ -23,7 +23,8 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "rkvsim"
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Makes a file's creation or rename durable, not just its contents."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -53,7 +54,7 @@ def atomic_path(path: Path, fill: Callable[[str], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:

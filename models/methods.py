@@ -92,6 +92,8 @@ def specs() -> dict[str, MethodSpec]:
             for s in getattr(mod, "SPECS", None) or [getattr(mod, "SPEC")]:
                 assert s.family in FAMILIES, f"{info.name}: family {s.family!r} not one of {FAMILIES}"
                 assert s.kind not in found, f"method kind {s.kind!r} defined twice"
+                clash = sorted(set(s.settings) & set(dir(Method)))
+                assert not clash, f"{s.kind}: settings {clash} would hide Method's own attributes"
                 found[s.kind] = s
         _SPECS.update(found)
     return _SPECS
@@ -127,6 +129,8 @@ class Method:
         full = tuple((k, given.get(k, d)) for k, d in spec.settings.items())
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "settings", full)
+        for k, v in full:   # plain attributes: the simulator reads settings in its step loop
+            object.__setattr__(self, k, v)
         for k, v in full:
             if isinstance(spec.settings[k], (int, float)) and not isinstance(spec.settings[k], bool) \
                     and isinstance(v, (int, float)) and v < 0:

@@ -6,21 +6,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from rkvsim.models import parse_method, resolve_model
+from rkvsim.models import parse_method, resolve_model, specs
 
 from rkvsim.profiler import engine_cli
 from rkvsim.profiler.device import ProfilerError
 
-DEFAULT_METHODS = "fp16,kivi,gear,streamingllm,h2o,snapkv"
+# Every method that has a kernel (its spec names one), at its default setting.
+DEFAULT_METHODS = ",".join(k for k, s in specs().items() if s.kernel)
 
 
-def one_line_errors(fn):
-    """A ProfilerError becomes one line on stderr and exit 2: a refusal the user can act on, not
-    a traceback. Anything else is a bug and keeps its traceback."""
+def one_line_errors(fn, also: tuple = ()):
+    """A ProfilerError (or one of `also`) becomes one line on stderr and exit 2: a refusal the user
+    can act on, not a traceback. Anything else is a bug and keeps its traceback."""
     def run(args) -> int:
         try:
             return fn(args)
-        except ProfilerError as e:
+        except (ProfilerError, *also) as e:
             print(f"rkvprof: error: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
     return run

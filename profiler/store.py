@@ -13,21 +13,8 @@ import math
 import os
 from pathlib import Path
 
+from rkvsim.models.files import fsync_dir
 from rkvsim.profiler.schema import TableSchema, row_key
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes a file's creation or rename durable, not just its contents.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _csv_line(values: list) -> str:
@@ -102,7 +89,7 @@ class TableWriter:
             self._file = open(self.path, "a", newline="")
             if new:
                 self._file.write(_csv_line(list(self.schema.columns)))
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         self._file.write(_csv_line([_cell(row[c]) for c in self.schema.columns]))
         self._file.flush()
         os.fsync(self._file.fileno())

@@ -4,15 +4,13 @@ so a failed or interrupted run never leaves a half-written results folder."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from rkvsim.simulator.simulation import MethodRun
 from rkvsim.simulator.metrics import per_request_columns, summarize
+from rkvsim.models.files import replace_dir
 
 SCHEMA_VERSION = 1
 MAX_SERIES_POINTS = 2000
@@ -77,9 +75,8 @@ def series_table(runs: list[MethodRun]):
 def write_results(out_dir: Path, summary: dict, runs: list[MethodRun], scenario_text: str) -> Path:
     from rkvsim.simulator.report import write_report
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
         (tmp / "scenario.yaml").write_text(scenario_text)
         requests = request_table(runs)
@@ -87,15 +84,6 @@ def write_results(out_dir: Path, summary: dict, runs: list[MethodRun], scenario_
         requests.to_parquet(tmp / "requests.parquet", index=False)
         series.to_parquet(tmp / "timeseries.parquet", index=False)
         write_report(tmp / "report.html", summary, requests, series)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    replace_dir(out_dir, fill)
     return out_dir

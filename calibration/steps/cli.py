@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 
 def _one_line(fn):
-    """A FitError (a profile that cannot be fitted or read) is one line and exit 2."""
-    def run(args) -> int:
-        from rkvsim.calibration.steps.fit import FitError
-        from rkvsim.profiler.device import ProfilerError
-        try:
-            return fn(args)
-        except (FitError, ProfilerError) as e:
-            print(f"rkvprof: error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
-    return run
+    """A FitError (a profile that cannot be fitted or read) is one line and exit 2, as rkvprof's own."""
+    from rkvsim.calibration.steps.fit import FitError
+    from rkvsim.profiler.cli import one_line_errors
+    return one_line_errors(fn, also=(FitError,))
 
 
 def add_parser(sub) -> None:
@@ -72,19 +65,12 @@ def cmd_install(args) -> int:
     from rkvsim.profiler.profile import load_profile
 
     from rkvsim.calibration.steps.profiles import user_store
+    from rkvsim.models.files import replace_dir
 
     prof = load_profile(args.profile)
     dest = user_store() / prof.hardware / prof.meta.get("model", "unknown")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Copy beside the destination, then swap in: a reader never sees half a profile.
-    tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=dest.parent))
-    shutil.copytree(args.profile, tmp / "p")
-    old = dest.with_name(dest.name + ".old")
-    if dest.exists():
-        dest.rename(old)
-    (tmp / "p").rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Copied beside the destination, then swapped in: a reader never sees half a profile.
+    replace_dir(dest, lambda tmp: shutil.copytree(args.profile, tmp, dirs_exist_ok=True))
     print(f"rkvprof: installed {args.profile} as {dest}; simulations on hardware {prof.hardware!r} now use it",
           file=sys.stdout)
     return 0

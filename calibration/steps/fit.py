@@ -234,7 +234,7 @@ class StepFit:
         return out
 
 
-def _tables_sha(folder: Path) -> str:
+def tables_sha(folder: Path) -> str:
     h = hashlib.sha256()
     for name in ("attention.csv", "operators.csv"):
         p = folder / name
@@ -303,7 +303,7 @@ def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | 
     if not jobs:
         raise ValueError(f"{profile.folder}: no operator or attention rows to fit")
     fit = StepFit(FIT_VERSION, str(profile.folder), profile.origin, profile.hardware, meta.get("model", ""),
-                  dt, _tables_sha(Path(profile.folder)),
+                  dt, tables_sha(Path(profile.folder)),
                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=_versions())
     from threadpoolctl import threadpool_limits
     # One thread: the fits are small, and OpenMP workers spinning on a busy 2-core machine
@@ -355,6 +355,6 @@ def load_fit(profile_dir: str | Path, fit_dir: str | Path | None = None) -> Step
     if getattr(fit, "version", None) != FIT_VERSION:
         raise FitError(f"{path} has fit version {getattr(fit, 'version', None)}, this rkvsim reads {FIT_VERSION}; "
                        f"refit: rkvprof fit {folder}")
-    if fit.tables_sha256 != _tables_sha(folder):
+    if fit.tables_sha256 != tables_sha(folder):
         raise FitError(f"{path} was fitted on other tables than {folder} now holds; refit: rkvprof fit {folder}")
     return fit

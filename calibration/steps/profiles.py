@@ -20,7 +20,7 @@ from pathlib import Path
 from rkvsim.models import HardwareSpec, Method, ModelSpec
 from rkvsim.models.files import cache_dir
 
-from rkvsim.calibration.steps.fit import FIT_PICKLE, FitError, StepFit, _tables_sha, fit_folder, load_fit, save_fit
+from rkvsim.calibration.steps.fit import FIT_PICKLE, FitError, StepFit, tables_sha, fit_folder, load_fit, save_fit
 
 PROFILES_ENV = "RKVSIM_PROFILES"
 FORCE_PRIOR = "roofline"
@@ -100,7 +100,7 @@ def _fit_for(folder: str, sha: str) -> StepFit:
 
 
 def fit_for(folder: Path) -> StepFit:
-    return _fit_for(str(Path(folder).resolve()), _tables_sha(Path(folder)))
+    return _fit_for(str(Path(folder).resolve()), tables_sha(Path(folder)))
 
 
 @lru_cache(maxsize=64)
@@ -121,5 +121,5 @@ def compiled_costs(folder: Path, model: ModelSpec, method: Method, tp: int, max_
     """The profile's fitted step costs for one (model, method, tp), compiled into lookups
     (calibration.steps.compile.CompiledCosts) over the scheduler's limits; cached per process."""
     folder = Path(folder)
-    return _compiled(str(folder.resolve()), _tables_sha(folder), model, method, tp, int(max_tokens),
+    return _compiled(str(folder.resolve()), tables_sha(folder), model, method, tp, int(max_tokens),
                      int(max_batch), int(max_ctx))

@@ -1,4 +1,5 @@
 """FP16: the uncompressed baseline; every token's K and V in the model's dtype."""
+from rkvsim.models.method_specs._dense import per_rank
 from rkvsim.models.methods import BASELINE, MethodSpec
 
 
@@ -7,8 +8,7 @@ def _bytes(m, head_dim, prompt, total, dtype_bytes):
 
 
 def _token_bytes(m, model, tp, dtype_bytes):
-    heads = max(1, model.num_kv_heads // tp)
-    return model.num_layers * heads * (2 * model.head_dim * dtype_bytes)
+    return per_rank(model, tp, (2 * model.head_dim * dtype_bytes))
 
 
 SPEC = MethodSpec(

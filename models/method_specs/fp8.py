@@ -9,6 +9,7 @@ same kernel that stores K/V, so FP8 adds element-wise work but no launch and no 
 through DRAM."""
 import numpy as np
 
+from rkvsim.models.method_specs._dense import per_rank
 from rkvsim.models.methods import QUANTIZING, MethodSpec
 
 PAYLOAD_BYTES = 1   # e4m3
@@ -24,8 +25,7 @@ def _bytes(m, head_dim, prompt, total, dtype_bytes):
 
 
 def _token_bytes(m, model, tp, dtype_bytes):
-    heads = max(1, model.num_kv_heads // tp)
-    return model.num_layers * heads * (2 * model.head_dim * PAYLOAD_BYTES)
+    return per_rank(model, tp, (2 * model.head_dim * PAYLOAD_BYTES))
 
 
 SPEC = MethodSpec(

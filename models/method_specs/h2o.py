@@ -4,6 +4,7 @@ prompt while it is prefilled and evicts when the prompt ends."""
 import numpy as np
 
 from rkvsim.models.method_specs._eviction import split_budget
+from rkvsim.models.method_specs._dense import per_rank
 from rkvsim.models.methods import EVICTING, SCORE_BYTES, MethodSpec
 
 
@@ -12,8 +13,7 @@ def _bytes(m, head_dim, prompt, total, dtype_bytes):
 
 
 def _token_bytes(m, model, tp, dtype_bytes):
-    heads = max(1, model.num_kv_heads // tp)
-    return model.num_layers * heads * (2 * model.head_dim * dtype_bytes + SCORE_BYTES)
+    return per_rank(model, tp, (2 * model.head_dim * dtype_bytes + SCORE_BYTES))
 
 
 SPEC = MethodSpec(

@@ -2,6 +2,7 @@
 ggml, no residual window, no eviction. q8_0: 32 int8 + one fp16 scale = 34 bytes per 32 values;
 q4_0: 32 4-bit values + one fp16 scale = 18 bytes per 32. Costs come from an engine profile
 (simulator/llamacpp_cost.py), so there is no torch kernel."""
+from rkvsim.models.method_specs._dense import per_rank
 from rkvsim.models.methods import ENGINE_KV, MethodSpec
 
 # (values per block, bytes per block) as ggml stores them.
@@ -19,8 +20,7 @@ def _spec(kv_type: str) -> MethodSpec:
         return total * 2 * row_bytes(kv_type, head_dim)
 
     def _token_bytes(m, model, tp, dtype_bytes):
-        heads = max(1, model.num_kv_heads // tp)
-        return model.num_layers * heads * 2 * row_bytes(kv_type, model.head_dim)
+        return per_rank(model, tp, 2 * row_bytes(kv_type, model.head_dim))
 
     return MethodSpec(kind=kv_type, family=ENGINE_KV, doc=__doc__, kernel=None,
                       bytes_per_head=_bytes, token_bytes=_token_bytes, prefix_shareable=True)

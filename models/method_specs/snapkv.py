@@ -3,6 +3,7 @@ summed over the window, max-pooled over `kernel` positions) for the `budget` pro
 every generated token is kept. Prompts within the budget are left whole."""
 import numpy as np
 
+from rkvsim.models.method_specs._dense import per_rank
 from rkvsim.models.methods import PROMPT_COMPRESSING, MethodSpec
 
 
@@ -16,8 +17,7 @@ def _bytes(m, head_dim, prompt, total, dtype_bytes):
 
 
 def _token_bytes(m, model, tp, dtype_bytes):
-    heads = max(1, model.num_kv_heads // tp)
-    return model.num_layers * heads * (2 * model.head_dim * dtype_bytes)
+    return per_rank(model, tp, (2 * model.head_dim * dtype_bytes))
 
 
 SPEC = MethodSpec(

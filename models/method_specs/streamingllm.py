@@ -1,6 +1,7 @@
 """StreamingLLM (Xiao et al., 2024): the first `sink` tokens and the most recent `recent` tokens;
 the window applies from the first prefill chunk on."""
 from rkvsim.models.method_specs._eviction import split_budget
+from rkvsim.models.method_specs._dense import per_rank
 from rkvsim.models.methods import EVICTING, MethodSpec
 
 
@@ -10,8 +11,7 @@ def _bytes(m, head_dim, prompt, total, dtype_bytes):
 
 
 def _token_bytes(m, model, tp, dtype_bytes):
-    heads = max(1, model.num_kv_heads // tp)
-    return model.num_layers * heads * (2 * model.head_dim * dtype_bytes)
+    return per_rank(model, tp, (2 * model.head_dim * dtype_bytes))
 
 
 SPEC = MethodSpec(
