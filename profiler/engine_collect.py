@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rkvsim.models import resolve_model
+from rkvsim.models import ENGINE_KV, kinds, resolve_model
 
 from rkvsim.profiler.device import ProfilerError
 from rkvsim.profiler.engine_bench import BenchSettings, bench_command, prefill_steps, run_bench
@@ -27,7 +27,7 @@ from rkvsim.profiler.schema import ENGINE_STEPS, META_FILE, SCHEMA_VERSION, row_
 from rkvsim.models.files import read_json_if_exists, write_json
 from rkvsim.profiler.store import TableWriter
 
-KV_TYPES = ("f16", "q8_0", "q4_0")
+KV_TYPES = kinds(ENGINE_KV)   # llama.cpp's KV types, as their specs name them: f16, q8_0, q4_0
 PARTIAL_DIR = ".partial"     # finished repeats of invocations whose rows are not written yet
 ENGINE_SOURCE = "rkvprof-engine"
 # Fields that must agree for a run to append to an existing engine profile.

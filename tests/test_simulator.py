@@ -226,7 +226,7 @@ def test_verbosity_scenario_runs_on_the_shipped_generations(tmp_path, capsys):
                          ids=lambda p: p.stem)
 def test_shipped_scenarios_validate_and_run(path):
     from rkvsim.simulator.config import load_scenario
-    from rkvsim.simulator.simulation import variants
+    from rkvsim.simulator.fleet import variants
     scn = load_scenario(path, {"workload.num_requests": 25})
     wl = build_workload(scn, scn.seed, path.parent)
     for label, m, tp in variants(scn):

@@ -228,7 +228,7 @@ def test_bad_slots_scenarios_name_the_field(tmp_path, change, field):
     assert "\n" not in str(e.value)
 
 
-def test_missing_engine_profile_is_one_clear_error(tmp_path):
+def test_missing_engine_profile_is_one_clear_error(tmp_path, capsys):
     from rkvsim.cli.main import rkvsim as main
     import yaml
     p = tmp_path / "s.yaml"
@@ -237,9 +237,12 @@ def test_missing_engine_profile_is_one_clear_error(tmp_path):
                                  "workload": {"num_requests": 5, "arrival": {"process": "poisson", "rate": 1.0},
                                               "prompt": {"dist": "fixed", "value": 10},
                                               "output": {"dist": "fixed", "value": 10}}}))
-    from rkvsim.simulator.llamacpp_cost import EngineProfileError
-    with pytest.raises(EngineProfileError, match="profile"):
-        main(["run", str(p), "--out", str(tmp_path / "o")])
+    # One line naming the field and the fix, exit 2, nothing written (was a traceback before the
+    # run pipeline caught it).
+    assert main(["run", str(p), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "profile:" in err and "rkvprof collect --engine llamacpp" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 # ---- engine cost model -------------------------------------------------------------------------

@@ -28,6 +28,7 @@ PAPER_TABLE9 = {"T=0.9": (45.1, 17.7), "T=1.1": (45.9, 20.0), "KIVI": (2.8, 44.9
 # mean length increase at the paper's settings. Display only.
 PAPER_TABLE4 = {"kivi": ("KIVI-4", 1.69), "gear": ("GEAR-4", 1.70), "h2o": ("H2O-512", 1.55),
                 "streamingllm": ("Stream-512", 1.76)}
+# The paper's Table 9 rows, by kind (methods the paper did not run have none).
 KIND_NAME = {"kivi": "KIVI", "gear": "GEAR", "h2o": "H2O", "streamingllm": "StreamingLLM"}
 
 
