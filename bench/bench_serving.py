@@ -17,7 +17,6 @@ simulator must say so and match the queue growth (here: within 25%).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -70,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from rkvsim.models.files import read_json
     from rkvsim.simulator.config import load_scenario
     from rkvsim.validation.serving import RESULT_FILE, validate_serving
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 over["profile"] = args.profile
             res_path = out / RESULT_FILE
             if res_path.is_file():
-                res = json.loads(res_path.read_text())
+                res = read_json(res_path, "validate-serving result")
                 if args.resimulate:
                     res = resimulate(load_scenario(path, over), path.parent, res, res_path)
             elif args.resimulate or (only is not None and name not in only):

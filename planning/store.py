@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rkvsim.models.files import atomic_path as atomic_write_bytes
+from rkvsim.models.files import read_json, atomic_path as atomic_write_bytes
 from rkvsim.simulator.config import ScenarioError
 
 from rkvsim.planning.spec import Point, Sweep
@@ -28,7 +28,7 @@ class Store:
         self.parts = self.out / "parts"
         meta = self.out / "sweep.json"
         if meta.is_file():
-            old = json.loads(meta.read_text())
+            old = read_json(meta, "sweep record")
             if old.get("fingerprint") != sweep.fingerprint:
                 raise ScenarioError(f"--out {self.out}: holds another sweep ({old.get('name')}, fingerprint "
                                     f"{old.get('fingerprint')}); pick another --out or delete that folder")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rkvsim.profiler.device import ProfilerError
+from rkvsim.models.files import read_json
 
 ENGINE = "llamacpp"
 SDIST = "llama-cpp-python"
@@ -107,7 +108,7 @@ def find_engine() -> EngineBuild | None:
     info_path = folder / ENGINE_FILE
     if not info_path.is_file():
         return None
-    eng = EngineBuild(folder, json.loads(info_path.read_text()))
+    eng = EngineBuild(folder, read_json(info_path, "engine build record"))
     if not (eng.server.is_file() and eng.batched_bench.is_file()):
         return None
     return eng

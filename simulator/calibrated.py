@@ -9,7 +9,6 @@ on measured engine throughput and can install them beside the profile.
 """
 from __future__ import annotations
 
-import json
 from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from rkvsim.models import cached_tokens_vec
 
 from rkvsim.simulator.cost_model import RooflineCostModel, StepBatch
+from rkvsim.models.files import read_json
 
 ENGINE_FILE = "engine_terms.json"
 
@@ -68,7 +68,7 @@ def load_engine_terms(folder: Path) -> EngineTerms | None:
     p = Path(folder) / ENGINE_FILE
     if not p.exists():
         return None
-    return EngineTerms.from_json(json.loads(p.read_text()))
+    return EngineTerms.from_json(read_json(p, "engine terms file (rkvsim validate --install-engine)"))
 
 
 class CalibratedCostModel:

@@ -26,7 +26,6 @@ Reads plain CSV/JSON: the simulator imports neither torch nor rkvsim.profiler.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from rkvsim.models import Method
 
 from rkvsim.simulator import ubatch
 from rkvsim.simulator.cost_model import StepBatch
+from rkvsim.models.files import read_json
 
 ENGINE_SOURCE = "rkvprof-engine"
 STEPS_FILE = "engine_steps.csv"
@@ -51,7 +51,7 @@ def read_engine_profile(folder: Path | str) -> tuple[dict, list[dict]]:
     if not meta_path.is_file() or not rows_path.is_file():
         raise EngineProfileError(f"profile: {folder} holds no engine profile (meta.json + {STEPS_FILE}); "
                                  "make one with `rkvprof collect --engine llamacpp --out DIR`")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, "engine profile meta.json")
     if meta.get("source") != ENGINE_SOURCE:
         raise EngineProfileError(f"profile: {folder} is a {meta.get('source')!r} profile, not an engine profile "
                                  "(rkvprof collect --engine llamacpp)")
@@ -67,7 +67,7 @@ def packaged_engine_profiles(model: str, hardware: str = "cpu") -> list[Path]:
     """Engine profiles shipped with rkvsim for a model (newest first)."""
     base = PACKAGED_ROOT / hardware / f"llamacpp-{model}"
     found = [p.parent for p in base.glob("*/meta.json")]
-    return sorted(found, key=lambda p: json.loads((p / "meta.json").read_text()).get("finished", ""), reverse=True)
+    return sorted(found, key=lambda p: read_json(p / "meta.json", "engine profile meta.json").get("finished", ""), reverse=True)
 
 
 def origin(meta: dict) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from rkvsim.simulator.cost_model import StepBatch
+from rkvsim.models.files import read_json
 
 _EMPTY = np.zeros(0, np.int64)
 
@@ -51,7 +51,7 @@ class Iteration:
 def read_run(run_dir: Path) -> tuple[list[dict], dict[int, list[float]]]:
     with open(run_dir / "requests_measured.csv", newline="") as f:
         reqs = [r for r in csv.DictReader(f) if not r["error"]]
-    tokens = json.loads((run_dir / "tokens_measured.json").read_text())["requests"]
+    tokens = read_json(run_dir / "tokens_measured.json", "measured token times")["requests"]
     return reqs, {int(k): v for k, v in tokens.items()}
 
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from rkvsim.models.methods import parse_method
     from rkvsim.simulator.llamacpp_cost import LlamaCppCostModel, read_engine_profile
-    res = json.loads((args.run_dir / "validation_serving.json").read_text())
+    res = read_json(args.run_dir / "validation_serving.json", "validate-serving result")
     meta, rows = read_engine_profile(res["engine_profile"])
     sched = res["server_settings"]
     cost = LlamaCppCostModel(meta, rows, parse_method(res["method"]), n_ubatch=sched["n_ubatch"],

@@ -51,7 +51,6 @@ No torch / pandas here: the simulator imports this module.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from rkvsim.calibration.generation.store import load_rows
-from rkvsim.models.files import write_json
+from rkvsim.models.files import read_json, write_json
 from rkvsim.models.methods import BASELINE, QUANTIZING, spec_of
 
 SCHEMA = "rkvsim-inflation-v2"
@@ -303,8 +302,7 @@ def save_model(model: InflationModel, path) -> Path:
 
 
 def load_model(path) -> InflationModel:
-    with open(path, encoding="utf-8") as f:
-        return InflationModel.from_json(json.load(f))
+    return InflationModel.from_json(read_json(path, "inflation model (rkvsim lengths fit --out)"))
 
 
 # ---------------------------------------------------------------- fit + held-out score

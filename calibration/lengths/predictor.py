@@ -52,6 +52,7 @@ import numpy as np
 from rkvsim.models.files import atomic_write, sha256_file
 from rkvsim.calibration.lengths.features import LengthOnlyFeatures, make_features
 from rkvsim.calibration.lengths.metrics import paper_accuracy
+from rkvsim.models.files import read_json
 
 SCHEMA_VERSION = 2   # 2: bucket cut points per part (predict_bucket)
 ARTIFACT_KIND = "rkvsim-length-predictor"
@@ -290,7 +291,7 @@ def load(path: str | Path | None = None, inflation: InflationModel | None = None
     if not path.is_file() or not side_p.is_file():
         raise FileNotFoundError(f"no length predictor at {path} (with {side_p.name}); "
                                 f"fit one with: rkvsim lengths train")
-    side = json.loads(side_p.read_text())
+    side = read_json(side_p, "length predictor sidecar")
     if side.get("kind") != ARTIFACT_KIND or side.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{side_p}: schema {side.get('schema_version')!r}, this rkvsim reads "
                          f"{SCHEMA_VERSION}; retrain with: rkvsim lengths train")

@@ -21,7 +21,6 @@ copy + 0-vs-0 ties, exactly; `NegativeCounts.decomposition()` gives the three te
 """
 from __future__ import annotations
 
-import json
 import statistics
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+from rkvsim.models.files import read_json
 
 Scores = dict[str, dict[str, float]]  # task -> sample id -> score
 
@@ -110,7 +110,7 @@ def _glob_escape(s: str) -> str:
 
 
 def _read_task(path: Path) -> dict[str, float]:
-    rows = json.loads(path.read_text())
+    rows = read_json(path, "per-sample score file")
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of {{id, score}}")
     scores: dict[str, float] = {}

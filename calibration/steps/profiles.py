@@ -11,14 +11,13 @@ is fitted once and cached under ~/.cache/rkvsim/fits/<tables sha256>/.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from functools import lru_cache
 from pathlib import Path
 
 from rkvsim.models import HardwareSpec, Method, ModelSpec
-from rkvsim.models.files import cache_dir
+from rkvsim.models.files import UnreadableFile, cache_dir, read_json
 
 from rkvsim.calibration.steps.fit import FIT_PICKLE, FitError, StepFit, tables_sha, fit_folder, load_fit, save_fit
 
@@ -37,8 +36,8 @@ def packaged_store() -> Path:
 
 def _meta(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / "meta.json").read_text())
-    except (OSError, ValueError):
+        return read_json(folder / "meta.json", "profile meta.json")
+    except UnreadableFile:
         return None
 
 
