@@ -17,7 +17,8 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--methods", default="fp16,kivi,gear,streamingllm,h2o,snapkv")
+    from rkvsim.profiler.cli import DEFAULT_METHODS
+    p.add_argument("--methods", default=DEFAULT_METHODS)
     p.add_argument("--grid", default="quick")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--keep", type=Path, default=None, help="write the profile here instead of a temp dir")

@@ -112,16 +112,23 @@ def replace_dir(dest: Path, fill: Callable[[Path], object]) -> None:
     try:
         fill(tmp)
         os.chmod(tmp, 0o755)   # mkdtemp makes it owner-only
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def swap_in_dir(ready: Path, dest: Path) -> None:
+    """A complete folder `ready` (on dest's file system) takes dest's place; the old one is removed."""
+    dest = Path(dest)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    os.replace(ready, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:

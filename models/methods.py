@@ -92,7 +92,7 @@ def specs() -> dict[str, MethodSpec]:
             for s in getattr(mod, "SPECS", None) or [getattr(mod, "SPEC")]:
                 assert s.family in FAMILIES, f"{info.name}: family {s.family!r} not one of {FAMILIES}"
                 assert s.kind not in found, f"method kind {s.kind!r} defined twice"
-                clash = sorted(set(s.settings) & set(dir(Method)))
+                clash = sorted(set(s.settings) & (set(dir(Method)) | {"kind", "settings"}))
                 assert not clash, f"{s.kind}: settings {clash} would hide Method's own attributes"
                 found[s.kind] = s
         _SPECS.update(found)

@@ -92,7 +92,7 @@ def cmd_plan(args) -> int:
     from rkvsim.planning.plan_report import plan_table, render
     from rkvsim.planning.quality import default_scores_dir
     from rkvsim.planning.slo import SLOError, parse_slos
-    from rkvsim.planning.store import atomic_write_bytes
+    from rkvsim.models.files import write_json, write_text
 
     console, err = _consoles()
     try:
@@ -120,8 +120,8 @@ def cmd_plan(args) -> int:
     data["negative_samples_source"] = str(scores) if scores else None
     name = Path(args.scenario).stem
     out = Path(args.out) if args.out else Path("results") / f"plan-{name}"
-    atomic_write_bytes(out / "plan.json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
-    atomic_write_bytes(out / "report.html", lambda tmp: Path(tmp).write_text(render(res, name), encoding="utf-8"))
+    write_json(out / "plan.json", data)
+    write_text(out / "report.html", render(res, name))
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

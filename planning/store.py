@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rkvsim.models.files import read_json, atomic_path as atomic_write_bytes
+from rkvsim.models.files import atomic_path, read_json
 from rkvsim.simulator.config import ScenarioError
 
 from rkvsim.planning.spec import Point, Sweep
@@ -36,7 +36,7 @@ class Store:
             body = json.dumps({"store_version": STORE_VERSION, "name": sweep.name, "fingerprint": sweep.fingerprint,
                                "points": len(sweep.points), "seeds": sweep.seeds,
                                "axes": list(sweep.axes)}, indent=2).encode()
-            atomic_write_bytes(meta, lambda tmp: Path(tmp).write_bytes(body))
+            atomic_path(meta, lambda tmp: Path(tmp).write_bytes(body))
         self.parts.mkdir(parents=True, exist_ok=True)
         for stale in self.parts.glob(".*.tmp"):  # a write cut short by a kill
             stale.unlink(missing_ok=True)
@@ -47,7 +47,7 @@ class Store:
     def write_part(self, point: Point, seed: int, rows: list[dict]) -> None:
         import pandas as pd
         df = pd.DataFrame(rows)
-        atomic_write_bytes(self.parts / part_name(point, seed), lambda tmp: df.to_parquet(tmp, index=False))
+        atomic_path(self.parts / part_name(point, seed), lambda tmp: df.to_parquet(tmp, index=False))
 
     def consolidate(self, sweep: Sweep):
         """Every part of this sweep as one frame, sorted; written to rows.parquet."""
@@ -60,5 +60,5 @@ class Store:
                 if df[col].dtype == object and df[col].map(type).nunique() > 1:
                     df[col] = df[col].astype(str)  # an axis mixing numbers and words
             df = df.sort_values(["point", "seed", "method"], kind="stable").reset_index(drop=True)
-        atomic_write_bytes(self.out / "rows.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+        atomic_path(self.out / "rows.parquet", lambda tmp: df.to_parquet(tmp, index=False))
         return df

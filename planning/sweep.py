@@ -9,7 +9,8 @@ from pathlib import Path
 from rkvsim.planning.backends import default_workers, run_local, run_ray
 from rkvsim.planning.crossover import Crossover, find_crossovers
 from rkvsim.planning.spec import Sweep
-from rkvsim.planning.store import Store, atomic_write_bytes, part_name
+from rkvsim.models.files import write_text
+from rkvsim.planning.store import Store, part_name
 
 
 @dataclass
@@ -64,5 +65,5 @@ def run_sweep(sweep: Sweep, out: Path, backend: str = "local", workers: int | No
     from rkvsim.planning.sweep_report import render
     text = render(sweep.name, df, list(sweep.axes), x, sweep.report.metric, heat, crossovers)
     report = Path(out) / "report.html"
-    atomic_write_bytes(report, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text(report, text)
     return SweepResult(df, len(todo), len(sweep.tasks) - len(todo), wall, crossovers, report)

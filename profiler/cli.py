@@ -9,6 +9,7 @@ from pathlib import Path
 from rkvsim.models import parse_method, resolve_model, specs
 
 from rkvsim.profiler import engine_cli
+from rkvsim.models.files import UnreadableFile
 from rkvsim.profiler.device import ProfilerError
 
 # Every method that has a kernel (its spec names one), at its default setting.
@@ -21,7 +22,7 @@ def one_line_errors(fn, also: tuple = ()):
     def run(args) -> int:
         try:
             return fn(args)
-        except (ProfilerError, *also) as e:
+        except (ProfilerError, UnreadableFile, *also) as e:
             print(f"rkvprof: error: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
     return run

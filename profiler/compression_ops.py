@@ -37,12 +37,11 @@ def _kernels():
 
 def _module(m: Method):
     """The method's own kernel module (its spec names it)."""
-    import importlib
-    return importlib.import_module(f"rkvsim.kernels.{m.spec.kernel}")
+    from rkvsim.kernels.factory import module_for
+    return module_for(m.kind)
 
 
 def _quantizer_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Context):
-    kn = _kernels()
     corrected = m.spec.corrections is not None    # GEAR: low-rank + outliers on top of the quantizer
     mod = _module(m)
     hkv = h.num_kv_heads
@@ -51,15 +50,15 @@ def _quantizer_cases(m: Method, grid: Grid, h: AttentionHeads, d: int, ctx: Cont
         def build():
             k, v = ctx.randn(b, hkv, n_q, d), ctx.randn(b, hkv, n_q, d)
             if corrected:
-                return lambda: (kn.gear.compress_segment(k, m, keys=True), kn.gear.compress_segment(v, m, keys=False))
-            return lambda: kn.kivi.quantize_segment(k, v, m)
+                return lambda: (mod.compress_segment(k, m, keys=True), mod.compress_segment(v, m, keys=False))
+            return lambda: mod.quantize_segment(k, v, m)
         return build
 
     def low_rank(b: int, n_q: int) -> Build:
         def build():
             residual = torch.randn(b, hkv, n_q, d, device=ctx.device, dtype=torch.float32) * 0.01
-            rank = kn.gear.segment_rank(m, n_q, d)
-            return lambda: kn.gear.low_rank(residual, rank)
+            rank = mod.segment_rank(m, n_q, d)
+            return lambda: mod.low_rank(residual, rank)
         return build
 
     def cache_at(b: int, kv_len: int):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rkvsim.profiler.device import ProfilerError
-from rkvsim.models.files import read_json
+from rkvsim.models.files import read_json, swap_in_dir
 
 ENGINE = "llamacpp"
 SDIST = "llama-cpp-python"
@@ -183,9 +183,7 @@ def install(build_dir: Path, src_root: Path, key: dict, seconds: float, staging:
     (staging / ENGINE_FILE).write_text(json.dumps(info, indent=2) + "\n")
     final = build_folder(key)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    swap_in_dir(staging, final)
     return EngineBuild(final, info)
 
 

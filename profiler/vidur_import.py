@@ -7,7 +7,6 @@ shares (mlp.csv only, possibly several tensor-parallel degrees). Vidur times are
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from rkvsim.models import ModelSpec, default_method, resolve_hardware, resolve_m
 from rkvsim.profiler.device import ProfilerError
 from rkvsim.profiler.meta import library_versions, now_utc
 from rkvsim.profiler.schema import ATTENTION, META_FILE, OPERATORS, SCHEMA_VERSION, TableSchema
-from rkvsim.models.files import atomic_path, read_json_if_exists, write_json
+from rkvsim.models.files import atomic_path, read_json_if_exists, sha256_file, write_json
 
 SHARED_SUFFIX = "hf"
 SHARED_METHOD = "all"
@@ -67,14 +66,6 @@ def _method_of_suffix(suffix: str):
     except ValueError:
         return None
     return m if m.spec.kernel is not None else None
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_model(folder: Folder, model: ModelSpec) -> None:
@@ -197,7 +188,7 @@ def import_vidur(src: Path, gpu: str, model_name: str, out: Path) -> ImportResul
             if not path.exists():
                 continue
             rel = f"{folder.path.name}/{name}"
-            files[rel] = {"sha256": sha256(path), "bytes": path.stat().st_size, "method": folder.method}
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "method": folder.method}
             df = pd.read_csv(path)
             source = f"vidur:{rel}"
             if name == "attention.csv":

@@ -411,13 +411,14 @@ class RooflineCostModel:
             # SnapKV, once per request at its last chunk: the window's queries score the prompt's
             # keys, scores are summed over the window and max-pooled, top-k kept, cache compacted.
             # Skipped when the prompt already fits the budget (as SnapKV does).
-            p = done[done > meth.budget]
+            budget = spec.prompt_budget(meth)
+            p = done[done > budget]
             if len(p):
                 s_p, w = float(p.sum()), meth.window
                 terms.append(("snapkv_vote", L * op(
                     2 * w * s_p * d * hq,
                     hq * s_p * (w * (eff.softmax_flops + 1) + meth.kernel) + eff.topk_flops * hkv * s_p,
-                    hkv * s_p * d * dt + 2 * 4 * w * hq * s_p + 2 * hkv * full * meth.budget * len(p), 5)))
+                    hkv * s_p * d * dt + 2 * 4 * w * hq * s_p + 2 * hkv * full * budget * len(p), 5)))
         return terms
 
 

@@ -185,6 +185,7 @@ class Replica:
         return need[:n]
 
     def _preempt_last(self) -> None:
+        assert self.n_dec > 0, f"replica {self.index}: preempted from an empty batch"
         i = self.n_dec - 1
         D, log = self.D, self.log
         rid = int(D[self.RID, i])
@@ -193,7 +194,7 @@ class Replica:
         log.last_token[rid] = self.F[self.LAST, i]
         log.itl_max[rid] = np.fmax(log.itl_max[rid], self.F[self.ITLMAX, i])
         self.blocks_used -= int(D[self.BLK, i])
-        assert i >= 0 and self.blocks_used >= 0, f"replica {self.index}: preempted from an empty batch"
+        assert self.blocks_used >= 0, f"replica {self.index}: freed more blocks than held"
         self.n_dec = i
         self.waiting.appendleft(rid)
 

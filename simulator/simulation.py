@@ -159,7 +159,7 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
         p, o = int(log.prompt[rid]), int(log.output[rid])
         if too_long[compared, rid]:
             log.reject(rid, f"prompt+output {p + o} exceeds the {max_len}-token context window")
-        elif len(keys) == 1 and len(replicas) == 1:
+        elif len(keys) == 1 and len(v.members) == 1:
             log.reject(rid, f"needs {lay0.blocks_for(p + o)} KV blocks, the replica has {lay0.num_blocks}")
         else:
             log.reject(rid, f"needs {lay0.blocks_for(p + o)} KV blocks, no replica of the fleet holds that many")

@@ -38,7 +38,7 @@ def load_inflation(scn: Scenario, base_dir: Path):
 
 def method_ratios(method: Method, fp16_length: np.ndarray, inflation) -> np.ndarray:
     """Length ratio of `method` over FP16 per request, at its FP16 length (the inflation
-    model's quantile map, deterministic: see calibration.inflation); 1 without a model or
+    model's quantile map, deterministic: see calibration.lengths.inflation); 1 without a model or
     for FP16."""
     label = inflation.for_method(method) if inflation is not None else None
     if label is None:

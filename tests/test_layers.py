@@ -147,3 +147,20 @@ def test_import_linter_contracts_are_kept():
         assert lint_imports(config_filename=str(ROOT / "pyproject.toml")) == 0
     finally:
         os.chdir(old)
+
+
+def test_every_package_folder_is_installed():
+    """A subpackage missing from pyproject's `packages` works in an editable install and is absent
+    from a wheel; list every folder that has an __init__.py."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, dirs = set(tool["packages"]), tool["package-dir"]
+    missing = []
+    for name, folder in dirs.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            dotted = ".".join([name, *rel.parts]) if rel.parts else name
+            if dotted not in listed:
+                missing.append(dotted)
+    assert missing == []

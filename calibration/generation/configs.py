@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from rkvsim.models import Method, default_method
+from rkvsim.models import Method, default_method, spec_of
 
 SEED_MODES = ("shared", "per-config")
 
@@ -66,10 +66,9 @@ class GenConfig:
 
 
 def _budget(kind: str, total: int) -> Method:
-    """Eviction method at `total` cached tokens with 1/8 of them sink / heavy hitters."""
-    first = total // 8
-    key = "sink" if kind == "streamingllm" else "heavy"
-    return default_method(kind, **{key: first, "recent": total - first})
+    """Eviction method at `total` cached tokens with 1/8 of them sink / heavy hitters (the spec's
+    own split of a budget, as `streamingllm-128` names it)."""
+    return default_method(kind, **spec_of(kind).from_number(total))
 
 
 def default_configs() -> list[GenConfig]:

@@ -1,6 +1,6 @@
 """Generation through the kernel attention: one prompt, one or several configs at once.
 
-Several configs of the same prompt decode as one batch (gen_attention.RunGroup): the
+Several configs of the same prompt decode as one batch (generation/attention.py: RunGroup): the
 prompt is prefilled once, then each step feeds every unfinished row its own last token.
 All rows sit at the same position at every step, so one position id serves all, and each
 row keeps its own per-layer kernel caches (the kernels see batch 1). Finished rows stay
@@ -67,7 +67,7 @@ def generate_group(model, prompt_ids: list[int], requests: list[Request | None],
                    ) -> list[Generation | None]:
     """Generate for each request (None: an idle row, kept for a fixed batch layout).
 
-    The model must already use the kernel attention (gen_attention.use_kernels)."""
+    The model must already use the kernel attention (generation/attention.py: use_kernels)."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     stops = set(int(s) for s in stop_ids)

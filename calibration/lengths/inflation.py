@@ -1,7 +1,7 @@
 """Length-inflation model: how much longer (or shorter) a response gets under a KV-cache
 compression config, as r = L_compressed / L_uncompressed per prompt.
 
-Data: the generation rows of rkvsim.calibration.generation.collect (gen_store format). For every
+Data: the generation rows of rkvsim.calibration.generation.collect (generation/store.py format). For every
 prompt that has the baseline row ('fp16', T=1.0, same random stream as the compressed
 configs) each other config gives one pair (L_base, L_config) and so one ratio.
 
@@ -372,7 +372,7 @@ def fit_inflation(rows, baseline: str = "fp16", seed: int = 0, test_fraction: fl
 
 def shipped_inflation(seed: int = 0) -> InflationModel:
     """The inflation model fitted on the shipped generations, e.g. for
-    `length_predictor.load(inflation=shipped_inflation())`."""
+    `lengths.predictor.load(inflation=shipped_inflation())`."""
     return fit_inflation(load_dataset(SHIPPED_DATA), seed=seed)
 
 

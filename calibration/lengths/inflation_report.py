@@ -249,5 +249,11 @@ def cmd_fit(args) -> int:
 
 
 def cli_main(args) -> int:
+    from rkvsim.models.files import UnreadableFile
+
     handlers = {"report": cmd_report, "fit": cmd_fit}
-    return handlers[args.lengths_cmd](args)
+    try:
+        return handlers[args.lengths_cmd](args)
+    except (UnreadableFile, FileNotFoundError) as e:   # a generation folder or file that cannot be read
+        print(f"rkvsim lengths {args.lengths_cmd}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,8 +1,8 @@
 """Response-length predictor: prompt -> expected reply length in tokens.
 
 Gradient boosting (scikit-learn's HistGradientBoostingRegressor) on prompt features
-(length_features.py), scored in the paper's length-predictor metric
-(length_metrics.py). Use from the router:
+(lengths/features.py), scored in the paper's length-predictor metric
+(lengths/metrics.py). Use from the router:
 
     pred = load()                       # the artifact `rkvsim lengths train` wrote
     pred.predict_length("Write a poem about the sea", method="kivi-4")
@@ -10,7 +10,7 @@ Gradient boosting (scikit-learn's HistGradientBoostingRegressor) on prompt featu
 
 Loss. The paper's per-sample error is |L_pred - L_gt| / L_gt, relative to the true
 length, so over-predicting a short reply costs more than under-predicting a long
-one; with the per-sample score clipped at 0 (length_metrics) an error beyond L_gt
+one; with the per-sample score clipped at 0 (lengths/metrics.py) an error beyond L_gt
 costs no more. Both point at the middle or lower part of the reply-length
 distribution in log space, so the candidates are fitted on log L: absolute error
 (the conditional median) and least squares (the geometric mean), each followed by a
@@ -28,7 +28,7 @@ that, fitted by another part of rkvsim from generation data, plugs in through th
 `inflation.expected_ratio(method, fp16_tokens)`, the ratio expected at that FP16
 length. Without one every method gets ratio 1.0 (`IdentityInflation`). The inflation model is not saved in this artifact
 (it has its own data and lifecycle): pass it to `load(path, inflation=...)` or set
-`predictor.inflation`; `calibration.inflation.shipped_inflation()` is the one fitted on the
+`predictor.inflation`; `calibration.lengths.inflation.shipped_inflation()` is the one fitted on the
 generations shipped with rkvsim:
 
     from rkvsim.calibration.lengths.inflation import shipped_inflation
@@ -226,7 +226,7 @@ class LengthPredictor:
         return out
 
     def score(self, texts, lengths) -> float:
-        """Mean paper accuracy in %, clipped at 0 per sample (see length_metrics)."""
+        """Mean paper accuracy in %, clipped at 0 per sample (see lengths/metrics.py)."""
         return paper_accuracy(self.predict(texts), lengths)
 
     def predict_length(self, prompt: str | int, method: str = "fp16",
@@ -303,7 +303,9 @@ def load(path: str | Path | None = None, inflation: InflationModel | None = None
         # sklearn pickles are only guaranteed within one version; predictions may differ.
         warnings.warn(f"{path} was saved with scikit-learn {side.get('sklearn_version')}, this is "
                       f"{sklearn.__version__}; retrain with: rkvsim lengths train", stacklevel=2)
-    predictor = joblib.load(path)
+    from rkvsim.calibration.legacy import old_module_names
+    with old_module_names("rkvsim.calibration.length_predictor", "rkvsim.calibration.length_features"):
+        predictor = joblib.load(path)   # artifacts saved before the layout change name the old modules
     predictor.inflation = inflation
     return predictor, side
 

@@ -1,4 +1,4 @@
-"""`rkvsim negatives`: the handler behind the subcommand (its flags are declared in simulator/cli.py)."""
+"""`rkvsim negatives`: the handler behind the subcommand (its flags are declared in calibration/cli.py)."""
 from __future__ import annotations
 
 import json

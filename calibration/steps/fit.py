@@ -15,7 +15,7 @@ so they apply to model shapes the profile never saw):
 - xgboost: gradient-boosted trees on log features (only when the xgboost package is there).
 
 The estimators follow scikit-learn's fit/predict; the fitted set is an artifact
-(`<profile>/fit/step_fit.pkl` + a readable `fit.json`) that step_compile.py turns into
+(`<profile>/fit/step_fit.pkl` + a readable `fit.json`) that steps/compile.py turns into
 lookup tables for the simulator.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ import pandas as pd
 from rkvsim.models import parse_method
 
 from rkvsim.models.files import write_bytes
+from rkvsim.calibration import legacy
 from rkvsim.calibration.steps.features import (DECODE_FEATURES, DENSE_FEATURES, DENSE_OPS, PREFILL_FEATURES,
                             decode_work, dense_work, design, log_features, prefill_work)
 
@@ -167,7 +168,7 @@ class OpFit:
     estimator: object
     heldout: dict[str, float]       # candidate -> k-fold held-out MAPE
     rows: int
-    ranges: dict[str, list[float]]  # profiled range of the raw inputs (see step_compile.anchored)
+    ranges: dict[str, list[float]]  # profiled range of the raw inputs (see steps/compile.py: anchored)
     physics: object = None          # the linear law refitted on all rows: scales predictions
                                     # beyond the profiled range
     transfer: object = None         # physics-anchored estimator for model shapes not profiled
@@ -349,7 +350,7 @@ def load_fit(profile_dir: str | Path, fit_dir: str | Path | None = None) -> Step
     if not path.exists():
         raise FitError(f"{folder} has no fitted step costs; run: rkvprof fit {folder}")
     try:
-        fit = pickle.loads(path.read_bytes())
+        fit = legacy.loads(path.read_bytes())   # reads fits saved under the old module names too
     except Exception as e:   # a pickle from another scikit-learn / numpy version
         raise FitError(f"{path} cannot be read here ({type(e).__name__}: {e}); refit: rkvprof fit {folder}") from None
     if getattr(fit, "version", None) != FIT_VERSION:
