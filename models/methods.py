@@ -50,8 +50,8 @@ class MethodSpec:
                                                   #   files for this setting (negative samples)
     # --- KV cache ---
     bytes_per_head: Callable | None = None        # (m, head_dim, prompt, total, dtype_bytes) -> bytes
-    token_bytes: Callable | None = None           # (m, head_dim, dtype_bytes) -> marginal bytes/token;
-                                                  #   None: measured off bytes_per_head (quantizers)
+    token_bytes: Callable | None = None           # (m, model, tp, dtype_bytes) -> marginal bytes per
+                                                  #   cached token on one rank (a paged block's slot)
     fixed_bytes: Callable | None = None           # (m, model, tp, dtype_bytes) -> worst extra per request
     token_cap: Callable | None = None             # m -> most tokens held (eviction), or None
     cap_in_prefill: bool = False                  # the cap holds while the prompt is prefilled
@@ -139,12 +139,10 @@ class Method:
             spec.check(self)
 
     def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("kind", "settings"):
+        # Settings are plain attributes (set in __init__); this runs only for a missing one.
+        if name.startswith("__"):
             raise AttributeError(name)
-        for k, v in object.__getattribute__(self, "settings"):
-            if k == name:
-                return v
-        raise AttributeError(f"{self.kind} has no setting {name!r}")
+        raise AttributeError(f"{self.__dict__.get('kind', 'method')} has no setting {name!r}")
 
     @property
     def spec(self) -> MethodSpec:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rkvsim.models import Method, method_from_entry, resolve_model
+from rkvsim.models import Method, method_from_entry
 from rkvsim.simulator.config import Scenario
 from rkvsim.simulator.cost_model import StepBatch
 from rkvsim.simulator.fleet_schema import PREDICTIVE, Arm
@@ -167,14 +167,13 @@ def _prefill_seconds(cost, prompt: np.ndarray) -> np.ndarray:
 
 
 def route_context(v: Variant, wl, costs: list, layouts: list, outputs: list, keys: list, config_of: list[int],
-                  fits: np.ndarray, scn: Scenario, inflation,
+                  fits: np.ndarray, scn: Scenario, max_len: int, inflation,
                   predictions: LengthPredictions | None) -> tuple[RouteContext | None, str]:
     """What the router knows before the simulation starts, and where its lengths came from."""
     if v.router not in PREDICTIVE:
         # Several configurations: the router filters by feasibility only.
         return (RouteContext(config_of, fits, None, None, None, None, None) if len(keys) > 1 else None), ""
     sc = scn.scheduler
-    max_len = sc.max_model_len or resolve_model(scn.model).max_position
     prompt = wl.prompt.astype(np.int64)
     if v.router == "oracle":
         believed = np.stack(outputs).astype(float)

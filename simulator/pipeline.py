@@ -49,8 +49,8 @@ class ScenarioRun:
             out["length_predictions"] = self.predictions.source if self.predictions else None
         return out
 
-    def summary(self, extra: bool = True) -> dict:
-        return build_summary(self.scenario.name, self.seed, self.runs, self.extra() if extra else {})
+    def summary(self) -> dict:
+        return build_summary(self.scenario.name, self.seed, self.runs, self.extra())
 
 
 def run_scenario(scn: Scenario, seed: int | None = None, base_dir: Path | str = ".", *,

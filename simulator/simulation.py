@@ -135,8 +135,7 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
                        kv_layout(model, hw, method, tp, sc.block_size, sc.gpu_memory_utilization,
                                  sc.max_batched_tokens, sc.max_batch_size))
         costs.append(cost or make_cost_model(scn, method, tp))
-        out = method_outputs(method, wl.prompt, wl.output, inflation, max_len)
-        outputs.append(out if len(keys) == 1 else np.asarray(out, np.int64))
+        outputs.append(np.asarray(method_outputs(method, wl.prompt, wl.output, inflation, max_len), np.int64))
     config_of = [keys.index((m.method, m.tp)) for m in v.members for _ in range(m.replicas)]
     prompt = wl.prompt.astype(np.int64)
     # Admission: the context window and the whole KV pool of that configuration.
@@ -144,8 +143,8 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
     fits = np.stack([~tl & (lay.blocks_for_vec(prompt + o) <= lay.num_blocks)
                      for tl, lay, o in zip(too_long, layouts, outputs)])
     feasible = fits.any(axis=0)
-    ctx, length_source = route_context(v, wl, costs, layouts, outputs, keys, config_of, fits, scn, inflation,
-                                       predictions)
+    ctx, length_source = route_context(v, wl, costs, layouts, outputs, keys, config_of, fits, scn, max_len,
+                                       inflation, predictions)
     compared = next((i for i, (m, _t) in enumerate(keys) if m == v.method), 0)
     log = RequestLog(wl.prompt, outputs[compared])
     env = simpy.Environment()
