@@ -20,6 +20,7 @@ class ModelSpec:
     tied_embeddings: bool = False
     gated_mlp: bool = True
     weight_dtype_bytes: int = 2
+    sliding_window: int | None = None    # attention (and the KV kept) spans the last N tokens
 
     @property
     def q_size(self) -> int:
@@ -55,7 +56,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("llama-2-70b", "meta-llama/Llama-2-70b-hf", 80, 8192, 64, 8, 128, 28672, 32000, 4096),
         ModelSpec("llama-3-8b", "meta-llama/Meta-Llama-3-8B", 32, 4096, 32, 8, 128, 14336, 128256, 8192),
         ModelSpec("llama-3.1-8b", "meta-llama/Llama-3.1-8B", 32, 4096, 32, 8, 128, 14336, 128256, 131072),
-        ModelSpec("mistral-7b", "mistralai/Mistral-7B-v0.1", 32, 4096, 32, 8, 128, 14336, 32000, 32768),
+        ModelSpec("mistral-7b", "mistralai/Mistral-7B-v0.1", 32, 4096, 32, 8, 128, 14336, 32000, 32768,
+                  sliding_window=4096),
         ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", 30, 576, 9, 3, 64, 1536, 49152, 8192,
                   tied_embeddings=True),
     ]

@@ -68,7 +68,18 @@ class MethodSpec:
     attention_scores: bool = False                # attention must also emit probabilities (H2O)
     prompt_vote: bool = False                     # window queries vote over the prompt (SnapKV)
     fp16_attention_stand_in: bool = False         # unprofiled: FP16 attention over the kept tokens
-    prefix_shareable: bool = False                # full blocks can be shared by prefix caching
+    # --- prefix caching (simulator/prefix_cache.py) ---
+    # (m, length, n) -> how many of a request's first n tokens are held in a form another request
+    # with the same tokens can reuse, when the request's own sequence is `length` tokens long
+    # (ints or arrays). None: the cache is private to its request. `prefix_why` says why.
+    prefix_sharing: Callable | None = None
+    prefix_why: str = ""
+    window: Callable | None = None                # m -> (sink, recent): a sliding window whose
+                                                  #   blocks outside it are freed whole (StreamingLLM)
+
+    @property
+    def prefix_shareable(self) -> bool:
+        return self.prefix_sharing is not None
 
     def label(self, m: "Method") -> str:
         if self.name is not None:

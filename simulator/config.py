@@ -24,13 +24,40 @@ class _Strict(BaseModel):
 
 
 class SchedulerConfig(_Strict):
+    """A paged-KV engine's scheduler. `policy` names the engine whose rules are simulated
+    (simulator/policies.py); a setting left unset takes that policy's upstream default."""
     kind: Literal["paged"] = "paged"
+    policy: Literal["vllm-v1", "vllm-v0", "lmdeploy"] = "vllm-v1"
     max_batch_size: int = Field(256, ge=1, description="most requests in one engine iteration")
     max_batched_tokens: int = Field(8192, ge=16, description="most new tokens (prefill + decode) per iteration")
-    chunked_prefill: bool = False
+    chunked_prefill: bool | None = Field(None, description="default: the policy's (vllm-v1 chunks; v0, lmdeploy do not)")
+    long_prefill_token_threshold: int = Field(0, ge=0, description="vllm-v1: most prompt tokens one request "
+                                                                   "takes per step (0: no cap)")
+    enable_prefix_caching: bool | None = Field(None, description="default: the policy's (on under vllm-v1)")
+    cuda_graphs: bool | None = Field(None, description="decode under CUDA graphs: no per-kernel launch cost "
+                                                       "(default: the policy's)")
+    cpu_overhead: Literal["measured", "prior"] | None = Field(
+        None, description="per-step CPU time: fitted on measured engine tables by batch size, or the prior's constant")
+    kv_blocks: Literal["exact", "reserved"] | None = Field(
+        None, description="exact: a request holds the blocks of its actual bytes (residual window at its length); "
+                          "reserved: the worst-case residual reserved per request (vllm-v0's numbers)")
+    eviction_blocks: Literal["whole", "compacted"] | None = Field(
+        None, description="whole: an evicting cache frees whole blocks as vLLM frees a sliding window; "
+                          "compacted: the kept tokens packed into the fewest blocks (idealised)")
+    prefill_interval: int = Field(16, ge=1, description="lmdeploy: decode steps between prefill attempts")
     block_size: int = Field(16, ge=1, description="token slots per KV block")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=2, description="context window; default: the model's")
+
+    @model_validator(mode="after")
+    def _policy_defaults(self):
+        from rkvsim.simulator.policies import POLICIES
+        d = POLICIES[self.policy]
+        for name in ("chunked_prefill", "enable_prefix_caching", "cuda_graphs", "cpu_overhead", "kv_blocks",
+                     "eviction_blocks"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(d, name))
+        return self
 
 
 # paged (vLLM-like, the default when `kind` is absent) or slots (llama.cpp server).
@@ -106,7 +133,9 @@ class Scenario(_Strict):
             check_fleets(self)
             return self
         max_len = sc.max_model_len or m.max_position
-        if not sc.chunked_prefill and sc.max_batched_tokens < max_len:
+        # LMDeploy always admits the first waiting prompt whatever its length (max_prefill_token_num
+        # limits only the ones after it), so only the vLLM policies need the budget to cover the window.
+        if not sc.chunked_prefill and sc.policy != "lmdeploy" and sc.max_batched_tokens < max_len:
             raise ValueError(f"scheduler.max_batched_tokens ({sc.max_batched_tokens}) is below the {max_len}-token "
                              "context window, so long prompts could never be scheduled; raise it or set "
                              "scheduler.chunked_prefill: true")

@@ -187,6 +187,6 @@ def route_context(v: Variant, wl, costs: list, layouts: list, outputs: list, key
     ctx = RouteContext(
         config_of=config_of, fits=fits, prefill_s=prefill, length=believed,
         mean_prefill_s=prefill.mean(axis=1),
-        mean_blocks=np.array([lay.blocks_for_vec(prompt).mean() for lay in layouts]),
+        mean_blocks=np.array([lay.prefill_blocks_vec(prompt).mean() for lay in layouts]),
         decode=[_decode_table(c, sc.max_batch_size, max_len) for c in costs])
     return ctx, source

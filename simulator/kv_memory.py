@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rkvsim.models import HardwareSpec, Method, ModelSpec, kv_bytes_per_token, kv_fixed_overhead
+from rkvsim.models import HardwareSpec, Method, ModelSpec, cached_tokens_vec, kv_bytes_per_token, kv_fixed_overhead
 
 
 def activation_reserve_bytes(model: ModelSpec, max_batched_tokens: int, max_batch_size: int, tp: int) -> float:
@@ -29,9 +29,17 @@ class KVLayout:
     block_size: int
     block_bytes: float
     num_blocks: int
-    overhead_blocks: float   # fractional blocks every request carries on top of its tokens
+    overhead_blocks: float   # fractional blocks every request carries on top of its tokens (reserved mode)
     capacity_bytes: float
     weight_bytes_per_rank: float
+    # exact: a request holds ceil(its bytes / block bytes), its full-precision residual at its actual
+    # length (vllm-v1, lmdeploy); False: tokens + the worst-case residual reserved (vllm-v0's numbers).
+    exact: bool = False
+    whole_windows: bool = True      # exact mode: a sliding window frees whole blocks only
+    bytes_scale: int = 1            # layers x KV heads per rank: per-head bytes -> bytes on the rank
+    head_dim: int = 128
+    dtype_bytes: int = 2
+    model_window: int | None = None  # the model's own sliding window (Mistral v0.1: 4096)
 
     def blocks_for(self, cached_tokens: int) -> int:
         if cached_tokens <= 0:
@@ -41,9 +49,80 @@ class KVLayout:
     def blocks_for_vec(self, cached_tokens: np.ndarray) -> np.ndarray:
         return np.ceil(cached_tokens / self.block_size + self.overhead_blocks).astype(np.int64)
 
+    # ---- what a request holds, by policy ------------------------------------------------
+    def _window(self):
+        w = self.method.spec.window
+        if w is not None:
+            return w(self.method)
+        if self.model_window is not None:
+            return 0, self.model_window
+        return None
+
+    def _exact_vec(self, prompt, ctx, prefill: bool) -> np.ndarray:
+        m, spec, B = self.method, self.method.spec, self.block_size
+        prompt = np.asarray(prompt, np.int64)
+        ctx = np.asarray(ctx, np.int64)
+        win = self._window()
+        if win is not None:
+            sink, recent = win
+            if self.whole_windows:
+                # Blocks wholly before the window are freed (vLLM's sliding-window manager); the
+                # sink's blocks stay. -(-x // B) is ceil(x / B).
+                first = np.maximum(ctx - recent, 0) // B
+                sink_b = -(-sink // B)
+                return -(-ctx // B) - np.maximum(0, first - sink_b)
+            return -(-np.minimum(ctx, sink + recent) // B)
+        if spec.quantized_tokens is not None:
+            p = ctx if prefill else prompt
+            b = self.bytes_scale * spec.bytes_per_head(m, self.head_dim, p, ctx, self.dtype_bytes)
+            return np.ceil(b / self.block_bytes).astype(np.int64)
+        if prefill:
+            return -(-ctx // B)         # H2O and SnapKV select when the prompt ends
+        return -(-cached_tokens_vec(m, prompt, ctx) // B)
+
+    def prefill_blocks(self, tokens: int) -> int:
+        """Blocks a request holds once `tokens` of its prompt (or recomputed context) are in."""
+        if not self.exact:
+            return self.blocks_for(tokens)
+        return int(self._exact_vec(tokens, tokens, prefill=True)) if tokens > 0 else 0
+
+    def prefill_blocks_vec(self, tokens: np.ndarray) -> np.ndarray:
+        if not self.exact:
+            return self.blocks_for_vec(tokens)
+        return np.where(tokens > 0, self._exact_vec(tokens, tokens, prefill=True), 0)
+
+    def decode_blocks(self, prompt: int, ctx: int) -> int:
+        """Blocks once the prompt is attended (eviction done) at context `ctx`."""
+        if not self.exact:
+            return self.blocks_for(self.method.cached_tokens(prompt, ctx))
+        return int(self._exact_vec(prompt, ctx, prefill=False))
+
+    def decode_blocks_vec(self, prompt: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+        if not self.exact:
+            return self.blocks_for_vec(cached_tokens_vec(self.method, prompt, ctx))
+        return self._exact_vec(prompt, ctx, prefill=False)
+
+    def peak_blocks_vec(self, prompt: np.ndarray, output: np.ndarray) -> np.ndarray:
+        """Most blocks each request ever holds: reserved mode, its whole prompt + output (the
+        admission rule vllm-v0 had); exact mode, the larger of its prefill and its decode peak,
+        so that an evicting cache is held to its cap."""
+        total = prompt + output
+        if not self.exact:
+            return self.blocks_for_vec(total)
+        peak = np.maximum(self._exact_vec(prompt, prompt, prefill=True), self._exact_vec(prompt, total, prefill=False))
+        win = self._window()
+        if win is not None and self.whole_windows:
+            sink, recent = win
+            # An unaligned window spans one block more than an aligned one.
+            span = -(-sink // self.block_size) + -(-recent // self.block_size) + (1 if recent % self.block_size else 0)
+            peak = np.maximum(peak, np.minimum(span, -(-total // self.block_size)))
+        return peak
+
     def peak_blocks(self, prompt: int, output: int) -> int:
         """Most blocks a request ever holds: the whole prompt during prefill (eviction runs
         after the prompt is attended), then its cached tokens while decoding."""
+        if self.exact:
+            return int(self.peak_blocks_vec(np.array([prompt]), np.array([output]))[0])
         end = self.method.cached_tokens(prompt, prompt + output)
         return self.blocks_for(max(prompt, end))
 
@@ -53,7 +132,8 @@ class DoesNotFitError(ValueError):
 
 
 def kv_layout(model: ModelSpec, hw: HardwareSpec, method: Method, tp: int, block_size: int,
-              gpu_memory_utilization: float, max_batched_tokens: int, max_batch_size: int) -> KVLayout:
+              gpu_memory_utilization: float, max_batched_tokens: int, max_batch_size: int,
+              exact: bool = False, whole_windows: bool = True) -> KVLayout:
     weights = model.weight_bytes / tp
     reserve = activation_reserve_bytes(model, max_batched_tokens, max_batch_size, tp)
     capacity = hw.memory_bytes * gpu_memory_utilization - weights - reserve
@@ -69,4 +149,8 @@ def kv_layout(model: ModelSpec, hw: HardwareSpec, method: Method, tp: int, block
     overhead = kv_fixed_overhead(model, method, tp) / block_bytes
     if num_blocks < math.ceil(1 + overhead):
         raise DoesNotFitError(f"hardware: {hw.name} leaves room for no KV block of {model.name}; raise tp or pick larger hardware")
-    return KVLayout(method, block_size, block_bytes, num_blocks, overhead, capacity, weights)
+    if exact:
+        overhead = 0.0
+    return KVLayout(method, block_size, block_bytes, num_blocks, overhead, capacity, weights, exact, whole_windows,
+                    model.num_layers * max(1, model.num_kv_heads // tp), model.head_dim, 2,
+                    model.sliding_window if exact else None)

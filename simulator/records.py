@@ -25,6 +25,11 @@ class RequestLog:
         self.rejected = np.zeros(n, bool)
         self.reject_reason: dict[int, str] = {}
         self.prefill_tokens = 0  # all prefill work, recomputation included
+        # Prefix caching: tokens found cached at admissions, tokens looked up, and per request
+        # the prompt tokens cached at its first admission.
+        self.prefix_hit_tokens = 0
+        self.prefix_query_tokens = 0
+        self.cached_prompt = np.zeros(n, np.int64)
         self._itl_hist = np.zeros(len(ITL_EDGES) + 1, np.int64)
         self._itl_buf: list[np.ndarray] = []
         self._itl_buffered = 0

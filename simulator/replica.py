@@ -4,11 +4,17 @@ The iteration loop is a SimPy process: form a batch, ask the cost model how long
 step takes, advance simulated time, apply the step. Decoding requests live in packed
 numpy columns so that a step costs a handful of vector ops whatever the batch size;
 prefills and finishes are handled per request (they happen once per request).
-Scheduling follows vLLM: FCFS; without chunked prefill a step is prefill-only when a
-waiting request can be admitted, else decode-only; with chunked prefill every step
-carries all decodes plus prefill chunks up to the token budget. When decodes need
-blocks that are not free, the most recently admitted request is preempted and
-recomputed later (its prompt and generated tokens are prefilled again).
+
+How a batch is formed is the scheduler policy's (simulator/policies.py), each rule citing
+the upstream file it follows:
+- vllm-v1 (`_plan_v1`): vllm/v1/core/sched/scheduler.py, Scheduler.schedule.
+- vllm-v0 (`_plan_v0`): vLLM V0's scheduler as rkvsim modelled it first (FCFS; without chunked
+  prefill a step is prefill-only when a waiting request can be admitted; with it every step
+  carries all decodes plus prefill chunks; the most recently admitted decode is preempted).
+- lmdeploy (`_plan_lmdeploy`): lmdeploy/pytorch/paging/scheduler.py and engine/engine.py.
+A preempted request is recomputed later (its prompt and generated tokens are prefilled again).
+Under prefix caching (vllm-v1) the blocks are real block ids in a BlockPool
+(simulator/prefix_cache.py); otherwise they are counted.
 """
 from __future__ import annotations
 
@@ -18,11 +24,10 @@ from typing import Callable
 import numpy as np
 import simpy
 
-from rkvsim.models import cached_tokens_vec
-
 from rkvsim.simulator.config import SchedulerConfig
 from rkvsim.simulator.cost_model import CostModel, StepBatch
 from rkvsim.simulator.kv_memory import KVLayout
+from rkvsim.simulator.prefix_cache import BlockPool, block_keys
 from rkvsim.simulator.records import RequestLog, StepLog
 
 _EMPTY = np.zeros(0, np.int64)
@@ -30,26 +35,36 @@ _EMPTY = np.zeros(0, np.int64)
 
 class Replica:
     # Rows of the packed decode columns; ctx and gen are adjacent so one op advances both.
-    CTX, GEN, RID, PLEN, OUT, BLK = range(6)
+    # SEQ: admission order (vLLM v1's `running` list order; its tail is preempted first).
+    CTX, GEN, RID, PLEN, OUT, BLK, SEQ = range(7)
     LAST, ITLMAX = range(2)
 
     def __init__(self, env: simpy.Environment, index: int, layout: KVLayout, cost: CostModel,
-                 cfg: SchedulerConfig, log: RequestLog, on_done: Callable[[int], None]):
+                 cfg: SchedulerConfig, log: RequestLog, on_done: Callable[[int], None], content=None):
         self.env, self.index, self.layout, self.cost, self.cfg, self.log = env, index, layout, cost, cfg, log
         self.on_done = on_done
         self.steps = StepLog()
         self.waiting: deque[int] = deque()
-        # prefilling requests: [rid, tokens done, tokens to prefill, blocks held]
+        # prefilling requests: [rid, tokens done, tokens to prefill, blocks held, admission seq]
         self.prefilling: list[list[int]] = []
         cap = cfg.max_batch_size
-        self.D = np.zeros((6, cap), np.int64)
+        self.D = np.zeros((7, cap), np.int64)
         self.F = np.zeros((2, cap))  # latest token time, largest inter-token gap so far
-        # vLLM's admission watermark: keep 1% of blocks free for running requests to grow
-        # into, or every admission is paid for by a preemption one step later.
-        self.watermark = max(1, layout.num_blocks // 100)
+        self.policy = cfg.policy
+        # vLLM V0's admission watermark (vllm/core/block_manager.py, can_allocate): keep 1% of
+        # blocks free for running requests to grow into. V1 and LMDeploy keep none.
+        self.watermark = max(1, layout.num_blocks // 100) if self.policy == "vllm-v0" else 0
         self.n_dec = 0
         self.blocks_used = 0
         self.outstanding = 0
+        self.seq = 0
+        self.prefill_counter = 0      # lmdeploy: decode steps left before prefill is tried again
+        # Prefix caching: real block ids; `content(rid)` -> the request's segments [(id, tokens)].
+        self.pool = BlockPool(layout.num_blocks) if self.policy == "vllm-v1" and cfg.enable_prefix_caching else None
+        self.content = content
+        self.held: dict[int, list[int]] = {}
+        self._keys: dict[int, list[int]] = {}
+        self._pub: dict[int, int] = {}          # blocks of each request already published
         self._wake: simpy.Event | None = None
         self.process = env.process(self.run())
 
@@ -68,15 +83,15 @@ class Replica:
     # ---- the event loop --------------------------------------------------------------
     def run(self):
         env = self.env
+        plan_step = {"vllm-v1": self._plan_v1, "vllm-v0": self._plan_v0, "lmdeploy": self._plan_lmdeploy}[self.policy]
         while True:
-            plan = self._plan_step()
+            plan = plan_step()
             if plan is None:
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
                 continue
-            chunks, dec_need = plan
-            n = self.n_dec if dec_need is not None else 0
+            chunks, dec_need, n = plan
             D = self.D
             batch = StepBatch(
                 prefill_new=np.array([c[1] for c in chunks], np.int64) if chunks else _EMPTY,
@@ -90,6 +105,7 @@ class Replica:
             now = env.now
             new_tokens = sum(c[1] for c in chunks)
             self.log.prefill_tokens += new_tokens
+            n_before = self.n_dec
             if n:
                 self._finish_decode_step(n, dec_need, now)
             for entry, chunk in chunks:
@@ -97,18 +113,300 @@ class Replica:
             if chunks:
                 self._finish_prefills(now)
             # The block ledger balances whenever a request joined, left or moved on.
-            assert not (chunks or self.n_dec != n) or self._ledger() == self.blocks_used, \
+            assert not (chunks or self.n_dec != n_before) or self._ledger() == self.blocks_used, \
                 f"replica {self.index}: blocks_used {self.blocks_used} != blocks held {self._ledger()}"
             assert 0 <= self.blocks_used <= self.layout.num_blocks, f"replica {self.index}: {self.blocks_used} blocks used"
             self.steps.add(now, dt, n + len(chunks), self.kv_fraction, new_tokens)
 
     def _ledger(self) -> int:
-        """Blocks held by the running and prefilling requests (what blocks_used must equal)."""
+        """Blocks held by the running and prefilling requests (what blocks_used must equal):
+        with prefix caching, the distinct blocks they reference (shared blocks count once)."""
+        if self.pool is not None:
+            assert len(self.held) == self.n_dec + len(self.prefilling), "a running request without a block list"
+            assert sum(map(len, self.held.values())) == self.pool.refs, "reference counts do not match the blocks held"
+            return self.pool.used
         return int(self.D[self.BLK, :self.n_dec].sum()) + sum(e[3] for e in self.prefilling)
 
-    # ---- scheduling ------------------------------------------------------------------
-    def _plan_step(self):
-        """Returns (prefill chunks [(entry, tokens)], decode block needs or None), or None if idle."""
+    # ---- blocks: counted, or real ids in the pool (prefix caching) -------------------
+    def _free_blocks(self) -> int:
+        return self.layout.num_blocks - self.blocks_used
+
+    def _grow(self, rid: int, n: int) -> None:
+        """Give request `rid` n more blocks (n < 0: free its last -n, or for a sliding window
+        the oldest past the sink)."""
+        if self.pool is None:
+            self.blocks_used += n
+            return
+        bl = self.held[rid]
+        if n > 0:
+            bl.extend(self.pool.allocate(n))
+        elif n < 0:
+            win = self.layout._window()
+            if win is not None and self.layout.whole_windows:
+                at = min(-(-win[0] // self.layout.block_size), len(bl) + n)
+                drop = bl[at:at - n]
+                del bl[at:at - n]
+            else:
+                drop = bl[n:]
+                del bl[n:]
+            self.pool.release(drop)
+        self.blocks_used = self.pool.used
+
+    def _release(self, rid: int, blocks: int, ctx: int) -> None:
+        """Free everything `rid` holds (it finished or was preempted); cached blocks keep their keys."""
+        if self.pool is None:
+            self.blocks_used -= blocks
+        else:
+            self._publish(rid, ctx)
+            self.pool.release(self.held.pop(rid))
+            self._keys.pop(rid, None)
+            self._pub.pop(rid, None)
+            self.blocks_used = self.pool.used
+        assert self.blocks_used >= 0, f"replica {self.index}: freed more blocks than held"
+
+    def _shareable_blocks(self, rid: int, length: int, n_tokens: int) -> int:
+        spec, lay = self.layout.method.spec, self.layout
+        if spec.prefix_sharing is None or (lay.model_window is not None and length > lay.model_window):
+            return 0
+        return int(spec.prefix_sharing(lay.method, length, n_tokens)) // lay.block_size
+
+    def _block_keys(self, rid: int, n: int) -> list[int]:
+        keys = self._keys.get(rid)
+        if keys is None or len(keys) < n:
+            # Without a content description every request's text is its own (segment id -rid-1).
+            segs = self.content(rid) if self.content is not None else (
+                (-rid - 1, int(self.log.prompt[rid] + self.log.output[rid])),)
+            keys = block_keys(segs, n, self.layout.block_size)
+            self._keys[rid] = keys
+        return keys[:n]
+
+    def _publish(self, rid: int, ctx: int) -> None:
+        # vllm/v1/core/kv_cache_manager.py allocate_slots -> cache_blocks: full blocks of computed
+        # tokens are cached when they are scheduled; here, those the method holds in shareable form.
+        # Prompt blocks are published when their chunk is scheduled; generated ones when the
+        # request leaves (only its own recompute or its session's next turn can reuse them, and
+        # both come later), which keeps the decode step free of per-request work.
+        n = self._shareable_blocks(rid, ctx, ctx)
+        bl = self.held.get(rid)
+        start = self._pub.get(rid, 0)
+        if bl and n > start:
+            n = min(n, len(bl))
+            self.pool.publish(bl[start:n], self._block_keys(rid, n)[start:])
+            self._pub[rid] = n
+
+    # ---- vLLM V1 -----------------------------------------------------------------------
+    def _plan_v1(self):
+        """vllm/v1/core/sched/scheduler.py, Scheduler.schedule: one token budget, spent on the
+        running requests in their order first (a decode takes 1 token, a partial prefill the
+        rest of its prompt, capped by long_prefill_token_threshold and the budget), then on
+        waiting requests in FCFS order. A running request that cannot get its blocks preempts
+        the tail of `running` (the latest admitted, partial prefills included) until it fits or
+        is itself the victim; a step that preempted admits nobody."""
+        cfg, lay, D = self.cfg, self.layout, self.D
+        budget = cfg.max_batched_tokens
+        thr = cfg.long_prefill_token_threshold
+        n = self.n_dec
+        pre = self.prefilling
+        want = [min(e[2] - e[1], thr) if thr else e[2] - e[1] for e in pre]
+        takes = want
+        k = n                                       # decodes scheduled (the first k columns)
+        if n + sum(want) > budget:
+            order = sorted([(int(D[self.SEQ, i]), 0, i) for i in range(n)] + [(e[4], 1, j) for j, e in enumerate(pre)])
+            left, sched_dec, takes = budget, np.zeros(n, bool), [0] * len(pre)
+            for _seq, kind, i in order:
+                if left <= 0:
+                    break
+                if kind == 0:
+                    sched_dec[i] = True
+                    left -= 1
+                else:
+                    takes[i] = min(want[i], left)
+                    left -= takes[i]
+            k = int(sched_dec.sum())
+            if k < n:
+                self._front(sched_dec)
+        need = lay.decode_blocks_vec(D[self.PLEN, :k], D[self.CTX, :k] + 1) if k else _EMPTY
+        extra_dec = need - D[self.BLK, :k] if k else _EMPTY
+        extra_pre = [lay.prefill_blocks(e[1] + t) - e[3] if t else 0 for e, t in zip(pre, takes)]
+        total = int(extra_dec.sum()) + sum(extra_pre)
+        preempted = False
+        if total > self._free_blocks():
+            # Pop the tail of `running` (highest admission seq) until the rest fits.
+            tail = sorted([(int(D[self.SEQ, i]), 0, i) for i in range(self.n_dec)] +
+                          [(e[4], 1, j) for j, e in enumerate(pre)], reverse=True)
+            drop_dec = np.zeros(self.n_dec, bool)
+            drop_pre = set()
+            free = self._free_blocks()
+            for _seq, kind, i in tail:
+                if total <= free:
+                    break
+                preempted = True
+                if kind == 0:
+                    drop_dec[i] = True
+                    free += int(D[self.BLK, i])
+                    if i < k:
+                        total -= int(extra_dec[i])
+                else:
+                    drop_pre.add(i)
+                    free += pre[i][3]
+                    total -= extra_pre[i]
+            keep_pre = [j for j in range(len(pre)) if j not in drop_pre]
+            for j in sorted(drop_pre, reverse=True):
+                self._preempt_prefill_at(j)
+            takes = [takes[j] for j in keep_pre]
+            extra_pre = [extra_pre[j] for j in keep_pre]
+            kept_k = int((~drop_dec[:k]).sum())
+            need = need[~drop_dec[:k]]
+            extra_dec = extra_dec[~drop_dec[:k]]
+            self._preempt_decodes(drop_dec)
+            k = kept_k
+        # Blocks for what runs this step.
+        if k:
+            if self.pool is None:
+                self.blocks_used += int(extra_dec.sum())
+            else:
+                # Shrinks first (a quantizer's residual folds into packed groups): the check above is net.
+                for i in sorted(np.flatnonzero(extra_dec).tolist(), key=lambda i: extra_dec[i] > 0):
+                    self._grow(int(D[self.RID, i]), int(extra_dec[i]))
+            D[self.BLK, :k] = need
+        chunks = []
+        for e, t, x in zip(self.prefilling, takes, extra_pre):
+            if t:
+                self._grow(e[0], x)
+                e[3] += x
+                if self.pool is not None:
+                    self._publish(e[0], e[1] + t)
+                chunks.append((e, t))
+        budget -= k + sum(takes)
+        if not preempted:
+            self._admit_v1(budget, chunks)
+        if not chunks and not k:
+            return None
+        return chunks, (need if k else None), k
+
+    def _admit_v1(self, budget: int, chunks: list) -> None:
+        """Scheduler.schedule's waiting loop: FCFS while budget and running slots last; the
+        prefix cache's hit (at most all but the last prompt token, whole blocks) is computed
+        already; a request whose blocks do not fit stops admission (it never preempts)."""
+        cfg, lay, log = self.cfg, self.layout, self.log
+        while self.waiting and budget > 0 and self.n_dec + len(self.prefilling) < cfg.max_batch_size:
+            rid = self.waiting[0]
+            total = int(log.prompt[rid] + log.generated[rid])
+            hit_blocks: list[int] = []
+            if self.pool is not None:
+                n_hit = self._shareable_blocks(rid, total, total - 1)
+                if n_hit:
+                    hit_blocks = self.pool.lookup(self._block_keys(rid, n_hit))
+            computed = len(hit_blocks) * lay.block_size
+            new = total - computed
+            if cfg.long_prefill_token_threshold:
+                new = min(new, cfg.long_prefill_token_threshold)
+            if not cfg.chunked_prefill and new > budget:
+                break
+            take = min(new, budget)
+            need = lay.prefill_blocks(computed + take)
+            fresh = need - len(hit_blocks)
+            evictable = self.pool.evictable(hit_blocks) if hit_blocks else 0
+            if fresh + evictable > self._free_blocks():
+                break
+            self.waiting.popleft()
+            assert rid not in (e[0] for e in self.prefilling), f"request {rid} admitted twice"
+            if self.pool is not None:
+                self.pool.touch(hit_blocks)
+                self.held[rid] = list(hit_blocks)
+                self._pub[rid] = len(hit_blocks)
+                self._grow(rid, fresh)
+                self._publish(rid, computed + take)
+                log.prefix_hit_tokens += computed
+                log.prefix_query_tokens += total
+                if log.preemptions[rid] == 0:
+                    log.cached_prompt[rid] = computed
+            else:
+                self.blocks_used += need
+            self.seq += 1
+            entry = [rid, computed, total, need, self.seq]
+            self.prefilling.append(entry)
+            chunks.append((entry, take))
+            budget -= take
+            if np.isnan(log.first_sched[rid]):
+                log.first_sched[rid] = self.env.now
+
+    def _front(self, mask: np.ndarray) -> None:
+        """Reorder the decode columns so those in `mask` come first (order kept within each part)."""
+        n = self.n_dec
+        idx = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
+        self.D[:, :n] = self.D[:, idx]
+        self.F[:, :n] = self.F[:, idx]
+
+    def _preempt_decodes(self, drop: np.ndarray) -> None:
+        """Preempt the decodes in `drop`; they go back to the front of the queue, earliest
+        admitted first (vLLM pops the tail and prepends each victim)."""
+        if not drop.any():
+            return
+        D, F, log = self.D, self.F, self.log
+        idx = np.flatnonzero(drop)
+        for i in sorted(idx.tolist(), key=lambda i: -int(D[self.SEQ, i])):
+            rid = int(D[self.RID, i])
+            log.generated[rid] = D[self.GEN, i]
+            log.preemptions[rid] += 1
+            log.last_token[rid] = F[self.LAST, i]
+            log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
+            self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]))
+            self.waiting.appendleft(rid)
+        keep = ~drop
+        m = int(keep.sum())
+        n = self.n_dec
+        D[:, :m] = D[:, :n][:, keep]
+        F[:, :m] = F[:, :n][:, keep]
+        self.n_dec = m
+
+    def _preempt_prefill_at(self, j: int) -> None:
+        rid, done, _total, blocks, _seq = self.prefilling.pop(j)
+        self._release(rid, blocks, done)
+        self.log.preemptions[rid] += 1
+        self.waiting.appendleft(rid)
+
+    # ---- LMDeploy ----------------------------------------------------------------------
+    def _plan_lmdeploy(self):
+        """LMDeploy's PyTorch engine: a step is all-prefill or all-decode (schedule(is_prefill)).
+        engine.py's loop tries prefill when nothing runs or when `prefill_interval` decode steps
+        have passed since the last prefill. paging/scheduler.py _schedule_prefill admits waiting
+        requests oldest first, the first always and more while their prompts stay within
+        max_prefill_token_num, each with blocks for its whole prompt; it never evicts a running
+        request to admit one. _schedule_decoding grows running requests oldest first; when blocks
+        run out the newest running request is evicted and recomputed later."""
+        cfg, lay, log = self.cfg, self.layout, self.log
+        if self.waiting and (self.prefill_counter <= 0 or not self.n_dec):
+            chunks, tokens = [], 0
+            while self.waiting and self.n_dec + len(chunks) < cfg.max_batch_size:
+                rid = self.waiting[0]
+                total = int(log.prompt[rid] + log.generated[rid])
+                if chunks and tokens + total > cfg.max_batched_tokens:
+                    break
+                need = lay.prefill_blocks(total)
+                if need > self._free_blocks():
+                    break
+                self.waiting.popleft()
+                self.blocks_used += need
+                self.seq += 1
+                entry = [rid, 0, total, need, self.seq]
+                self.prefilling.append(entry)
+                chunks.append((entry, total))
+                tokens += total
+                if np.isnan(log.first_sched[rid]):
+                    log.first_sched[rid] = self.env.now
+            if chunks:
+                self.prefill_counter = cfg.prefill_interval
+                return chunks, None, 0
+        if not self.n_dec:
+            return None
+        self.prefill_counter -= 1
+        need = self._reserve_decode()
+        return [], need, self.n_dec
+
+    # ---- vLLM V0 (today's numbers) ----------------------------------------------------
+    def _plan_v0(self):
+        """Returns (prefill chunks [(entry, tokens)], decode block needs or None, decodes), or None if idle."""
         cfg = self.cfg
         if cfg.chunked_prefill:
             dec_need = self._reserve_decode() if self.n_dec else None
@@ -126,16 +424,16 @@ class Replica:
                 if len(self.prefilling) > 1:
                     # Partial prefills hold blocks none of them can grow into: without this
                     # they would wait on each other forever. A lone request always fits.
-                    self._preempt_prefill()
-                    return self._plan_step()
+                    self._preempt_prefill_at(len(self.prefilling) - 1)
+                    return self._plan_v0()
                 return None
-            return chunks, dec_need
+            return chunks, dec_need, (self.n_dec if dec_need is not None else 0)
         chunks: list = []
         self._admit(cfg.max_batched_tokens, chunks, chunked=False)
         if chunks:
-            return chunks, None
+            return chunks, None, 0
         if self.n_dec:
-            return [], self._reserve_decode()
+            return [], self._reserve_decode(), self.n_dec
         return None
 
     def _admit(self, budget: int, chunks: list, chunked: bool) -> None:
@@ -146,14 +444,15 @@ class Replica:
             take = min(total, budget) if chunked else total
             if take > budget:
                 break
-            need = lay.blocks_for(take)
+            need = lay.prefill_blocks(take)
             busy = self.n_dec or self.prefilling
             if self.blocks_used + need > lay.num_blocks - (self.watermark if busy else 0):
                 break
             self.waiting.popleft()
             assert rid not in (e[0] for e in self.prefilling), f"request {rid} admitted twice"
             self.blocks_used += need
-            entry = [rid, 0, total, need]
+            self.seq += 1
+            entry = [rid, 0, total, need, self.seq]
             self.prefilling.append(entry)
             chunks.append((entry, take))
             budget -= take
@@ -162,7 +461,7 @@ class Replica:
 
     def _grow_prefill(self, entry: list[int], budget: int) -> int:
         take = min(entry[2] - entry[1], budget)
-        need = self.layout.blocks_for(entry[1] + take)
+        need = self.layout.prefill_blocks(entry[1] + take)
         extra = need - entry[3]
         if self.blocks_used + extra > self.layout.num_blocks:
             return 0
@@ -174,7 +473,7 @@ class Replica:
         """Blocks each decoding request needs after this step; preempts (LIFO) until they fit."""
         lay, D = self.layout, self.D
         n = self.n_dec
-        need = lay.blocks_for_vec(cached_tokens_vec(lay.method, D[self.PLEN, :n], D[self.CTX, :n] + 1))
+        need = lay.decode_blocks_vec(D[self.PLEN, :n], D[self.CTX, :n] + 1)
         total = self.blocks_used + int(need.sum() - D[self.BLK, :n].sum())
         while total > lay.num_blocks and n > 0:
             n -= 1
@@ -198,13 +497,6 @@ class Replica:
         self.n_dec = i
         self.waiting.appendleft(rid)
 
-    def _preempt_prefill(self) -> None:
-        rid, _done, _total, blocks = self.prefilling.pop()
-        self.blocks_used -= blocks
-        assert self.blocks_used >= 0, f"replica {self.index}: freed more blocks than held"
-        self.log.preemptions[rid] += 1
-        self.waiting.appendleft(rid)
-
     # ---- applying a finished step ----------------------------------------------------
     def _finish_decode_step(self, n: int, need: np.ndarray, now: float) -> None:
         D, F, log = self.D, self.F, self.log
@@ -219,19 +511,21 @@ class Replica:
             for i in np.flatnonzero(done):
                 rid = int(D[self.RID, i])
                 log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
+                self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]))
                 self._complete(rid, int(D[self.GEN, i]), now)
-                self.blocks_used -= int(D[self.BLK, i])
-            keep = ~done
+            total = self.n_dec
+            keep = np.ones(total, bool)
+            keep[:n] = ~done
             m = int(keep.sum())
-            D[:, :m] = D[:, :n][:, keep]
-            F[:, :m] = F[:, :n][:, keep]
+            D[:, :m] = D[:, :total][:, keep]
+            F[:, :m] = F[:, :total][:, keep]
             self.n_dec = m
 
     def _finish_prefills(self, now: float) -> None:
         log, lay, D, F = self.log, self.layout, self.D, self.F
         still = []
         for entry in self.prefilling:
-            rid, done, total, blocks = entry
+            rid, done, total, blocks, seq = entry
             if done < total:
                 still.append(entry)
                 continue
@@ -244,17 +538,16 @@ class Replica:
                 log.add_itls(np.array([itl]))
                 log.itl_max[rid] = np.fmax(log.itl_max[rid], itl)
             if gen >= log.output[rid]:
-                self.blocks_used -= blocks
+                self._release(rid, blocks, total)
                 self._complete(rid, gen, now)
                 continue
             # Eviction and SnapKV selection shrink the cache once the prompt is attended.
-            cached = lay.method.cached_tokens(total, total)
-            keep_blocks = lay.blocks_for(cached)
+            keep_blocks = lay.decode_blocks(total, total)
             assert keep_blocks <= blocks, f"request {rid}: eviction grew its cache ({blocks} -> {keep_blocks} blocks)"
-            self.blocks_used -= blocks - keep_blocks
+            self._grow(rid, keep_blocks - blocks)
             i = self.n_dec
             assert i < self.cfg.max_batch_size, f"replica {self.index}: more than max_batch_size running"
-            D[:, i] = (total, gen, rid, total, log.output[rid], keep_blocks)  # CTX GEN RID PLEN OUT BLK
+            D[:, i] = (total, gen, rid, total, log.output[rid], keep_blocks, seq)  # CTX GEN RID PLEN OUT BLK SEQ
             F[:, i] = (now, 0.0)
             self.n_dec += 1
         self.prefilling = still

@@ -126,7 +126,7 @@ class Router:
         # Until slots and blocks free up, the request cannot be admitted: wait for the running
         # requests with the least predicted work left to finish.
         slots_short = n + n_pre + n_wait + 1 - cap
-        need = lay.blocks_for(int(prompt)) + n_wait * float(ctx.mean_blocks[c])
+        need = lay.prefill_blocks(int(prompt)) + n_wait * float(ctx.mean_blocks[c])
         blocks_short = r.blocks_used + need - lay.num_blocks
         if (slots_short > 0 or blocks_short > 0) and n:
             rids = r.D[r.RID, :n]

@@ -11,6 +11,7 @@ import simpy
 from rkvsim.models import Method, resolve_hardware, resolve_model
 
 from rkvsim.simulator.config import Scenario, ScenarioError
+from rkvsim.simulator.content import Structure, build_structure, content_of
 from rkvsim.simulator.cost_model import CostModel, RooflineCostModel
 from rkvsim.simulator.kv_memory import KVLayout, kv_layout
 from rkvsim.simulator.records import RequestLog
@@ -29,6 +30,7 @@ class Workload:
     arrivals: np.ndarray | None      # None: closed loop
     concurrency: int = 0
     think_time_s: float = 0.0
+    structure: Structure | None = None   # shared prefixes / sessions (simulator/content.py)
 
 
 @dataclass
@@ -53,7 +55,13 @@ def build_workload(scn: Scenario, seed: int, base_dir: Path) -> Workload:
     prompt, output = sample_lengths(scn.workload, rng, base_dir)
     arrivals = sample_arrivals(scn.workload.arrival, len(prompt), rng)
     a = scn.workload.arrival
-    return Workload(seed, prompt, output, arrivals, getattr(a, "concurrency", 0), getattr(a, "think_time_s", 0.0))
+    think = getattr(a, "think_time_s", 0.0)
+    st = build_structure(scn.workload, prompt, output, rng)
+    if st is not None:
+        prompt = st.prompt
+        if scn.workload.sessions is not None:
+            think = scn.workload.sessions.think_time_s
+    return Workload(seed, prompt, output, arrivals, getattr(a, "concurrency", 0), think, st)
 
 
 class Arrivals:
@@ -66,8 +74,20 @@ class Arrivals:
         self.pending = iter(range(len(wl.prompt)))
         self.dispatch = None
         self.closed = wl.arrivals is None
+        # Sessions: a turn is sent think_time_s after its previous turn left (simulator/content.py).
+        st = wl.structure
+        self.child = None
+        if st is not None and (st.parent >= 0).any():
+            self.child = np.full(len(wl.prompt), -1, np.int64)
+            has = st.parent >= 0
+            self.child[st.parent[has]] = np.flatnonzero(has)
 
-    def on_done(self, _rid: int) -> None:
+    def on_done(self, rid: int) -> None:
+        if self.child is not None:
+            if rid >= 0 and self.child[rid] >= 0:
+                nxt = int(self.child[rid])
+                self.env.timeout(self.wl.think_time_s).callbacks.append(lambda _ev: self.dispatch(nxt))
+            return
         if not self.closed:
             return
         rid = next(self.pending, None)
@@ -79,7 +99,9 @@ class Arrivals:
 
     def _open_loop(self, times: np.ndarray):
         env = self.env
-        for rid, t in enumerate(times.tolist()):
+        rids = range(len(times)) if self.child is None else np.flatnonzero(self.wl.structure.parent < 0).tolist()
+        # Sessions: the arrival process gives the first turns, in order (the first len(heads) times).
+        for rid, t in zip(rids, times.tolist()):
             if t > env.now:
                 yield env.timeout(t - env.now)
             self.dispatch(rid)
@@ -133,14 +155,15 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
     for method, tp in keys:
         layouts.append(slot_layout(model, method, sc) if slots else
                        kv_layout(model, hw, method, tp, sc.block_size, sc.gpu_memory_utilization,
-                                 sc.max_batched_tokens, sc.max_batch_size))
+                                 sc.max_batched_tokens, sc.max_batch_size, exact=sc.kv_blocks == "exact",
+                                 whole_windows=sc.eviction_blocks == "whole"))
         costs.append(cost or make_cost_model(scn, method, tp))
         outputs.append(np.asarray(method_outputs(method, wl.prompt, wl.output, inflation, max_len), np.int64))
     config_of = [keys.index((m.method, m.tp)) for m in v.members for _ in range(m.replicas)]
     prompt = wl.prompt.astype(np.int64)
     # Admission: the context window and the whole KV pool of that configuration.
     too_long = np.stack([prompt + o > max_len for o in outputs])
-    fits = np.stack([~tl & (lay.blocks_for_vec(prompt + o) <= lay.num_blocks)
+    fits = np.stack([~tl & (lay.peak_blocks_vec(prompt, o) <= lay.num_blocks)
                      for tl, lay, o in zip(too_long, layouts, outputs)])
     feasible = fits.any(axis=0)
     ctx, length_source = route_context(v, wl, costs, layouts, outputs, keys, config_of, fits, scn, max_len,
@@ -149,8 +172,14 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
     log = RequestLog(wl.prompt, outputs[compared])
     env = simpy.Environment()
     feed = Arrivals(env, wl)
-    replica_cls = SlotReplica if slots else Replica
-    replicas = [replica_cls(env, i, layouts[c], costs[c], sc, log, feed.on_done) for i, c in enumerate(config_of)]
+    if slots:
+        replicas = [SlotReplica(env, i, layouts[c], costs[c], sc, log, feed.on_done) for i, c in enumerate(config_of)]
+    else:
+        # Prefix caching keys blocks by what the prompts are made of; a reply as this
+        # configuration generates it (its verbosity) is its own text.
+        contents = [content_of(wl.structure, o) if wl.structure is not None else None for o in outputs]
+        replicas = [Replica(env, i, layouts[c], costs[c], sc, log, feed.on_done, contents[c])
+                    for i, c in enumerate(config_of)]
     router = Router(replicas, v.router, ctx)
     lay0 = layouts[compared]
 
@@ -159,9 +188,9 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
         if too_long[compared, rid]:
             log.reject(rid, f"prompt+output {p + o} exceeds the {max_len}-token context window")
         elif len(keys) == 1 and len(v.members) == 1:
-            log.reject(rid, f"needs {lay0.blocks_for(p + o)} KV blocks, the replica has {lay0.num_blocks}")
+            log.reject(rid, f"needs {lay0.peak_blocks(p, o)} KV blocks, the replica has {lay0.num_blocks}")
         else:
-            log.reject(rid, f"needs {lay0.blocks_for(p + o)} KV blocks, no replica of the fleet holds that many")
+            log.reject(rid, f"needs {lay0.peak_blocks(p, o)} KV blocks, no replica of the fleet holds that many")
         feed.on_done(rid)
 
     def dispatch(rid: int) -> None:

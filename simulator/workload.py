@@ -131,12 +131,29 @@ class ShareGPTLengths(_Window):
 LengthSource = Annotated[Union[TraceLengths, ShareGPTLengths], Field(discriminator="source")]
 
 
+class SharedPrefix(_Strict):
+    """Shared system prompts, as inference-perf's shared-prefix workloads: every request's prompt is
+    its group's system prompt followed by its own question (the sampled prompt length)."""
+    groups: PositiveInt = Field(description="distinct system prompts; each request draws one uniformly")
+    tokens: PositiveInt = Field(description="tokens of each system prompt")
+
+
+class Sessions(_Strict):
+    """Multi-turn chat: consecutive requests form sessions of `turns`; a turn's prompt is the previous
+    turn's prompt + its reply + a new question (the sampled prompt length), sent `think_time_s` after
+    the previous reply ended. The arrival process gives the sessions' first turns."""
+    turns: int = Field(ge=2, description="turns per session")
+    think_time_s: float = Field(0.0, ge=0.0, description="pause between a reply and the next question")
+
+
 class WorkloadConfig(_Strict):
     num_requests: PositiveInt
     arrival: Arrival
     prompt: Optional[LengthDist] = None
     output: Optional[LengthDist] = None
     lengths: Optional[LengthSource] = None
+    shared_prefix: Optional[SharedPrefix] = None
+    sessions: Optional[Sessions] = None
 
     @model_validator(mode="after")
     def _one_length_source(self):
@@ -147,6 +164,9 @@ class WorkloadConfig(_Strict):
             missing = "prompt" if self.prompt is None else "output"
             raise ValueError(f"workload.{missing} is missing: give both `prompt` and `output` "
                              "distributions, or a `lengths:` source (trace or sharegpt)")
+        if self.sessions is not None and isinstance(self.arrival, (ClosedLoopArrival, OfflineArrival)):
+            raise ValueError("workload.sessions: later turns follow their replies, so the arrival process gives "
+                             "the first turns; use poisson, gamma or constant")
         return self
 
 

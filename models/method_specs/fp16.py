@@ -17,5 +17,6 @@ SPEC = MethodSpec(
     engine_names=("None", "fp16"),
     kernel="fp16",
     bytes_per_head=_bytes, token_bytes=_token_bytes,
-    prefix_shareable=True,
+    prefix_sharing=lambda m, length, n: n,
+    prefix_why="a token's K/V depends only on the tokens before it: equal prefixes, equal blocks",
 )

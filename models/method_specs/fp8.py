@@ -44,5 +44,7 @@ SPEC = MethodSpec(
     quant_flops=3.0,          # scale, saturate, convert, in the cache-write kernel
     quantize_launches=False,
     fp16_attention_stand_in=True,
-    prefix_shareable=True,
+    prefix_sharing=lambda m, length, n: n,
+    prefix_why="each token is cast with static scales (per layer or per KV head, never per request), so equal "
+               "prefixes give equal fp8 blocks",
 )

@@ -64,4 +64,7 @@ SPEC = MethodSpec(
     bytes_per_head=_bytes, token_bytes=q.marginal_token_bytes, fixed_bytes=q.window_overhead,
     quantized_tokens=q.quantized_tokens, quant_bytes_per_token=q.quant_bytes_per_token,
     corrections=SimpleNamespace(segment_bytes=segment_bytes, rank=rank, outliers=outliers),
+    prefix_why="the prompt is quantized as one segment whose low-rank error factors and outliers are fitted "
+               "over the whole prompt, the request's own question included: no prefix of it stands alone, "
+               "so every request's cache is private",
 )

@@ -27,4 +27,5 @@ SPEC = MethodSpec(
     token_cap=lambda m: m.heavy + m.recent,
     score_bytes=SCORE_BYTES, attention_scores=True,
     fp16_attention_stand_in=True,
+    prefix_why="which tokens are kept is chosen by the request's own accumulated attention scores, so the kept set differs per request: private",
 )

@@ -23,7 +23,9 @@ def _spec(kv_type: str) -> MethodSpec:
         return per_rank(model, tp, 2 * row_bytes(kv_type, model.head_dim))
 
     return MethodSpec(kind=kv_type, family=ENGINE_KV, doc=__doc__, kernel=None,
-                      bytes_per_head=_bytes, token_bytes=_token_bytes, prefix_shareable=True)
+                      bytes_per_head=_bytes, token_bytes=_token_bytes, prefix_sharing=lambda m, length, n: n,
+                      prefix_why="ggml block quantization is per row of 32 values of one token: "
+                                 "equal prefixes, equal cells")
 
 
 SPECS = [_spec(t) for t in GGML_BLOCK]

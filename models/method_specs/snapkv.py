@@ -29,4 +29,5 @@ SPEC = MethodSpec(
     bytes_per_head=_bytes, token_bytes=_token_bytes,
     prompt_budget=lambda m: m.budget, prompt_vote=True,
     fp16_attention_stand_in=True,
+    prefix_why="the prompt tokens kept are voted by the request's last window of queries (its own question), so two requests with one system prompt keep different tokens: private",
 )

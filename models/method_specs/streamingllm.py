@@ -1,12 +1,13 @@
 """StreamingLLM (Xiao et al., 2024): the first `sink` tokens and the most recent `recent` tokens;
 the window applies from the first prefill chunk on."""
+import numpy as np
+
 from rkvsim.models.method_specs._eviction import split_budget
 from rkvsim.models.method_specs._dense import per_rank
 from rkvsim.models.methods import EVICTING, MethodSpec
 
 
 def _bytes(m, head_dim, prompt, total, dtype_bytes):
-    import numpy as np
     return np.minimum(total, m.sink + m.recent) * (2 * head_dim * dtype_bytes)
 
 
@@ -25,4 +26,8 @@ SPEC = MethodSpec(
     bytes_per_head=_bytes, token_bytes=_token_bytes,
     token_cap=lambda m: m.sink + m.recent, cap_in_prefill=True,
     fp16_attention_stand_in=True,
+    window=lambda m: (m.sink, m.recent),
+    prefix_sharing=lambda m, length, n: np.where(length <= m.sink + m.recent, n, 0),
+    prefix_why="plain fp16 KV until the sequence passes its cap; past it the window has dropped the middle and "
+               "re-positioned what it keeps, so the cache no longer equals another request's prefix: private",
 )
