@@ -21,6 +21,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=12.0, help="Poisson arrivals per second")
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policy", default="vllm-v1", help="scheduler.policy (vllm-v1, vllm-v0, lmdeploy)")
+    ap.add_argument("--no-prefix-caching", action="store_true", help="vllm-v1 without its prefix cache")
     args = ap.parse_args()
 
     from rkvsim.simulator.config import Scenario
@@ -29,7 +31,8 @@ def main() -> None:
 
     scn = Scenario.model_validate({
         "name": "bench", "model": "llama-2-7b", "hardware": "a6000", "methods": [args.method],
-        "scheduler": {"max_batch_size": args.max_batch, "max_batched_tokens": 8192},
+        "scheduler": {"policy": args.policy, "max_batch_size": args.max_batch, "max_batched_tokens": 8192,
+                      **({"enable_prefix_caching": False} if args.no_prefix_caching else {})},
         "workload": {"num_requests": args.requests, "arrival": {"process": "poisson", "rate": args.rate},
                      "lengths": {"source": "sharegpt", "max_prompt": 2048, "max_output": 2048}},
     })
@@ -43,6 +46,7 @@ def main() -> None:
     done = int(np.isfinite(run.log.finish).sum())
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sim_s = float(np.nanmax(run.log.finish))
+    print(f"policy            {args.policy}{' (no prefix caching)' if args.no_prefix_caching else ''}")
     print(f"requests          {args.requests:,} ({done:,} completed, {int(run.log.rejected.sum()):,} rejected)")
     print(f"workload build    {t1 - t0:.2f} s")
     print(f"simulation wall   {t2 - t1:.2f} s  ({sim_s:,.0f} simulated s, {steps:,} engine steps)")

@@ -26,7 +26,8 @@ def cmd_sweep(args) -> int:
 
     console, err = _consoles()
     try:
-        sweep = load_sweep(args.sweep)
+        from rkvsim.simulator.config import parse_overrides
+        sweep = load_sweep(args.sweep, parse_overrides(args.set))
         out = Path(args.out) if args.out else Path("results") / f"sweep-{sweep.name}"
         if args.address and args.backend != "ray":
             raise ScenarioError("--address: only with --backend ray")
@@ -52,6 +53,8 @@ def add_sweep_parser(sub) -> None:
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray for the sweep)")
     s.add_argument("--workers", type=int, help="parallel workers / Ray CPUs (default: this machine's cores)")
     s.add_argument("--out", help="results folder (default: results/sweep-<name>); rerun to resume")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every point (on top of the sweep's own set:)")
     s.set_defaults(func=cmd_sweep)
 
 

@@ -83,14 +83,17 @@ def build_scenario(base: dict, overrides: dict) -> Scenario:
     return Scenario.model_validate(data)
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read, check every axis path and validate every point's scenario; raises ScenarioError."""
+def load_sweep(path: str | Path, overrides: dict | None = None) -> Sweep:
+    """Read, check every axis path and validate every point's scenario; raises ScenarioError.
+    `overrides` ({dotted key: value}, from --set) apply on top of the sweep's own `set:`."""
     p = Path(path)
     raw = read_yaml(p, "sweep file; see scenarios/sweeps/ for examples")
     try:
         spec = SweepFile.model_validate(raw)
     except ValidationError as e:
         raise ScenarioError(f"{p}: {format_validation_error(e)}") from None
+    if overrides:
+        spec.set.update(overrides)
     base_path = (p.parent / spec.base) if not Path(spec.base).is_absolute() else Path(spec.base)
     if not base_path.is_file():
         raise ScenarioError(f"{p}: base: {spec.base} not found (relative paths start at the sweep file's folder)")

@@ -36,6 +36,8 @@ def flatten_metrics(m: dict) -> dict:
     for k, v in m.items():
         if isinstance(v, dict):
             for q, x in v.items():
+                if isinstance(x, str):
+                    continue        # e.g. prefix_cache.why: the method's reason, not a metric
                 out[f"{k}_{q}"] = math.nan if x is None else float(x)
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = float(v)

@@ -38,6 +38,38 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSS
 ENGINE_FILE = "engine.json"
 
 
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa_flags(flags: set[str] | None = None) -> tuple[str, ...]:
+    """Extra CMake flags for this CPU. -march=native compiles ggml's AMX kernels wherever the CPU
+    reports AMX, and they crash where the kernel has not granted the process AMX tile state (seen
+    in a Firecracker VM: SIGSEGV in ggml_backend_amx_mul_mat on the first batch). On such a CPU the
+    build names every instruction set the CPU has except AMX instead of -march=native; elsewhere
+    nothing changes (so earlier builds and profiles keep their key)."""
+    flags = cpu_flags() if flags is None else flags
+    if not any(f.startswith("amx") for f in flags):
+        return ()
+    on = lambda *names: "ON" if all(n in flags for n in names) else "OFF"  # noqa: E731
+    return ("-DGGML_NATIVE=OFF", f"-DGGML_SSE42={on('sse4_2')}", f"-DGGML_AVX={on('avx')}",
+            f"-DGGML_AVX2={on('avx2')}", f"-DGGML_FMA={on('fma')}", f"-DGGML_F16C={on('f16c')}",
+            f"-DGGML_BMI2={on('bmi2')}", f"-DGGML_AVX_VNNI={on('avx_vnni')}", f"-DGGML_AVX512={on('avx512f')}",
+            f"-DGGML_AVX512_VBMI={on('avx512vbmi')}", f"-DGGML_AVX512_VNNI={on('avx512_vnni')}",
+            f"-DGGML_AVX512_BF16={on('avx512_bf16')}", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+            "-DGGML_AMX_BF16=OFF")
+
+
+def cmake_flags() -> tuple[str, ...]:
+    return CMAKE_FLAGS + isa_flags()
+
+
 @dataclass(frozen=True)
 class EngineBuild:
     folder: Path
@@ -82,7 +114,7 @@ def build_key() -> dict:
     """What makes two builds interchangeable: version, flags, compiler and the CPU
     (ggml compiles with -march=native, so a build is only valid on this CPU family)."""
     _cxx, cxx_version = _compiler()
-    return {"engine": ENGINE, "version": VERSION, "cmake_flags": list(CMAKE_FLAGS),
+    return {"engine": ENGINE, "version": VERSION, "cmake_flags": list(cmake_flags()),
             "compiler": cxx_version, "machine": platform.machine(), "cpu": cpu_name()}
 
 
@@ -161,7 +193,7 @@ def compile_tools(src_root: Path, build_dir: Path, log: Path, jobs: int | None =
     cmake = _tool("cmake", "e.g. pip install cmake, or apt-get install cmake")
     _compiler()
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _run([cmake, "-S", str(src_root / "vendor" / "llama.cpp"), "-B", str(build_dir), *gen, *CMAKE_FLAGS],
+    _run([cmake, "-S", str(src_root / "vendor" / "llama.cpp"), "-B", str(build_dir), *gen, *cmake_flags()],
          log, what="cmake configure")
     jobs = jobs or os.cpu_count() or 1
     _run([cmake, "--build", str(build_dir), "--target", *TARGETS, "-j", str(jobs)], log, what="cmake build")

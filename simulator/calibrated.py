@@ -172,7 +172,7 @@ class CalibratedCostModel:
 
 
 def calibrated_cost_model(folder: Path, model, hardware, method, tp: int, max_tokens: int, max_batch: int,
-                          max_ctx: int) -> "CalibratedCostModel":
+                          max_ctx: int, overheads=None) -> "CalibratedCostModel":
     """CalibratedCostModel for one replica: the profile's compiled lookups, with engine terms
     installed beside the profile if any, and the roofline prior for what no profile row covers."""
     from rkvsim.calibration.steps.fit import fit_folder
@@ -180,4 +180,7 @@ def calibrated_cost_model(folder: Path, model, hardware, method, tp: int, max_to
 
     comp = compiled_costs(folder, model, method, tp, max_tokens, max_batch, max_ctx)
     engine = load_engine_terms(fit_folder(Path(folder)))
-    return CalibratedCostModel(comp, RooflineCostModel(model, hardware, method, tp), engine)
+    cm = CalibratedCostModel(comp, RooflineCostModel(model, hardware, method, tp, overheads=overheads), engine)
+    if overheads is not None and engine is None:
+        cm.source = f"{cm.source}; cpu:{overheads.cpu_source}"
+    return cm

@@ -53,6 +53,12 @@ class SchedulerConfig(_Strict):
     def _policy_defaults(self):
         from rkvsim.simulator.policies import POLICIES
         d = POLICIES[self.policy]
+        if self.policy == "lmdeploy" and self.chunked_prefill:
+            raise ValueError("chunked_prefill: the lmdeploy policy runs whole prompts (LMDeploy's default); "
+                             "remove it or use policy: vllm-v1")
+        if self.policy != "vllm-v1" and (self.enable_prefix_caching or self.long_prefill_token_threshold):
+            what = "enable_prefix_caching" if self.enable_prefix_caching else "long_prefill_token_threshold"
+            raise ValueError(f"{what}: simulated under policy vllm-v1 only; remove it or set policy: vllm-v1")
         for name in ("chunked_prefill", "enable_prefix_caching", "cuda_graphs", "cpu_overhead", "kv_blocks",
                      "eviction_blocks"):
             if getattr(self, name) is None:

@@ -41,7 +41,7 @@ Operators (per layer unless marked; weights / tp, read once per step):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -69,6 +69,23 @@ class StepBatch:
     prefill_seq: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class StepOverheads:
+    """What an engine adds to a step beyond its kernels, by policy (simulator/policies.py).
+    graphs: "none" (every kernel launched, the prior's launch cost each), "decode" (decode-only
+    steps replay a CUDA graph: no per-kernel launch; LMDeploy), "decode+piecewise" (vLLM V1's
+    FULL_AND_PIECEWISE: decode-only steps fully graphed, mixed steps with the dense layers graphed
+    and attention launched), for steps of at most `capture_tokens` tokens (larger ones run eager).
+    cpu: (fixed s, s per sequence) per step, or None for the prior's constants."""
+    graphs: str = "none"
+    capture_tokens: int = 512
+    cpu: tuple[float, float] | None = None
+    cpu_source: str = "prior"
+
+    def label(self) -> str:
+        return f"graphs:{self.graphs} cpu:{self.cpu_source}"
+
+
 @runtime_checkable
 class CostModel(Protocol):
     source: str
@@ -84,12 +101,20 @@ class RooflineCostModel:
     source = ROOFLINE_SOURCE
 
     def __init__(self, model: ModelSpec, hw: HardwareSpec, method: Method, tp: int = 1,
-                 efficiency: RooflineEfficiency | None = None):
+                 efficiency: RooflineEfficiency | None = None, overheads: StepOverheads | None = None):
         if tp < 1:
             raise ValueError("tp must be >= 1")
         self.model, self.hw, self.method, self.tp = model, hw, method, tp
-        self.eff = eff = efficiency or default_efficiency(hw)
+        eff = efficiency or default_efficiency(hw)
+        self.overheads = ov = overheads or StepOverheads()
+        if ov.cpu is not None:
+            eff = replace(eff, step_overhead_s=ov.cpu[0], per_seq_overhead_s=ov.cpu[1])
+        self.eff = eff
         self.rl = Roofline(hw, eff)
+        # Under CUDA graphs a graphed kernel costs no launch of its own.
+        self.rl_graph = Roofline(hw, replace(eff, launch_s=0.0)) if ov.graphs != "none" else self.rl
+        if overheads is not None:
+            self.source = f"{ROOFLINE_SOURCE}; {ov.label()}"
         m = model
         self.L, self.h, self.d = m.num_layers, m.hidden_size, m.head_dim
         self.dt = m.weight_dtype_bytes
@@ -122,9 +147,10 @@ class RooflineCostModel:
             return 0.0
         t_new = int(batch.prefill_new.sum()) + nd if npf else nd
         n_done = self._n_done(batch) if npf else 0
-        total = self._dense(t_new)[0] + sum(self._head(nd + n_done))
+        g_dense, g_attn = self._graphed(t_new, npf)
+        total = self._dense(t_new, g_dense)[0] + sum(self._head(nd + n_done))
         total += self._comm(t_new) + self._overhead(nd + npf)
-        for _, t in self._method_terms(batch, nd, npf):
+        for _, t in self._method_terms(batch, nd, npf, g_attn):
             total += t
         return total
 
@@ -135,22 +161,33 @@ class RooflineCostModel:
             return {}
         t_new = int(batch.prefill_new.sum()) + nd
         n_done = self._n_done(batch) if npf else 0
-        out = dict(zip(_DENSE_OPS, self._dense(t_new)[1]))
+        g_dense, g_attn = self._graphed(t_new, npf)
+        out = dict(zip(_DENSE_OPS, self._dense(t_new, g_dense)[1]))
         out.update(zip(("lm_head", "sampling"), self._head(nd + n_done)))
         out["allreduce"] = self._comm(t_new)
-        for name, t in self._method_terms(batch, nd, npf):
+        for name, t in self._method_terms(batch, nd, npf, g_attn):
             out[name] = out.get(name, 0.0) + t
         out["step_overhead"] = self._overhead(nd + npf)
         return out
 
     # ---- dense part: depends only on the token count ----------------------------------
-    def _dense(self, t: int) -> tuple[float, tuple[float, ...]]:
-        hit = self._dense_cache.get(t)
+    def _graphed(self, t_new: int, npf: int) -> tuple[bool, bool]:
+        """(dense layers graphed, attention and method kernels graphed) for a step of t_new tokens."""
+        g = self.overheads.graphs
+        if g == "none" or t_new > self.overheads.capture_tokens:
+            return False, False
+        if npf == 0:
+            return True, True
+        return g == "decode+piecewise", False
+
+    def _dense(self, t: int, graphed: bool = False) -> tuple[float, tuple[float, ...]]:
+        key = -t - 1 if graphed else t
+        hit = self._dense_cache.get(key)
         if hit is not None:
             return hit
         if len(self._dense_cache) > 65536:   # bounded memo; T takes few distinct values anyway
             self._dense_cache.clear()
-        m, op, L, h, dt = self.model, self.rl.op, self.L, self.h, self.dt
+        m, op, L, h, dt = self.model, (self.rl_graph if graphed else self.rl).op, self.L, self.h, self.dt
         qs, kvs = self.hq * self.d, self.hkv * self.d
         inter = m.intermediate_size // self.tp
         up = 2 * inter if m.gated_mlp else inter
@@ -168,7 +205,7 @@ class RooflineCostModel:
         final_norm = op(0, 5 * t * h, 2 * t * h * dt + h * dt)
         parts = (embed, L * per_layer[0] + final_norm) + tuple(L * x for x in per_layer[1:])
         res = (sum(parts), parts)
-        self._dense_cache[t] = res
+        self._dense_cache[key] = res
         return res
 
     def _head(self, n_logits: int) -> tuple[float, float]:
@@ -212,6 +249,9 @@ class RooflineCostModel:
     def _build_tables(self, n: int) -> None:
         meth, spec, d, dt = self.method, self.spec, self.d, self.dt
         x = np.arange(n, dtype=np.int64)
+        if self.model.sliding_window:
+            # The model attends (and keeps) only its last `sliding_window` tokens (Mistral v0.1).
+            x = np.minimum(x, self.model.sliding_window)
         dec_c = np.zeros((n, self._NCOL))
         dec_p = None
         pre = np.zeros((n, self._NCOL))     # a prefill chunk's past, by past length
@@ -286,11 +326,11 @@ class RooflineCostModel:
         return self.L * self.hkv * (s[1] * self.full + s[3] + score)
 
     # ---- attention and compression-side work ------------------------------------------
-    def _method_terms(self, b: StepBatch, nd: int, npf: int) -> list[tuple[str, float]]:
+    def _method_terms(self, b: StepBatch, nd: int, npf: int, graphed: bool = False) -> list[tuple[str, float]]:
         """(operator, seconds over all layers) for attention and the method's extra work.
         Cache sums s: [attended, full-precision, quantized tokens, quantized bytes,
         GEAR low-rank work, GEAR outliers], per KV head and layer, summed over requests."""
-        op, L, d, hq, hkv, full, dt = self.rl.op, self.L, self.d, self.hq, self.hkv, self.full, self.dt
+        op, L, d, hq, hkv, full, dt = (self.rl_graph if graphed else self.rl).op, self.L, self.d, self.hq, self.hkv, self.full, self.dt
         eff, f, meth, spec = self.eff, self.f, self.method, self.spec
         dqf, qf = self.dequant_flops, self.quant_flops
         terms: list[tuple[str, float]] = []

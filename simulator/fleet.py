@@ -41,6 +41,7 @@ class Variant:
     router: str
     members: list[Member]
     arm: str = ""
+    scheduler: dict | None = None  # the arm's scheduler changes (fleet_schema.Arm.scheduler)
 
     @property
     def gpus(self) -> int:
@@ -86,7 +87,7 @@ def plan_variants(scn: Scenario) -> list[Variant]:
                 members = ([Member(m, tp, scn.replicas)] if fleet is None else
                            [Member(m if e.method is None else method_from_entry(e.method), e.tp or tp, e.replicas)
                             for e in fleet])
-                v = Variant("", m, tp, arm.router or scn.router, members, arm.name if named else "")
+                v = Variant("", m, tp, arm.router or scn.router, members, arm.name if named else "", arm.scheduler)
                 base = m.label if (named or fleet is None) else v.fleet_label
                 v.label = base + suffix(arm, tp)
                 out.append(v)
@@ -94,7 +95,8 @@ def plan_variants(scn: Scenario) -> list[Variant]:
             fleet = arm.fleet or scn.fleet
             if fleet is not None and all(e.method is not None for e in fleet):
                 members = [Member(method_from_entry(e.method), e.tp or tp, e.replicas) for e in fleet]
-                v = Variant("", members[0].method, tp, arm.router or scn.router, members, arm.name if named else "")
+                v = Variant("", members[0].method, tp, arm.router or scn.router, members, arm.name if named else "",
+                            arm.scheduler)
                 v.label = (arm.name if named else v.fleet_label) + (f"@tp{tp}" if len(tps) > 1 else "")
                 out.append(v)
     labels = [v.label for v in out]

@@ -3,7 +3,7 @@
     fleet:                          # replicas with their own methods; default: `replicas` x each method
       - {method: fp16, replicas: 1}
       - {replicas: 3}               # no method: the method being compared (each of `methods:` in turn)
-    arms:                           # several (router, fleet) set-ups compared on the same workload
+    arms:                           # several (router, fleet, scheduler) set-ups compared on the same workload
       - {name: baseline, router: least_kv}                 # no fleet: `fleet:` or `replicas` x method
       - {name: routed, router: compression_aware, fleet: [{method: fp16, replicas: 1}, {replicas: 3}]}
     routing:
@@ -36,6 +36,8 @@ class Arm(_Strict):
     name: str = Field(min_length=1, description="label suffix, e.g. baseline / routed / oracle")
     router: RouterName | None = Field(None, description="default: the scenario's router")
     fleet: list[FleetEntry] | None = Field(None, description="default: the scenario's fleet")
+    scheduler: dict | None = Field(None, description="scheduler fields this arm changes, e.g. "
+                                                     "{enable_prefix_caching: false}")
 
 
 class RoutingConfig(_Strict):
@@ -68,6 +70,15 @@ def check_fleets(scn) -> None:
             if e.tp is not None and (m.num_kv_heads % e.tp and e.tp % m.num_kv_heads):
                 raise ValueError(f"{where}.{j}.tp: {e.tp} does not split {m.name}'s {m.num_kv_heads} KV heads evenly; "
                                  "use a divisor or multiple of the KV head count")
+    from rkvsim.simulator.policies import scheduler_with
+    for i, a in enumerate(scn.arms or []):
+        if a.scheduler:
+            try:
+                scheduler_with(scn.scheduler, a.scheduler)
+            except Exception as e:   # pydantic's ValidationError: name the arm's field
+                err = e.errors()[0] if hasattr(e, "errors") else {"loc": (), "msg": str(e)}
+                loc = ".".join(str(x) for x in err["loc"])
+                raise ValueError(f"arms.{i}.scheduler.{loc}: {err['msg']}") from None
     names = [a.name for a in scn.arms or []]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

@@ -41,6 +41,13 @@ class KVLayout:
     dtype_bytes: int = 2
     model_window: int | None = None  # the model's own sliding window (Mistral v0.1: 4096)
 
+    def __post_init__(self):
+        # Precomputed once: the decode step asks for blocks every iteration.
+        spec = self.method.spec
+        object.__setattr__(self, "_win", self._window())
+        object.__setattr__(self, "_plain", self._win is None and spec.quantized_tokens is None
+                           and spec.token_cap is None and spec.prompt_budget is None)
+
     def blocks_for(self, cached_tokens: int) -> int:
         if cached_tokens <= 0:
             return 0
@@ -59,10 +66,13 @@ class KVLayout:
         return None
 
     def _exact_vec(self, prompt, ctx, prefill: bool) -> np.ndarray:
-        m, spec, B = self.method, self.method.spec, self.block_size
+        B = self.block_size
+        if self._plain:
+            return -(-np.asarray(ctx, np.int64) // B)
+        m, spec = self.method, self.method.spec
         prompt = np.asarray(prompt, np.int64)
         ctx = np.asarray(ctx, np.int64)
-        win = self._window()
+        win = self._win
         if win is not None:
             sink, recent = win
             if self.whole_windows:
@@ -110,7 +120,7 @@ class KVLayout:
         if not self.exact:
             return self.blocks_for_vec(total)
         peak = np.maximum(self._exact_vec(prompt, prompt, prefill=True), self._exact_vec(prompt, total, prefill=False))
-        win = self._window()
+        win = self._win
         if win is not None and self.whole_windows:
             sink, recent = win
             # An unaligned window spans one block more than an aligned one.

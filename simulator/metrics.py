@@ -48,6 +48,7 @@ def per_request_columns(log: RequestLog) -> dict[str, np.ndarray]:
         "preemptions": log.preemptions,
         "rejected": log.rejected,
         "replica": log.replica,
+        "cached_prompt_tokens": log.cached_prompt,
     }
 
 

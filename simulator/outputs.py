@@ -24,11 +24,39 @@ def build_summary(scenario_name: str, seed: int, runs: list[MethodRun], extra: d
         "seed": seed,
         "cost_source": sources[0] if len(sources) == 1 else sources,
         **extra,
+        **_scheduler(runs),
         "methods": {r.label: {**summarize(r.log, [rep.steps for rep in r.replicas], r.layout.num_blocks),
                                      "kv_capacity_tokens": int(r.layout.num_blocks * r.layout.block_size),
+                                     **_prefix_cache(r),
                                      **_cost_notes(r)}
                     for r in runs},
     }
+
+
+def _scheduler(runs: list[MethodRun]) -> dict:
+    """The paged scheduler's policy and the settings it resolved (None fields take the policy's)."""
+    cfg = getattr(runs[0].replicas[0], "cfg", None) if runs and runs[0].replicas else None
+    if getattr(cfg, "kind", None) != "paged":
+        return {}
+    keys = ("policy", "chunked_prefill", "enable_prefix_caching", "cuda_graphs", "cpu_overhead", "kv_blocks",
+            "eviction_blocks", "long_prefill_token_threshold")
+    return {"scheduler": {k: getattr(cfg, k) for k in keys}}
+
+
+def _prefix_cache(r: MethodRun) -> dict:
+    """Prefix-cache figures where the replicas ran one (vllm-v1 with enable_prefix_caching)."""
+    pools = [rep.pool for rep in r.replicas if getattr(rep, "pool", None) is not None]
+    if not pools:
+        return {}
+    log, spec = r.log, r.method.spec
+    return {"prefix_cache": {
+        "hit_rate": log.prefix_hit_tokens / log.prefix_query_tokens if log.prefix_query_tokens else 0.0,
+        "saved_prefill_tokens": int(log.prefix_hit_tokens),
+        "looked_up_tokens": int(log.prefix_query_tokens),
+        "evicted_blocks": int(sum(p.evictions for p in pools)),
+        "shareable": spec.prefix_shareable,
+        "why": spec.prefix_why,
+    }}
 
 
 def _cost_notes(r: MethodRun) -> dict:

@@ -36,3 +36,11 @@ POLICIES = {
     # lmdeploy/messages.py PytorchEngineConfig: eager_mode False (CUDA graphs), enable_prefix_caching False.
     "lmdeploy": PolicyDefaults(False, False, True, "measured", "exact", "whole", 0.0),
 }
+
+
+def scheduler_with(sc, changes: dict | None):
+    """The scheduler with an arm's changes: re-validated from the fields the user set, so that a
+    changed policy brings its own defaults."""
+    if not changes:
+        return sc
+    return type(sc).model_validate({**sc.model_dump(include=sc.model_fields_set), **changes})

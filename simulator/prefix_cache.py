@@ -6,7 +6,8 @@ hashes the parent block's hash with the block's token ids); a new request reuses
 of cached keys at the start of its prompt; blocks carry reference counts; a freed block goes to
 the tail of one free queue and keeps its key until it is popped from the head for reuse (that
 pop evicts the key), so the least recently freed cached block is evicted first; a request frees
-its blocks tail first so that its last blocks are evicted before its first ones.
+its blocks tail first so that its last blocks are evicted before its first ones, and blocks
+without a key go to the head, to be reused before any cached one.
 
 Content is described, not tokenised: a request is a list of segments (id, tokens); equal ids are
 equal text. A block's key is the hash of the chain of segment ids up to its last token and its
@@ -88,12 +89,16 @@ class BlockPool:
         return out
 
     def release(self, blocks: list[int]) -> None:
+        # Tail first; a block with no key goes to the head of the queue (nothing to keep), a
+        # cached one to the tail (block_pool.free_blocks, as upstream since it split the two).
         self.refs -= len(blocks)
         for b in reversed(blocks):
             self.ref[b] -= 1
             assert self.ref[b] >= 0, f"block {b} freed more often than referenced"
             if self.ref[b] == 0:
                 self.free[b] = None
+                if b not in self.key_of:
+                    self.free.move_to_end(b, last=False)
 
     def publish(self, blocks: list[int], keys: list[int]) -> None:
         """Cache full blocks under their keys (a key already cached keeps its first block)."""

@@ -141,7 +141,7 @@ class Replica:
         if n > 0:
             bl.extend(self.pool.allocate(n))
         elif n < 0:
-            win = self.layout._window()
+            win = self.layout._win
             if win is not None and self.layout.whole_windows:
                 at = min(-(-win[0] // self.layout.block_size), len(bl) + n)
                 drop = bl[at:at - n]
@@ -173,9 +173,10 @@ class Replica:
     def _block_keys(self, rid: int, n: int) -> list[int]:
         keys = self._keys.get(rid)
         if keys is None or len(keys) < n:
-            # Without a content description every request's text is its own (segment id -rid-1).
+            # Without a content description every request's text is its own. (A tuple id: no int
+            # segment id of simulator/content.py can equal it, and CPython hashes -1 like -2.)
             segs = self.content(rid) if self.content is not None else (
-                (-rid - 1, int(self.log.prompt[rid] + self.log.output[rid])),)
+                ((7, rid), int(self.log.prompt[rid] + self.log.output[rid])),)
             keys = block_keys(segs, n, self.layout.block_size)
             self._keys[rid] = keys
         return keys[:n]
@@ -207,10 +208,10 @@ class Replica:
         thr = cfg.long_prefill_token_threshold
         n = self.n_dec
         pre = self.prefilling
-        want = [min(e[2] - e[1], thr) if thr else e[2] - e[1] for e in pre]
+        want = [min(e[2] - e[1], thr) if thr else e[2] - e[1] for e in pre] if pre else []
         takes = want
         k = n                                       # decodes scheduled (the first k columns)
-        if n + sum(want) > budget:
+        if n + (sum(want) if pre else 0) > budget:
             order = sorted([(int(D[self.SEQ, i]), 0, i) for i in range(n)] + [(e[4], 1, j) for j, e in enumerate(pre)])
             left, sched_dec, takes = budget, np.zeros(n, bool), [0] * len(pre)
             for _seq, kind, i in order:
@@ -227,8 +228,8 @@ class Replica:
                 self._front(sched_dec)
         need = lay.decode_blocks_vec(D[self.PLEN, :k], D[self.CTX, :k] + 1) if k else _EMPTY
         extra_dec = need - D[self.BLK, :k] if k else _EMPTY
-        extra_pre = [lay.prefill_blocks(e[1] + t) - e[3] if t else 0 for e, t in zip(pre, takes)]
-        total = int(extra_dec.sum()) + sum(extra_pre)
+        extra_pre = [lay.prefill_blocks(e[1] + t) - e[3] if t else 0 for e, t in zip(pre, takes)] if pre else []
+        total = int(extra_dec.sum()) + (sum(extra_pre) if pre else 0)
         preempted = False
         if total > self._free_blocks():
             # Pop the tail of `running` (highest admission seq) until the rest fits.

@@ -151,6 +151,8 @@ _COLUMNS = (
     ("preempt.", lambda m: m.get("preemptions")),
     ("KV peak %", lambda m: None if _num(m.get("kv_peak_fraction")) is None else 100 * _num(m["kv_peak_fraction"])),
     ("mean batch", lambda m: m.get("mean_batch_size")),
+    ("prefix hit %", lambda m: None if "prefix_cache" not in m else 100 * m["prefix_cache"]["hit_rate"]),
+    ("prefill saved", lambda m: (m.get("prefix_cache") or {}).get("saved_prefill_tokens")),
 )
 
 

@@ -24,7 +24,7 @@ def routing_rows(summary: dict) -> tuple[list[str], dict[str, dict[str, dict]]]:
 
 def routing_table(summary: dict) -> Table:
     arms, rows = routing_rows(summary)
-    t = Table(title="end-to-end latency per routing arm (s); x = first arm's mean / this arm's mean")
+    t = Table(title="end-to-end latency per arm (s); x = first arm's mean / this arm's mean")
     t.add_column("method")
     for a in arms:
         t.add_column(f"{a} mean/p90", justify="right")

@@ -11,8 +11,9 @@ import simpy
 from rkvsim.models import Method, resolve_hardware, resolve_model
 
 from rkvsim.simulator.config import Scenario, ScenarioError
+from rkvsim.simulator.policies import scheduler_with
 from rkvsim.simulator.content import Structure, build_structure, content_of
-from rkvsim.simulator.cost_model import CostModel, RooflineCostModel
+from rkvsim.simulator.cost_model import CostModel, RooflineCostModel, StepOverheads
 from rkvsim.simulator.kv_memory import KVLayout, kv_layout
 from rkvsim.simulator.records import RequestLog
 from rkvsim.simulator.replica import Replica
@@ -115,7 +116,31 @@ class Arrivals:
             self.env.process(self._open_loop(self.wl.arrivals))
 
 
-def make_cost_model(scn: Scenario, method: Method, tp: int) -> CostModel:
+def step_overheads(sc, hardware: str, tp: int) -> StepOverheads | None:
+    """What the policy's engine adds to each step (CUDA graphs, CPU time), or None for the
+    prior's eager launches and constant CPU time (vllm-v0's numbers)."""
+    if not sc.cuda_graphs and sc.cpu_overhead == "prior":
+        return None
+    if not sc.cuda_graphs:
+        graphs, capture = "none", 0
+    elif sc.policy == "vllm-v1":
+        # vllm/config/vllm.py: capture sizes up to min(2 * max_num_seqs, 512) tokens, at most the
+        # token budget; FULL_AND_PIECEWISE: decode-only batches fully graphed, mixed piecewise.
+        graphs, capture = "decode+piecewise", min(2 * sc.max_batch_size, 512, sc.max_batched_tokens)
+    else:
+        # vllm/worker/model_runner.py (V0) and lmdeploy/pytorch/models/utils/cudagraph.py: decode-only
+        # batches up to the largest captured batch.
+        graphs, capture = "decode", sc.max_batch_size
+    cpu, src = None, "prior"
+    if sc.cpu_overhead == "measured":
+        from rkvsim.calibration.steps.cpu_overheads import lookup
+        hit = lookup(hardware, tp, "v1" if sc.policy == "vllm-v1" else "v0")
+        if hit is not None:
+            cpu, src = hit[:2], hit[2]
+    return StepOverheads(graphs, capture, cpu, src)
+
+
+def make_cost_model(scn: Scenario, method: Method, tp: int, sc=None) -> CostModel:
     if scn.scheduler.kind == "slots":
         from rkvsim.simulator.llamacpp_cost import llamacpp_cost_model   # llama.cpp: its engine profile's costs
         return llamacpp_cost_model(scn, method)
@@ -123,13 +148,14 @@ def make_cost_model(scn: Scenario, method: Method, tp: int) -> CostModel:
     from rkvsim.calibration.steps.profiles import find_profile
     from rkvsim.simulator.calibrated import calibrated_cost_model
     from rkvsim.calibration.steps.fit import FitError
+    sc = sc or scn.scheduler
+    ov = step_overheads(sc, hw.name, tp)
     try:
         folder = find_profile(hw, model, scn.profile)
         if folder is None:
-            return RooflineCostModel(model, hw, method, tp)
-        sc = scn.scheduler
+            return RooflineCostModel(model, hw, method, tp, overheads=ov)
         return calibrated_cost_model(folder, model, hw, method, tp, sc.max_batched_tokens, sc.max_batch_size,
-                                     sc.max_model_len or model.max_position)
+                                     sc.max_model_len or model.max_position, overheads=ov)
     except (FitError, LookupError) as e:
         raise ScenarioError(f"profile: {' '.join(str(e).split())}") from None
 
@@ -144,7 +170,7 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
     is rejected, counted and never queued. `cost` replaces the cost model of a single-
     configuration set-up (tests inject recorders)."""
     model, hw = resolve_model(scn.model), resolve_hardware(scn.hardware)
-    sc = scn.scheduler
+    sc = scheduler_with(scn.scheduler, v.scheduler)
     slots = sc.kind == "slots"   # a llama.cpp server: fixed slots (simulator/slots.py)
     if slots:
         from rkvsim.simulator.slots import SlotReplica, slot_layout
@@ -157,7 +183,7 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
                        kv_layout(model, hw, method, tp, sc.block_size, sc.gpu_memory_utilization,
                                  sc.max_batched_tokens, sc.max_batch_size, exact=sc.kv_blocks == "exact",
                                  whole_windows=sc.eviction_blocks == "whole"))
-        costs.append(cost or make_cost_model(scn, method, tp))
+        costs.append(cost or make_cost_model(scn, method, tp, sc))
         outputs.append(np.asarray(method_outputs(method, wl.prompt, wl.output, inflation, max_len), np.int64))
     config_of = [keys.index((m.method, m.tp)) for m in v.members for _ in range(m.replicas)]
     prompt = wl.prompt.astype(np.int64)

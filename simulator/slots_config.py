@@ -26,7 +26,8 @@ from rkvsim.models.methods import ENGINE_KV, kinds
 class SlotsSchedulerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["slots"]
+    kind: Literal["slots"] = "slots"
+    policy: Literal["llamacpp"] = "llamacpp"   # the scheduler by name, as scheduler.policy elsewhere
     engine: Literal["llamacpp"] = "llamacpp"
     n_parallel: int = Field(4, ge=1, description="server slots (-np)")
     ctx_size: int = Field(8192, ge=64, description="total KV cells (-c)")
@@ -62,9 +63,10 @@ class SlotsSchedulerConfig(BaseModel):
 
 
 def scheduler_kind(v) -> str:
-    """Pydantic discriminator: scenarios written before `kind` existed are paged."""
+    """Pydantic discriminator: scenarios written before `kind` existed are paged; `policy: llamacpp`
+    names llama.cpp's slots like the paged policies are named."""
     if isinstance(v, dict):
-        return v.get("kind", "paged")
+        return v.get("kind") or ("slots" if v.get("policy") == "llamacpp" else "paged")
     return getattr(v, "kind", "paged")
 
 

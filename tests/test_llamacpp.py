@@ -213,3 +213,13 @@ def test_engine_collection_repeats_in_rounds_and_resumes_after_a_kill(tmp_path, 
     with open(tmp_path / "p" / "engine_steps.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 2 and {r["repeats"] for r in rows} == {"3"}      # (pp, pl, stage)
+
+
+def test_build_leaves_out_amx_where_the_cpu_reports_it():
+    """ggml's AMX kernels crash where the VM never granted AMX tile state: such CPUs build with
+    every other instruction set named instead of -march=native; other CPUs keep their build key."""
+    from rkvsim.profiler.engine_build import isa_flags
+    assert isa_flags({"avx2", "fma", "f16c", "avx512f"}) == ()
+    flags = isa_flags({"avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"})
+    assert "-DGGML_NATIVE=OFF" in flags and "-DGGML_AMX_INT8=OFF" in flags and "-DGGML_AMX_TILE=OFF" in flags
+    assert "-DGGML_AVX512=ON" in flags and "-DGGML_AVX512_VNNI=ON" in flags and "-DGGML_AVX512_BF16=OFF" in flags

@@ -77,7 +77,7 @@ def _fake_replica(index: int, n_wait: int = 0, blocks_used: int = 0):
     from types import SimpleNamespace
 
     from rkvsim.simulator.replica import Replica
-    lay = SimpleNamespace(blocks_for=lambda t: -(-t // 16), num_blocks=1000)
+    lay = SimpleNamespace(blocks_for=lambda t: -(-t // 16), prefill_blocks=lambda t: -(-t // 16), num_blocks=1000)
     return SimpleNamespace(index=index, layout=lay, n_dec=0, waiting=list(range(n_wait)), prefilling=[],
                            cfg=SimpleNamespace(max_batch_size=64), log=SimpleNamespace(prompt=np.array([100, 100])),
                            D=np.zeros((6, 64), np.int64), CTX=Replica.CTX, RID=Replica.RID, GEN=Replica.GEN,

@@ -36,6 +36,11 @@ def check_invariants(run, wl: Workload) -> None:
     assert np.array_equal(log.generated[done], log.output[done])
     for rep in run.replicas:
         assert rep.blocks_used == 0 and rep.n_dec == 0 and not rep.prefilling and not rep.waiting
+        pool = getattr(rep, "pool", None)
+        if pool is not None:
+            # No block leaked, no reference count left or negative, free queue = unreferenced blocks.
+            pool.check()
+            assert pool.used == 0 and pool.refs == 0 and not rep.held
         kv = np.frombuffer(rep.steps.kv_fraction)
         assert np.all(kv <= 1.0 + 1e-12)
         t = np.frombuffer(rep.steps.t_end)
@@ -65,8 +70,9 @@ def test_light_load_e2e_is_sum_of_step_costs():
             cost.step_time(StepBatch(np.array([p]), np.array([0]), e, e)), rel=1e-9)
 
 
-def test_kivi_serves_more_concurrent_requests_where_kv_binds():
-    scn = scenario(hardware="l4", methods=["fp16", "kivi-2"],
+@pytest.mark.parametrize("policy", ["vllm-v1", "vllm-v0"])
+def test_kivi_serves_more_concurrent_requests_where_kv_binds(policy):
+    scn = scenario(hardware="l4", methods=["fp16", "kivi-2"], scheduler={"policy": policy},
                    workload={"num_requests": 120, "arrival": {"process": "closed_loop", "concurrency": 120},
                              "prompt": {"dist": "fixed", "value": 1500},
                              "output": {"dist": "fixed", "value": 200}})
@@ -76,7 +82,11 @@ def test_kivi_serves_more_concurrent_requests_where_kv_binds():
     peak = lambda r: max(max(rep.steps.batch) for rep in r.replicas)  # noqa: E731
     assert kivi.layout.num_blocks * kivi.layout.block_size > 2 * fp16.layout.num_blocks * fp16.layout.block_size
     assert peak(kivi) > peak(fp16)
-    assert fp16.log.preemptions.sum() >= kivi.log.preemptions.sum()
+    if policy == "vllm-v0":
+        # The worst-case residual reserved per request keeps KIVI from over-admitting. Under v1 it
+        # holds its actual bytes and admits up to the last block (no watermark), so its growing
+        # residual windows preempt more: a real cost of packing tighter, not asserted away.
+        assert fp16.log.preemptions.sum() >= kivi.log.preemptions.sum()
 
 
 def test_eviction_caps_memory_per_request():
@@ -140,16 +150,32 @@ arrival_st = st.one_of(
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+structure_st = st.one_of(
+    st.just({}),
+    st.builds(lambda g, t: {"shared_prefix": {"groups": g, "tokens": t}}, st.integers(1, 4), st.integers(1, 1200)),
+    st.builds(lambda n, th: {"sessions": {"turns": n, "think_time_s": th}}, st.integers(2, 4), st.floats(0, 3)),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(methods=methods_st, arrival=arrival_st, hw=st.sampled_from(["l4", "a6000"]),
+       policy=st.sampled_from(["vllm-v1", "vllm-v0", "lmdeploy"]), caching=st.booleans(),
        bs=st.integers(1, 64), chunked=st.booleans(), replicas=st.integers(1, 3),
-       plo=st.integers(1, 1500), pspan=st.integers(0, 1500), omax=st.integers(1, 600), seed=st.integers(0, 99))
-def test_property_every_request_accounted_and_memory_safe(methods, arrival, hw, bs, chunked, replicas,
-                                                          plo, pspan, omax, seed):
-    scn = scenario(methods=methods, hardware=hw, replicas=replicas,
-                   scheduler={"max_batch_size": bs, "chunked_prefill": chunked,
-                              "max_batched_tokens": 512 if chunked else 4096},
-                   workload={"num_requests": 30, "arrival": arrival,
+       plo=st.integers(1, 1500), pspan=st.integers(0, 1500), omax=st.integers(1, 600), seed=st.integers(0, 99),
+       structure=structure_st, block=st.sampled_from([16, 32]), threshold=st.sampled_from([0, 256]),
+       whole=st.booleans())
+def test_property_every_request_accounted_and_memory_safe(methods, arrival, hw, policy, caching, bs, chunked,
+                                                          replicas, plo, pspan, omax, seed, structure, block,
+                                                          threshold, whole):
+    if "sessions" in structure and arrival["process"] in ("closed_loop", "offline"):
+        structure = {}
+    chunked = chunked and policy != "lmdeploy"
+    sched = {"policy": policy, "max_batch_size": bs, "chunked_prefill": chunked, "block_size": block,
+             "max_batched_tokens": 512 if chunked else 4096, "eviction_blocks": "whole" if whole else "compacted"}
+    if policy == "vllm-v1":
+        sched.update(enable_prefix_caching=caching, long_prefill_token_threshold=threshold)
+    scn = scenario(methods=methods, hardware=hw, replicas=replicas, scheduler=sched,
+                   workload={"num_requests": 30, "arrival": arrival, **structure,
                              "prompt": {"dist": "uniform", "low": plo, "high": plo + pspan},
                              "output": {"dist": "uniform", "low": 1, "high": omax}})
     wl = build_workload(scn, seed, ".")
@@ -290,7 +316,7 @@ def test_partial_prefills_that_block_each_other_are_broken_up():
     from rkvsim.simulator.kv_memory import kv_layout
     from rkvsim.simulator.records import RequestLog
     from rkvsim.simulator.replica import Replica
-    scn = scenario(hardware="l4", scheduler={"chunked_prefill": True, "max_batched_tokens": 512})
+    scn = scenario(hardware="l4", scheduler={"policy": "vllm-v0", "chunked_prefill": True, "max_batched_tokens": 512})
     m = parse_method("fp16")
     sc = scn.scheduler
     lay = kv_layout(resolve_model("llama-2-7b"), resolve_hardware("l4"), m, 1, sc.block_size,
@@ -299,9 +325,9 @@ def test_partial_prefills_that_block_each_other_are_broken_up():
     total = half * lay.block_size + 1000  # each needs more than half the pool to finish
     log = RequestLog(np.array([total, total]), np.array([5, 5]))
     rep = Replica(simpy.Environment(), 0, lay, make_cost_model(scn, m, 1), sc, log, lambda _r: None)
-    rep.prefilling = [[0, half * lay.block_size, total, half], [1, half * lay.block_size, total, half]]
+    rep.prefilling = [[0, half * lay.block_size, total, half, 1], [1, half * lay.block_size, total, half, 2]]
     rep.blocks_used = 2 * half
-    chunks, dec = rep._plan_step()
+    chunks, dec, _n = rep._plan_v0()
     assert [e[0] for e, _ in chunks] == [0] and dec is None
     assert list(rep.waiting) == [1] and log.preemptions[1] == 1
     assert rep.blocks_used == half + lay.blocks_for(half * lay.block_size + chunks[0][1]) - half
