@@ -45,8 +45,12 @@ def kv_bytes_per_head(method: Method, head_dim: int, prompt_len: int, total_len:
 
 def kv_bytes(model: ModelSpec, method: Method, prompt_len: int, total_len: int,
              tp: int = 1, dtype_bytes: int = 2) -> int:
-    """Bytes of one request's KV cache on one tensor-parallel rank (KV heads split over TP)."""
+    """Bytes of one request's KV cache on one tensor-parallel rank (KV heads split over TP). A
+    sliding-window model (Mistral v0.1) keeps only its last `sliding_window` tokens."""
     heads = max(1, model.num_kv_heads // tp)
+    w = model.sliding_window
+    if w is not None:
+        prompt_len, total_len = min(prompt_len, w), min(total_len, w)
     return model.num_layers * heads * kv_bytes_per_head(
         method, model.head_dim, prompt_len, total_len, dtype_bytes)
 

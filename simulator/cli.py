@@ -38,6 +38,12 @@ def cmd_run(args) -> int:
     if scn.arms:
         from rkvsim.simulator.routing_table import routing_table
         console.print(routing_table(summary))
+    sch = summary.get("scheduler")
+    if sch:
+        on = [k for k in ("chunked_prefill", "enable_prefix_caching", "cuda_graphs") if sch[k]]
+        console.print(f"scheduler: {sch['policy']} ({', '.join(on) or 'no chunking, no prefix cache, eager'}; "
+                      f"{sch['max_batch_size']} seqs, {sch['max_batched_tokens']} tokens per step; "
+                      f"KV blocks {sch['kv_blocks']})", highlight=False)
     console.print(f"costs: {summary['cost_source']}   simulated in {res.wall_s:.1f} s wall")
     console.print(f"results: {out}/summary.json   report: {out / 'report.html'}")
     return 0

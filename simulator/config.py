@@ -28,8 +28,10 @@ class SchedulerConfig(_Strict):
     (simulator/policies.py); a setting left unset takes that policy's upstream default."""
     kind: Literal["paged"] = "paged"
     policy: Literal["vllm-v1", "vllm-v0", "lmdeploy"] = "vllm-v1"
-    max_batch_size: int = Field(256, ge=1, description="most requests in one engine iteration")
-    max_batched_tokens: int = Field(8192, ge=16, description="most new tokens (prefill + decode) per iteration")
+    max_batch_size: int | None = Field(None, ge=1, description="most requests in one engine iteration "
+                                                               "(default: the policy's for the hardware)")
+    max_batched_tokens: int | None = Field(None, ge=16, description="most new tokens (prefill + decode) per iteration "
+                                                                   "(default: the policy's for the hardware)")
     chunked_prefill: bool | None = Field(None, description="default: the policy's (vllm-v1 chunks; v0, lmdeploy do not)")
     long_prefill_token_threshold: int = Field(0, ge=0, description="vllm-v1: most prompt tokens one request "
                                                                    "takes per step (0: no cap)")
@@ -45,7 +47,7 @@ class SchedulerConfig(_Strict):
         None, description="whole: an evicting cache frees whole blocks as vLLM frees a sliding window; "
                           "compacted: the kept tokens packed into the fewest blocks (idealised)")
     prefill_interval: int = Field(16, ge=1, description="lmdeploy: decode steps between prefill attempts")
-    block_size: int = Field(16, ge=1, description="token slots per KV block")
+    block_size: int | None = Field(None, ge=1, description="token slots per KV block (default: the policy's)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=2, description="context window; default: the model's")
 
@@ -60,7 +62,7 @@ class SchedulerConfig(_Strict):
             what = "enable_prefix_caching" if self.enable_prefix_caching else "long_prefill_token_threshold"
             raise ValueError(f"{what}: simulated under policy vllm-v1 only; remove it or set policy: vllm-v1")
         for name in ("chunked_prefill", "enable_prefix_caching", "cuda_graphs", "cpu_overhead", "kv_blocks",
-                     "eviction_blocks"):
+                     "eviction_blocks", "block_size"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(d, name))
         return self
@@ -129,6 +131,9 @@ class Scenario(_Strict):
     @model_validator(mode="after")
     def _consistent(self):
         m = resolve_model(self.model)
+        if self.scheduler.kind == "paged":
+            from rkvsim.simulator.policies import batch_defaults
+            batch_defaults(self.scheduler, resolve_hardware(self.hardware))
         for tp in self.tp_list:
             if tp < 1 or (m.num_kv_heads % tp and tp % m.num_kv_heads):
                 raise ValueError(f"tp={tp} does not split {m.name}'s {m.num_kv_heads} KV heads evenly; "

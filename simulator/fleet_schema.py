@@ -48,7 +48,7 @@ class RoutingConfig(_Strict):
 
 def check_fleets(scn) -> None:
     """Raises ValueError naming the field when a fleet or arm cannot be built."""
-    from rkvsim.models import method_from_entry, resolve_model
+    from rkvsim.models import method_from_entry, resolve_hardware, resolve_model
 
     m = resolve_model(scn.model)
     if getattr(scn.scheduler, "kind", "paged") != "paged" and (scn.fleet or scn.arms or scn.router in PREDICTIVE):
@@ -74,7 +74,7 @@ def check_fleets(scn) -> None:
     for i, a in enumerate(scn.arms or []):
         if a.scheduler:
             try:
-                scheduler_with(scn.scheduler, a.scheduler)
+                scheduler_with(scn.scheduler, a.scheduler, resolve_hardware(scn.hardware))
             except Exception as e:   # pydantic's ValidationError: name the arm's field
                 err = e.errors()[0] if hasattr(e, "errors") else {"loc": (), "msg": str(e)}
                 loc = ".".join(str(x) for x in err["loc"])

@@ -38,8 +38,8 @@ def _scheduler(runs: list[MethodRun]) -> dict:
     cfg = getattr(runs[0].replicas[0], "cfg", None) if runs and runs[0].replicas else None
     if getattr(cfg, "kind", None) != "paged":
         return {}
-    keys = ("policy", "chunked_prefill", "enable_prefix_caching", "cuda_graphs", "cpu_overhead", "kv_blocks",
-            "eviction_blocks", "long_prefill_token_threshold")
+    keys = ("policy", "max_batch_size", "max_batched_tokens", "block_size", "chunked_prefill", "enable_prefix_caching",
+            "cuda_graphs", "cpu_overhead", "kv_blocks", "eviction_blocks", "long_prefill_token_threshold")
     return {"scheduler": {k: getattr(cfg, k) for k in keys}}
 
 

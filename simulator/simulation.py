@@ -170,7 +170,7 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
     is rejected, counted and never queued. `cost` replaces the cost model of a single-
     configuration set-up (tests inject recorders)."""
     model, hw = resolve_model(scn.model), resolve_hardware(scn.hardware)
-    sc = scheduler_with(scn.scheduler, v.scheduler)
+    sc = scheduler_with(scn.scheduler, v.scheduler, hw)
     slots = sc.kind == "slots"   # a llama.cpp server: fixed slots (simulator/slots.py)
     if slots:
         from rkvsim.simulator.slots import SlotReplica, slot_layout
