@@ -116,25 +116,30 @@ class KVLayout:
         """Most blocks each request ever holds: reserved mode, its whole prompt + output (the
         admission rule vllm-v0 had); exact mode, the larger of its prefill and its decode peak,
         so that an evicting cache is held to its cap."""
-        total = prompt + output
+        prompt = np.asarray(prompt, np.int64)
+        total = prompt + np.asarray(output, np.int64)
         if not self.exact:
             return self.blocks_for_vec(total)
         peak = np.maximum(self._exact_vec(prompt, prompt, prefill=True), self._exact_vec(prompt, total, prefill=False))
+        spec, m, B = self.method.spec, self.method, self.block_size
+        if spec.quantized_tokens is not None and self._win is None and hasattr(m, "residual"):
+            # The residual is fullest just before it folds a group into packed form: the last
+            # such context at or below the end (residual + G - 1 full-precision tokens).
+            r, g = m.residual, m.group_size
+            last = total - (total - r - (g - 1)) % g
+            ok = (last >= prompt) & (last >= r + g - 1)
+            peak = np.maximum(peak, np.where(ok, self._exact_vec(prompt, np.maximum(last, prompt), prefill=False), 0))
         win = self._win
         if win is not None and self.whole_windows:
             sink, recent = win
-            # An unaligned window spans one block more than an aligned one.
-            span = -(-sink // self.block_size) + -(-recent // self.block_size) + (1 if recent % self.block_size else 0)
-            peak = np.maximum(peak, np.minimum(span, -(-total // self.block_size)))
+            # `recent` consecutive tokens span at most ceil((recent - 1) / B) + 1 blocks.
+            span = -(-sink // B) + (-(-(recent - 1) // B) + 1 if recent > 0 else 0)
+            peak = np.maximum(peak, np.minimum(span, -(-total // B)))
         return peak
 
     def peak_blocks(self, prompt: int, output: int) -> int:
-        """Most blocks a request ever holds: the whole prompt during prefill (eviction runs
-        after the prompt is attended), then its cached tokens while decoding."""
-        if self.exact:
-            return int(self.peak_blocks_vec(np.array([prompt]), np.array([output]))[0])
-        end = self.method.cached_tokens(prompt, prompt + output)
-        return self.blocks_for(max(prompt, end))
+        """peak_blocks_vec for one request."""
+        return int(self.peak_blocks_vec(np.array([prompt]), np.array([output]))[0])
 
 
 class DoesNotFitError(ValueError):

@@ -86,6 +86,12 @@ class Replica:
         plan_step = {"vllm-v1": self._plan_v1, "vllm-v0": self._plan_v0, "lmdeploy": self._plan_lmdeploy}[self.policy]
         while True:
             plan = plan_step()
+            if plan is None and self.waiting and not self.n_dec and not self.prefilling:
+                # Nothing runs and the head of the queue still does not fit: it never will (a
+                # recompute of an evicting cache re-prefills its whole context). Reject it rather
+                # than wait forever.
+                self._reject_head()
+                continue
             if plan is None:
                 self._wake = env.event()
                 yield self._wake
@@ -117,6 +123,14 @@ class Replica:
                 f"replica {self.index}: blocks_used {self.blocks_used} != blocks held {self._ledger()}"
             assert 0 <= self.blocks_used <= self.layout.num_blocks, f"replica {self.index}: {self.blocks_used} blocks used"
             self.steps.add(now, dt, n + len(chunks), self.kv_fraction, new_tokens)
+
+    def _reject_head(self) -> None:
+        rid = self.waiting.popleft()
+        total = int(self.log.prompt[rid] + self.log.generated[rid])
+        self.log.reject(rid, f"needs {self.layout.prefill_blocks(total)} KV blocks to (re)compute its {total}-token "
+                             f"context, the replica has {self.layout.num_blocks}")
+        self.outstanding -= 1
+        self.on_done(rid)
 
     def _ledger(self) -> int:
         """Blocks held by the running and prefilling requests (what blocks_used must equal):
@@ -232,48 +246,60 @@ class Replica:
         total = int(extra_dec.sum()) + (sum(extra_pre) if pre else 0)
         preempted = False
         if total > self._free_blocks():
-            # Pop the tail of `running` (highest admission seq) until the rest fits.
+            # Pop the tail of `running` (highest admission seq) until the rest fits. Under the
+            # pool a victim frees only the blocks no one else references.
             tail = sorted([(int(D[self.SEQ, i]), 0, i) for i in range(self.n_dec)] +
                           [(e[4], 1, j) for j, e in enumerate(pre)], reverse=True)
-            drop_dec = np.zeros(self.n_dec, bool)
-            drop_pre = set()
+            victims = []
             free = self._free_blocks()
-            for _seq, kind, i in tail:
+            refs: dict[int, int] = {}
+            for vic in tail:
                 if total <= free:
                     break
-                preempted = True
+                _seq, kind, i = vic
+                victims.append(vic)
+                rid = int(D[self.RID, i]) if kind == 0 else pre[i][0]
+                if self.pool is None:
+                    free += int(D[self.BLK, i]) if kind == 0 else pre[i][3]
+                else:
+                    for b in self.held[rid]:
+                        r = refs.get(b, self.pool.ref[b]) - 1
+                        refs[b] = r
+                        free += r == 0
                 if kind == 0:
-                    drop_dec[i] = True
-                    free += int(D[self.BLK, i])
                     if i < k:
                         total -= int(extra_dec[i])
                 else:
-                    drop_pre.add(i)
-                    free += pre[i][3]
                     total -= extra_pre[i]
+            preempted = True
+            drop_dec = np.zeros(self.n_dec, bool)
+            drop_pre = {i for _s, kind, i in victims if kind == 1}
+            for _s, kind, i in victims:
+                if kind == 0:
+                    drop_dec[i] = True
             keep_pre = [j for j in range(len(pre)) if j not in drop_pre]
-            for j in sorted(drop_pre, reverse=True):
-                self._preempt_prefill_at(j)
             takes = [takes[j] for j in keep_pre]
             extra_pre = [extra_pre[j] for j in keep_pre]
             kept_k = int((~drop_dec[:k]).sum())
             need = need[~drop_dec[:k]]
             extra_dec = extra_dec[~drop_dec[:k]]
-            self._preempt_decodes(drop_dec)
+            self._preempt_v1(victims, drop_dec, drop_pre)
             k = kept_k
-        # Blocks for what runs this step.
+        # Blocks for what runs this step: every shrink (a quantizer's residual folding into packed
+        # groups, a window moving on) before any growth, since the check above is net.
+        grows = [(int(x), 0, i) for i, x in zip(np.flatnonzero(extra_dec).tolist(), extra_dec[extra_dec != 0])] \
+            if k else []
+        grows += [(x, 1, j) for j, (t, x) in enumerate(zip(takes, extra_pre)) if t and x]
+        if self.pool is None:
+            self.blocks_used += sum(x for x, _kind, _i in grows)
+        else:
+            for x, kind, i in sorted(grows, key=lambda g: g[0] > 0):
+                self._grow(int(D[self.RID, i]) if kind == 0 else self.prefilling[i][0], x)
         if k:
-            if self.pool is None:
-                self.blocks_used += int(extra_dec.sum())
-            else:
-                # Shrinks first (a quantizer's residual folds into packed groups): the check above is net.
-                for i in sorted(np.flatnonzero(extra_dec).tolist(), key=lambda i: extra_dec[i] > 0):
-                    self._grow(int(D[self.RID, i]), int(extra_dec[i]))
             D[self.BLK, :k] = need
         chunks = []
         for e, t, x in zip(self.prefilling, takes, extra_pre):
             if t:
-                self._grow(e[0], x)
                 e[3] += x
                 if self.pool is not None:
                     self._publish(e[0], e[1] + t)
@@ -332,34 +358,38 @@ class Replica:
             if np.isnan(log.first_sched[rid]):
                 log.first_sched[rid] = self.env.now
 
+    def _preempt_v1(self, victims: list, drop_dec: np.ndarray, drop_pre: set) -> None:
+        """Preempt `victims` [(seq, 0 decode | 1 prefill, index)], given tail first: each goes to
+        the front of the queue in that order (vLLM pops the tail and prepends each victim), so the
+        earliest admitted ends up first."""
+        D, F, log = self.D, self.F, self.log
+        for _seq, kind, i in victims:
+            if kind == 0:
+                rid = int(D[self.RID, i])
+                log.generated[rid] = D[self.GEN, i]
+                log.last_token[rid] = F[self.LAST, i]
+                log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
+                self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]))
+            else:
+                rid, done, _total, blocks, _s = self.prefilling[i]
+                self._release(rid, blocks, done)
+            log.preemptions[rid] += 1
+            self.waiting.appendleft(rid)
+        if drop_pre:
+            self.prefilling = [e for j, e in enumerate(self.prefilling) if j not in drop_pre]
+        if drop_dec.any():
+            keep = ~drop_dec
+            m, n = int(keep.sum()), self.n_dec
+            D[:, :m] = D[:, :n][:, keep]
+            F[:, :m] = F[:, :n][:, keep]
+            self.n_dec = m
+
     def _front(self, mask: np.ndarray) -> None:
         """Reorder the decode columns so those in `mask` come first (order kept within each part)."""
         n = self.n_dec
         idx = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
         self.D[:, :n] = self.D[:, idx]
         self.F[:, :n] = self.F[:, idx]
-
-    def _preempt_decodes(self, drop: np.ndarray) -> None:
-        """Preempt the decodes in `drop`; they go back to the front of the queue, earliest
-        admitted first (vLLM pops the tail and prepends each victim)."""
-        if not drop.any():
-            return
-        D, F, log = self.D, self.F, self.log
-        idx = np.flatnonzero(drop)
-        for i in sorted(idx.tolist(), key=lambda i: -int(D[self.SEQ, i])):
-            rid = int(D[self.RID, i])
-            log.generated[rid] = D[self.GEN, i]
-            log.preemptions[rid] += 1
-            log.last_token[rid] = F[self.LAST, i]
-            log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
-            self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]))
-            self.waiting.appendleft(rid)
-        keep = ~drop
-        m = int(keep.sum())
-        n = self.n_dec
-        D[:, :m] = D[:, :n][:, keep]
-        F[:, :m] = F[:, :n][:, keep]
-        self.n_dec = m
 
     def _preempt_prefill_at(self, j: int) -> None:
         rid, done, _total, blocks, _seq = self.prefilling.pop(j)
@@ -370,14 +400,16 @@ class Replica:
     # ---- LMDeploy ----------------------------------------------------------------------
     def _plan_lmdeploy(self):
         """LMDeploy's PyTorch engine: a step is all-prefill or all-decode (schedule(is_prefill)).
-        engine.py's loop tries prefill when nothing runs or when `prefill_interval` decode steps
-        have passed since the last prefill. paging/scheduler.py _schedule_prefill admits waiting
-        requests oldest first, the first always and more while their prompts stay within
-        max_prefill_token_num, each with blocks for its whole prompt; it never evicts a running
-        request to admit one. _schedule_decoding grows running requests oldest first; when blocks
-        run out the newest running request is evicted and recomputed later."""
+        engine.py's loop: is_prefill when nothing runs or its counter is down to 0; the counter is
+        reset to `prefill_interval` at each prefill attempt and counts down every step, so
+        prefill_interval - 1 decode steps separate two attempts. paging/scheduler.py
+        _schedule_prefill admits waiting requests oldest first, the first always and more while
+        their prompts stay within max_prefill_token_num, each with blocks for its whole prompt; it
+        never evicts a running request to admit one. _schedule_decoding grows running requests
+        oldest first; when blocks run out the newest running request is evicted and recomputed."""
         cfg, lay, log = self.cfg, self.layout, self.log
-        if self.waiting and (self.prefill_counter <= 0 or not self.n_dec):
+        if self.prefill_counter <= 0 or not self.n_dec:
+            self.prefill_counter = cfg.prefill_interval
             chunks, tokens = [], 0
             while self.waiting and self.n_dec + len(chunks) < cfg.max_batch_size:
                 rid = self.waiting[0]
@@ -397,12 +429,14 @@ class Replica:
                 if np.isnan(log.first_sched[rid]):
                     log.first_sched[rid] = self.env.now
             if chunks:
-                self.prefill_counter = cfg.prefill_interval
+                self.prefill_counter -= 1
                 return chunks, None, 0
         if not self.n_dec:
             return None
         self.prefill_counter -= 1
         need = self._reserve_decode()
+        if not self.n_dec:
+            return self._plan_lmdeploy()    # every decode was evicted: try their prefill instead
         return [], need, self.n_dec
 
     # ---- vLLM V0 (today's numbers) ----------------------------------------------------

@@ -34,10 +34,11 @@ class Clock:
         return {}
 
 
-def run(policy, reqs, num_blocks=1000, block=4, budget=16, max_batch=8, content=None, **sched):
+def run(policy, reqs, num_blocks=1000, block=4, budget=16, max_batch=8, content=None, method="fp16", **sched):
     """reqs: [(arrival s, prompt, output)]. Returns (steps [(prefill chunks [(new, past)], decodes)], log, replica)."""
     cfg = SchedulerConfig(policy=policy, max_batched_tokens=budget, max_batch_size=max_batch, block_size=block, **sched)
-    layout = KVLayout(parse_method("fp16"), block, 1.0, num_blocks, 0.0, float(num_blocks), 0.0, exact=True)
+    m = parse_method(method) if isinstance(method, str) else method
+    layout = KVLayout(m, block, 1.0, num_blocks, 0.0, float(num_blocks), 0.0, exact=True)
     log = RequestLog(np.array([p for _, p, _ in reqs]), np.array([o for _, _, o in reqs]))
     env = simpy.Environment()
     clock = Clock()
@@ -93,11 +94,15 @@ def test_v1_preempts_the_tail_and_admits_nothing_in_that_step():
     assert log.finish[0] == 6.0 and log.first_sched[2] == 6.0
 
 
-def test_lmdeploy_tries_prefill_every_prefill_interval_decode_steps():
-    # prefill_interval 2: A is prefilled, B (arriving at 0.5) waits two decode steps of A, then a
-    # prefill-only step, then both decode.
-    steps, _, _ = run("lmdeploy", [(0, 4, 6), (0.5, 4, 3)], budget=16, prefill_interval=2)
+def test_lmdeploy_tries_prefill_every_prefill_interval_steps():
+    # prefill_interval 3: the counter is reset at a prefill attempt and counts down every step, so
+    # B (arriving at 0.5) waits two decode steps of A, then a prefill-only step, then both decode.
+    steps, _, _ = run("lmdeploy", [(0, 4, 6), (0.5, 4, 3)], budget=16, prefill_interval=3)
     assert steps[:5] == [([(4, 0)], 0), ([], 1), ([], 1), ([(4, 0)], 0), ([], 2)]
+    # The count runs whether or not anyone waits: C arrives after A's counter ran out with nothing
+    # waiting (an attempt at t=3 found no one and reset it), so C waits for the next attempt.
+    steps, _, _ = run("lmdeploy", [(0, 4, 12), (3.5, 4, 2)], budget=16, prefill_interval=3)
+    assert steps[:7] == [([(4, 0)], 0), ([], 1), ([], 1), ([], 1), ([], 1), ([], 1), ([(4, 0)], 0)]
 
 
 def test_lmdeploy_admits_the_first_prompt_whatever_the_token_limit():
@@ -269,3 +274,54 @@ def test_bad_policy_settings_name_the_field():
                                                       "sessions": {"turns": 2}}})
     with pytest.raises(Exception, match="arms.0.scheduler"):
         Scenario.model_validate({**base, "arms": [{"name": "x", "scheduler": {"policy": "nope"}}]})
+
+
+def test_v1_preemption_credits_only_blocks_no_one_else_holds():
+    # Three requests share an 8-token prefix (2 blocks) and hold one private block each: the pool
+    # (5 blocks) is full. All three need a fourth block; preempting C frees only its private block
+    # (the shared ones stay referenced), so B must go too before A can grow.
+    segs = lambda rid: [(100, 8), (2 * rid, 2), (2 * rid + 1, 10)]  # noqa: E731
+    steps, log, rep = run("vllm-v1", [(0, 10, 10)] * 3, num_blocks=5, content=segs)
+    assert np.isfinite(log.finish).all() and log.preemptions.tolist()[0] == 0 and log.preemptions[1:].min() >= 1
+    rep.pool.check()
+
+
+def test_preempted_requests_return_to_the_queue_in_admission_order():
+    # A decodes, B is a partial prefill behind it, C a decode admitted last: when all must go,
+    # the queue holds them earliest admitted first, whatever their state.
+    r = Replica.__new__(Replica)
+    import collections
+    r.D, r.F = np.zeros((7, 4), np.int64), np.zeros((2, 4))
+    r.pool, r.blocks_used, r.layout = None, 6, KVLayout(parse_method("fp16"), 4, 1.0, 10, 0.0, 10.0, 0.0, exact=True)
+    r.log = RequestLog(np.array([8, 8, 8]), np.array([5, 5, 5]))
+    r.waiting = collections.deque([9])
+    r.D[:, 0] = (8, 1, 0, 8, 5, 2, 1)
+    r.D[:, 1] = (8, 1, 2, 8, 5, 2, 3)
+    r.n_dec = 2
+    r.prefilling = [[1, 4, 8, 2, 2]]
+    victims = [(3, 0, 1), (2, 1, 0), (1, 0, 0)]
+    r._preempt_v1(victims, np.array([True, True]), {0})
+    assert list(r.waiting) == [0, 1, 2, 9] and r.n_dec == 0 and not r.prefilling and r.blocks_used == 0
+
+
+def test_a_request_that_can_never_be_recomputed_is_rejected_not_parked():
+    # SnapKV keeps 4 prompt tokens, so B (60-token prompt) is admitted for its 15-block peak; once
+    # preempted, recomputing its whole context needs more blocks than the replica has. It is
+    # rejected with the reason, and the replica does not stall.
+    from rkvsim.models import default_method
+    m = default_method("snapkv", budget=4, window=4)
+    steps, log, rep = run("vllm-v1", [(0, 4, 70), (5, 60, 36)], num_blocks=20, budget=64, method=m)
+    assert np.isfinite(log.finish[0]) and log.rejected[1] and log.generated[1] == 33
+    assert log.reject_reason[1] == "needs 24 KV blocks to (re)compute its 93-token context, the replica has 20"
+    assert not rep.waiting and rep.n_dec == 0 and rep.blocks_used == 0
+
+
+@pytest.mark.parametrize("label", ["kivi-4", "kivi-2", "gear-4", "gear-8", "streamingllm-512", "h2o-512", "snapkv-1024",
+                                   "fp16", "fp8"])
+def test_peak_blocks_is_the_true_maximum_over_a_requests_life(label):
+    model, hw = resolve_model("llama-2-7b"), resolve_hardware("a6000")
+    lay = kv_layout(model, hw, parse_method(label), 1, 16, 0.9, 8192, 256, exact=True)
+    rng = np.random.default_rng(0)
+    for p, o in [(100, 60), (1, 1), (50, 3), *zip(rng.integers(1, 2000, 15).tolist(), rng.integers(1, 600, 15).tolist())]:
+        true = max([lay.prefill_blocks(p)] + [lay.decode_blocks(p, c) for c in range(p, p + o + 1)])
+        assert lay.peak_blocks(p, o) == true, (p, o)
