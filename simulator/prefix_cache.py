@@ -74,16 +74,18 @@ class BlockPool:
         self.refs += len(blocks)
 
     def allocate(self, n: int) -> list[int]:
-        assert n <= len(self.free), f"allocating {n} blocks with {len(self.free)} free"
+        free, key_of, ref = self.free, self.key_of, self.ref
+        assert n <= len(free), f"allocating {n} blocks with {len(free)} free"
         out = []
         for _ in range(n):
-            b, _ = self.free.popitem(last=False)
-            k = self.key_of.pop(b, None)
-            if k is not None:
-                del self.block_of[k]
-                self.evictions += 1
-            assert self.ref[b] == 0, f"block {b} reused while referenced"
-            self.ref[b] = 1
+            b = free.popitem(last=False)[0]
+            if key_of:
+                k = key_of.pop(b, None)
+                if k is not None:
+                    del self.block_of[k]
+                    self.evictions += 1
+            assert ref[b] == 0, f"block {b} reused while referenced"
+            ref[b] = 1
             out.append(b)
         self.refs += n
         return out

@@ -148,13 +148,16 @@ class Replica:
     def _grow(self, rid: int, n: int) -> None:
         """Give request `rid` n more blocks (n < 0: free its last -n, or for a sliding window
         the oldest past the sink)."""
-        if self.pool is None:
+        pool = self.pool
+        if pool is None:
             self.blocks_used += n
             return
         bl = self.held[rid]
         if n > 0:
-            bl.extend(self.pool.allocate(n))
-        elif n < 0:
+            bl.extend(pool.allocate(n))
+            self.blocks_used += n
+            return
+        if n < 0:
             win = self.layout._win
             if win is not None and self.layout.whole_windows:
                 at = min(-(-win[0] // self.layout.block_size), len(bl) + n)
@@ -287,14 +290,17 @@ class Replica:
             k = kept_k
         # Blocks for what runs this step: every shrink (a quantizer's residual folding into packed
         # groups, a window moving on) before any growth, since the check above is net.
-        grows = [(int(x), 0, i) for i, x in zip(np.flatnonzero(extra_dec).tolist(), extra_dec[extra_dec != 0])] \
-            if k else []
-        grows += [(x, 1, j) for j, (t, x) in enumerate(zip(takes, extra_pre)) if t and x]
         if self.pool is None:
-            self.blocks_used += sum(x for x, _kind, _i in grows)
+            self.blocks_used += (int(extra_dec.sum()) if k else 0) + (sum(extra_pre) if pre else 0)
         else:
-            for x, kind, i in sorted(grows, key=lambda g: g[0] > 0):
-                self._grow(int(D[self.RID, i]) if kind == 0 else self.prefilling[i][0], x)
+            nz = np.flatnonzero(extra_dec) if k else _EMPTY
+            grows = list(zip(extra_dec[nz].tolist(), D[self.RID, nz].tolist())) if len(nz) else []
+            if pre:
+                grows += [(x, e[0]) for e, t, x in zip(self.prefilling, takes, extra_pre) if t and x]
+            if len(grows) > 1:
+                grows.sort(key=lambda g: g[0] > 0)      # shrinks first, order kept otherwise
+            for x, rid in grows:
+                self._grow(rid, x)
         if k:
             D[self.BLK, :k] = need
         chunks = []
@@ -340,6 +346,7 @@ class Replica:
             assert rid not in (e[0] for e in self.prefilling), f"request {rid} admitted twice"
             if self.pool is not None:
                 self.pool.touch(hit_blocks)
+                self.blocks_used = self.pool.used
                 self.held[rid] = list(hit_blocks)
                 self._pub[rid] = len(hit_blocks)
                 self._grow(rid, fresh)
