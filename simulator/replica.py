@@ -225,6 +225,24 @@ class Replica:
         thr = cfg.long_prefill_token_threshold
         n = self.n_dec
         pre = self.prefilling
+        if n and not pre and not self.waiting and n <= budget:
+            # The common step: decodes only, nobody waiting. Same rules, fewer calls.
+            need = lay.decode_blocks_vec(D[self.PLEN, :n], D[self.CTX, :n] + 1)
+            extra = need - D[self.BLK, :n]
+            grow = int(extra.sum())
+            if grow <= self.layout.num_blocks - self.blocks_used:
+                if self.pool is None:
+                    self.blocks_used += grow
+                else:
+                    nz = np.flatnonzero(extra)
+                    if len(nz):
+                        grows = list(zip(extra[nz].tolist(), D[self.RID, nz].tolist()))
+                        if len(grows) > 1:
+                            grows.sort(key=lambda g: g[0] > 0)
+                        for x, rid in grows:
+                            self._grow(rid, x)
+                D[self.BLK, :n] = need
+                return [], need, n
         want = [min(e[2] - e[1], thr) if thr else e[2] - e[1] for e in pre] if pre else []
         takes = want
         k = n                                       # decodes scheduled (the first k columns)
