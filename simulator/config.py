@@ -46,7 +46,9 @@ class SchedulerConfig(_Strict):
     eviction_blocks: Literal["whole", "compacted"] | None = Field(
         None, description="whole: an evicting cache frees whole blocks as vLLM frees a sliding window; "
                           "compacted: the kept tokens packed into the fewest blocks (idealised)")
-    prefill_interval: int = Field(16, ge=1, description="lmdeploy: decode steps between prefill attempts")
+    prefill_interval: int = Field(16, ge=1, description="lmdeploy: steps from one prefill attempt to the next")
+    watermark: float | None = Field(None, ge=0, lt=1, description="share of KV blocks kept free when admitting "
+                                                                 "while others run (default: the policy's)")
     block_size: int | None = Field(None, ge=1, description="token slots per KV block (default: the policy's)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=2, description="context window; default: the model's")
@@ -62,7 +64,7 @@ class SchedulerConfig(_Strict):
             what = "enable_prefix_caching" if self.enable_prefix_caching else "long_prefill_token_threshold"
             raise ValueError(f"{what}: simulated under policy vllm-v1 only; remove it or set policy: vllm-v1")
         for name in ("chunked_prefill", "enable_prefix_caching", "cuda_graphs", "cpu_overhead", "kv_blocks",
-                     "eviction_blocks", "block_size"):
+                     "eviction_blocks", "block_size", "watermark"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(d, name))
         return self

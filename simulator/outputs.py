@@ -39,7 +39,7 @@ def _scheduler(runs: list[MethodRun]) -> dict:
     if getattr(cfg, "kind", None) != "paged":
         return {}
     keys = ("policy", "max_batch_size", "max_batched_tokens", "block_size", "chunked_prefill", "enable_prefix_caching",
-            "cuda_graphs", "cpu_overhead", "kv_blocks", "eviction_blocks", "long_prefill_token_threshold")
+            "cuda_graphs", "cpu_overhead", "kv_blocks", "eviction_blocks", "long_prefill_token_threshold", "watermark")
     return {"scheduler": {k: getattr(cfg, k) for k in keys}}
 
 

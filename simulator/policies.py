@@ -32,6 +32,7 @@ class PolicyDefaults:
 POLICIES = {
     # vllm/v1/engine/arg_utils: enable_prefix_caching and chunked prefill default on for V1;
     # vllm/config/compilation: CUDA graphs captured unless enforce_eager.
+    # vllm/v1/core/kv_cache_manager.py: the watermark is optional and 0 unless set.
     "vllm-v1": PolicyDefaults(True, True, True, "measured", "exact", "whole", 0.0, 16),
     "vllm-v0": PolicyDefaults(False, False, False, "prior", "reserved", "compacted", 0.01, 16),
     # lmdeploy/messages.py PytorchEngineConfig: eager_mode False (CUDA graphs), enable_prefix_caching

@@ -51,9 +51,15 @@ class Replica:
         self.D = np.zeros((7, cap), np.int64)
         self.F = np.zeros((2, cap))  # latest token time, largest inter-token gap so far
         self.policy = cfg.policy
-        # vLLM V0's admission watermark (vllm/core/block_manager.py, can_allocate): keep 1% of
-        # blocks free for running requests to grow into. V1 and LMDeploy keep none.
-        self.watermark = max(1, layout.num_blocks // 100) if self.policy == "vllm-v0" else 0
+        # Admission watermark: blocks kept free for running requests to grow into. vLLM V0
+        # (vllm/core/block_manager.py, can_allocate) keeps 1%, at least one block; V1 keeps none by
+        # default (its optional watermark, kv_cache_manager.py, applies to waiting and preempted
+        # requests while others are scheduled); LMDeploy keeps none.
+        w = cfg.watermark or 0.0
+        if self.policy == "vllm-v0":
+            self.watermark = max(1, layout.num_blocks // 100) if w == 0.01 else int(w * layout.num_blocks)
+        else:
+            self.watermark = int(w * layout.num_blocks)
         self.n_dec = 0
         self.blocks_used = 0
         self.outstanding = 0
@@ -330,12 +336,12 @@ class Replica:
                 chunks.append((e, t))
         budget -= k + sum(takes)
         if not preempted:
-            self._admit_v1(budget, chunks)
+            self._admit_v1(budget, chunks, busy=bool(k or chunks))
         if not chunks and not k:
             return None
         return chunks, (need if k else None), k
 
-    def _admit_v1(self, budget: int, chunks: list) -> None:
+    def _admit_v1(self, budget: int, chunks: list, busy: bool = False) -> None:
         """Scheduler.schedule's waiting loop: FCFS while budget and running slots last; the
         prefix cache's hit (at most all but the last prompt token, whole blocks) is computed
         already; a request whose blocks do not fit stops admission (it never preempts)."""
@@ -358,7 +364,7 @@ class Replica:
             need = lay.prefill_blocks(computed + take)
             fresh = need - len(hit_blocks)
             evictable = self.pool.evictable(hit_blocks) if hit_blocks else 0
-            if fresh + evictable > self._free_blocks():
+            if fresh + evictable > self._free_blocks() - (self.watermark if busy or chunks else 0):
                 break
             self.waiting.popleft()
             assert rid not in (e[0] for e in self.prefilling), f"request {rid} admitted twice"
@@ -442,7 +448,7 @@ class Replica:
                 if chunks and tokens + total > cfg.max_batched_tokens:
                     break
                 need = lay.prefill_blocks(total)
-                if need > self._free_blocks():
+                if need > self._free_blocks() - (self.watermark if self.n_dec or chunks else 0):
                     break
                 self.waiting.popleft()
                 self.blocks_used += need

@@ -325,3 +325,14 @@ def test_peak_blocks_is_the_true_maximum_over_a_requests_life(label):
     for p, o in [(100, 60), (1, 1), (50, 3), *zip(rng.integers(1, 2000, 15).tolist(), rng.integers(1, 600, 15).tolist())]:
         true = max([lay.prefill_blocks(p)] + [lay.decode_blocks(p, c) for c in range(p, p + o + 1)])
         assert lay.peak_blocks(p, o) == true, (p, o)
+
+
+def test_v1_watermark_holds_admission_back_while_others_run():
+    # 10 blocks of 4 tokens. A (8 tokens, 2 blocks) runs; B (28 tokens, 7 blocks) arrives next.
+    # Without a watermark B is admitted at once (2 + 7 <= 10); with 20% (2 blocks) kept free it
+    # waits until A has left, because admission while others run must leave the watermark.
+    reqs = [(0, 8, 4), (0.5, 28, 1)]
+    _, plain, _ = run("vllm-v1", reqs, num_blocks=10, budget=32)
+    _, marked, _ = run("vllm-v1", reqs, num_blocks=10, budget=32, watermark=0.2)
+    assert plain.first_sched[1] == 1.0
+    assert marked.first_sched[1] == marked.finish[0] == 4.0
