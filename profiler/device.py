@@ -23,17 +23,25 @@ class DeviceInfo:
     details: dict = field(default_factory=dict)
 
 
+def cpuinfo_field(name: str) -> str | None:
+    """The first `name: value` line of /proc/cpuinfo (e.g. "model name", "flags"), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(name):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
     """The CPU's marketing name: /proc/cpuinfo (instant), else py-cpuinfo (slow: it probes
     the CPU in a subprocess), else platform."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    name = cpuinfo_field("model name")
+    if name:
+        return name
     try:
         import cpuinfo  # py-cpuinfo
         name = cpuinfo.get_cpu_info().get("brand_raw")

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rkvsim.profiler.device import ProfilerError
+from rkvsim.profiler.device import ProfilerError, cpuinfo_field
 from rkvsim.models.files import read_json, swap_in_dir
 
 ENGINE = "llamacpp"
@@ -39,13 +39,7 @@ ENGINE_FILE = "engine.json"
 
 
 def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def isa_flags(flags: set[str] | None = None) -> tuple[str, ...]:
@@ -119,13 +113,7 @@ def build_key() -> dict:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def build_folder(key: dict | None = None) -> Path:

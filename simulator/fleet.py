@@ -169,13 +169,13 @@ def _prefill_seconds(cost, prompt: np.ndarray) -> np.ndarray:
 
 
 def route_context(v: Variant, wl, costs: list, layouts: list, outputs: list, keys: list, config_of: list[int],
-                  fits: np.ndarray, scn: Scenario, max_len: int, inflation,
+                  fits: np.ndarray, scn: Scenario, sc, max_len: int, inflation,
                   predictions: LengthPredictions | None) -> tuple[RouteContext | None, str]:
-    """What the router knows before the simulation starts, and where its lengths came from."""
+    """What the router knows before the simulation starts, and where its lengths came from
+    (`sc`: the set-up's scheduler, an arm's changes applied)."""
     if v.router not in PREDICTIVE:
         # Several configurations: the router filters by feasibility only.
         return (RouteContext(config_of, fits, None, None, None, None, None) if len(keys) > 1 else None), ""
-    sc = scn.scheduler
     prompt = wl.prompt.astype(np.int64)
     if v.router == "oracle":
         believed = np.stack(outputs).astype(float)

@@ -44,8 +44,13 @@ class KVLayout:
     def __post_init__(self):
         # Precomputed once: the decode step asks for blocks every iteration.
         spec = self.method.spec
-        object.__setattr__(self, "_win", self._window())
-        object.__setattr__(self, "_plain", self._win is None and spec.quantized_tokens is None
+        # window: (sink, recent) tokens kept by a sliding window (the method's, else the model's), or None.
+        win = spec.window(self.method) if spec.window is not None else (
+            (0, self.model_window) if self.model_window is not None else None)
+        object.__setattr__(self, "window", win)
+        # A whole-block window frees blocks from this index on (the sink's blocks stay).
+        object.__setattr__(self, "sink_blocks", -(-win[0] // self.block_size) if win else 0)
+        object.__setattr__(self, "_plain", win is None and spec.quantized_tokens is None
                            and spec.token_cap is None and spec.prompt_budget is None)
 
     def blocks_for(self, cached_tokens: int) -> int:
@@ -57,14 +62,6 @@ class KVLayout:
         return np.ceil(cached_tokens / self.block_size + self.overhead_blocks).astype(np.int64)
 
     # ---- what a request holds, by policy ------------------------------------------------
-    def _window(self):
-        w = self.method.spec.window
-        if w is not None:
-            return w(self.method)
-        if self.model_window is not None:
-            return 0, self.model_window
-        return None
-
     def _exact_vec(self, prompt, ctx, prefill: bool) -> np.ndarray:
         B = self.block_size
         if self._plain:
@@ -72,15 +69,14 @@ class KVLayout:
         m, spec = self.method, self.method.spec
         prompt = np.asarray(prompt, np.int64)
         ctx = np.asarray(ctx, np.int64)
-        win = self._win
+        win = self.window
         if win is not None:
             sink, recent = win
             if self.whole_windows:
                 # Blocks wholly before the window are freed (vLLM's sliding-window manager); the
                 # sink's blocks stay. -(-x // B) is ceil(x / B).
                 first = np.maximum(ctx - recent, 0) // B
-                sink_b = -(-sink // B)
-                return -(-ctx // B) - np.maximum(0, first - sink_b)
+                return -(-ctx // B) - np.maximum(0, first - self.sink_blocks)
             return -(-np.minimum(ctx, sink + recent) // B)
         if spec.quantized_tokens is not None:
             p = ctx if prefill else prompt
@@ -122,18 +118,17 @@ class KVLayout:
             return self.blocks_for_vec(total)
         peak = np.maximum(self._exact_vec(prompt, prompt, prefill=True), self._exact_vec(prompt, total, prefill=False))
         spec, m, B = self.method.spec, self.method, self.block_size
-        if spec.quantized_tokens is not None and self._win is None and hasattr(m, "residual"):
+        if self.window is None and "residual" in spec.settings:
             # The residual is fullest just before it folds a group into packed form: the last
             # such context at or below the end (residual + G - 1 full-precision tokens).
             r, g = m.residual, m.group_size
             last = total - (total - r - (g - 1)) % g
             ok = (last >= prompt) & (last >= r + g - 1)
             peak = np.maximum(peak, np.where(ok, self._exact_vec(prompt, np.maximum(last, prompt), prefill=False), 0))
-        win = self._win
-        if win is not None and self.whole_windows:
-            sink, recent = win
+        if self.window is not None and self.whole_windows:
+            recent = self.window[1]
             # `recent` consecutive tokens span at most ceil((recent - 1) / B) + 1 blocks.
-            span = -(-sink // B) + (-(-(recent - 1) // B) + 1 if recent > 0 else 0)
+            span = self.sink_blocks + (-(-(recent - 1) // B) + 1 if recent > 0 else 0)
             peak = np.maximum(peak, np.minimum(span, -(-total // B)))
         return peak
 

@@ -27,37 +27,41 @@ class PolicyDefaults:
     eviction_blocks: str        # "whole" | "compacted"
     watermark: float            # share of blocks kept free when admitting (running requests grow into it)
     block_size: int             # tokens per KV block
+    graphs: str                 # what cuda_graphs captures (cost_model.StepOverheads.graphs)
+    cpu_table: str              # which measured CPU-time line applies (calibration/steps/cpu_overheads.py)
+    batch_big: tuple[int, int]  # (tokens, sequences) per step on >= 70 GiB GPUs other than A100s
+    batch: tuple[int, int]      # (tokens, sequences) per step elsewhere
 
 
 POLICIES = {
     # vllm/v1/engine/arg_utils: enable_prefix_caching and chunked prefill default on for V1;
-    # vllm/config/compilation: CUDA graphs captured unless enforce_eager.
-    # vllm/v1/core/kv_cache_manager.py: the watermark is optional and 0 unless set.
-    "vllm-v1": PolicyDefaults(True, True, True, "measured", "exact", "whole", 0.0, 16),
-    "vllm-v0": PolicyDefaults(False, False, False, "prior", "reserved", "compacted", 0.01, 16),
-    # lmdeploy/messages.py PytorchEngineConfig: eager_mode False (CUDA graphs), enable_prefix_caching
-    # False, block_size 64, max_prefill_token_num 4096.
-    "lmdeploy": PolicyDefaults(False, False, True, "measured", "exact", "whole", 0.0, 64),
+    # vllm/config/compilation: CUDA graphs captured unless enforce_eager, FULL_AND_PIECEWISE
+    # (decode-only batches fully graphed, mixed ones piecewise); vllm/v1/core/kv_cache_manager.py:
+    # the watermark is optional and 0 unless set; vllm/engine/arg_utils.py (the V1 batch defaults
+    # for the OpenAI API server): 8,192 tokens and 1,024 sequences on big GPUs, else 2,048 and 256.
+    "vllm-v1": PolicyDefaults(True, True, True, "measured", "exact", "whole", 0.0, 16,
+                              "decode+piecewise", "v1", (8192, 1024), (2048, 256)),
+    # rkvsim's numbers before policies had names; V0 graphs decode-only batches
+    # (vllm/worker/model_runner.py) when cuda_graphs is set.
+    "vllm-v0": PolicyDefaults(False, False, False, "prior", "reserved", "compacted", 0.01, 16,
+                              "decode", "v0", (8192, 256), (8192, 256)),
+    # lmdeploy/messages.py PytorchEngineConfig: eager_mode False (CUDA graphs, decode only:
+    # lmdeploy/pytorch/models/utils/cudagraph.py), enable_prefix_caching False, block_size 64,
+    # max_prefill_token_num 4096.
+    "lmdeploy": PolicyDefaults(False, False, True, "measured", "exact", "whole", 0.0, 64,
+                               "decode", "v0", (4096, 256), (4096, 256)),
 }
 
 GIB = 1024 ** 3
 
 
 def batch_defaults(sc, hw) -> None:
-    """Fill max_batch_size and max_batched_tokens left unset with the engine's defaults on this
-    hardware (a scheduler's own limits, so they depend on the GPU as upstream's do):
-    - vllm-v1: vllm/engine/arg_utils.py (EngineArgs, the V1 batch defaults) for the OpenAI API
-      server: GPUs with at least 70 GiB that are not A100s get 8,192 tokens and 1,024 sequences
-      per step, others 2,048 tokens and 256 sequences.
-    - vllm-v0: 8,192 tokens and 256 sequences (rkvsim's old defaults, for the old numbers).
-    - lmdeploy: max_prefill_token_num 4,096 and 256 sequences (PytorchEngineConfig)."""
-    if sc.policy == "vllm-v1":
-        big = hw.memory_bytes >= 70 * GIB and "a100" not in hw.name
-        tokens, seqs = (8192, 1024) if big else (2048, 256)
-    elif sc.policy == "lmdeploy":
-        tokens, seqs = 4096, 256
-    else:
-        tokens, seqs = 8192, 256
+    """Fill max_batch_size and max_batched_tokens left unset with the policy's defaults on this
+    hardware (upstream's depend on the GPU: vLLM V1 gives GPUs of at least 70 GiB that are not
+    A100s larger batches)."""
+    d = POLICIES[sc.policy]
+    big = hw.memory_bytes >= 70 * GIB and "a100" not in hw.name
+    tokens, seqs = d.batch_big if big else d.batch
     if sc.max_batched_tokens is None:
         object.__setattr__(sc, "max_batched_tokens", tokens)
     if sc.max_batch_size is None:

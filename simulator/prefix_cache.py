@@ -22,15 +22,14 @@ from collections import OrderedDict
 def block_keys(segments, n_blocks: int, block_size: int) -> list[int]:
     """Keys of the first n_blocks full blocks of a request made of `segments` [(id, tokens)]."""
     keys: list[int] = []
-    node, start = 0, 0
+    node, seg_end = 0, 0
     it = iter(segments)
-    seg_end = 0
     for i in range(n_blocks):
         last = (i + 1) * block_size - 1
         while last >= seg_end:
             sid, n = next(it)
             node = hash((node, sid))
-            start, seg_end = seg_end, seg_end + n
+            seg_end += n
         keys.append(hash((node, i)))
     return keys
 

@@ -18,6 +18,7 @@ Under prefix caching (vllm-v1) the blocks are real block ids in a BlockPool
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Callable
 
@@ -55,11 +56,9 @@ class Replica:
         # (vllm/core/block_manager.py, can_allocate) keeps 1%, at least one block; V1 keeps none by
         # default (its optional watermark, kv_cache_manager.py, applies to waiting and preempted
         # requests while others are scheduled); LMDeploy keeps none.
-        w = cfg.watermark or 0.0
-        if self.policy == "vllm-v0":
-            self.watermark = max(1, layout.num_blocks // 100) if w == 0.01 else int(w * layout.num_blocks)
-        else:
-            self.watermark = int(w * layout.num_blocks)
+        # A watermark that is set keeps at least one block (V0's 1% of a small pool is not 0).
+        w = cfg.watermark
+        self.watermark = max(1, math.floor(w * layout.num_blocks + 1e-9)) if w else 0
         self.n_dec = 0
         self.blocks_used = 0
         self.outstanding = 0
@@ -164,9 +163,8 @@ class Replica:
             self.blocks_used += n
             return
         if n < 0:
-            win = self.layout._win
-            if win is not None and self.layout.whole_windows:
-                at = min(-(-win[0] // self.layout.block_size), len(bl) + n)
+            if self.layout.window is not None and self.layout.whole_windows:
+                at = min(self.layout.sink_blocks, len(bl) + n)
                 drop = bl[at:at - n]
                 del bl[at:at - n]
             else:
@@ -174,6 +172,19 @@ class Replica:
                 del bl[n:]
             self.pool.release(drop)
         self.blocks_used = self.pool.used
+
+    def _apply_growth(self, extra_dec: np.ndarray, extra_pre: list[tuple[int, int]]) -> None:
+        """Give the first len(extra_dec) decodes and the prefills [(blocks, rid)] their block changes:
+        every shrink (a quantizer's residual folding into packed groups, a window moving on)
+        before any growth, since the planner's check is net."""
+        if self.pool is None:
+            self.blocks_used += int(extra_dec.sum()) + sum(x for x, _rid in extra_pre)
+            return
+        nz = np.flatnonzero(extra_dec)
+        grows = list(zip(extra_dec[nz].tolist(), self.D[self.RID, nz].tolist())) + extra_pre
+        grows.sort(key=lambda g: g[0] > 0)      # shrinks first, order kept otherwise
+        for x, rid in grows:
+            self._grow(rid, x)
 
     def _release(self, rid: int, blocks: int, ctx: int) -> None:
         """Free everything `rid` holds (it finished or was preempted); cached blocks keep their keys."""
@@ -187,7 +198,7 @@ class Replica:
             self.blocks_used = self.pool.used
         assert self.blocks_used >= 0, f"replica {self.index}: freed more blocks than held"
 
-    def _shareable_blocks(self, rid: int, length: int, n_tokens: int) -> int:
+    def _shareable_blocks(self, length: int, n_tokens: int) -> int:
         spec, lay = self.layout.method.spec, self.layout
         if spec.prefix_sharing is None or (lay.model_window is not None and length > lay.model_window):
             return 0
@@ -210,7 +221,7 @@ class Replica:
         # Prompt blocks are published when their chunk is scheduled; generated ones when the
         # request leaves (only its own recompute or its session's next turn can reuse them, and
         # both come later), which keeps the decode step free of per-request work.
-        n = self._shareable_blocks(rid, ctx, ctx)
+        n = self._shareable_blocks(ctx, ctx)
         bl = self.held.get(rid)
         start = self._pub.get(rid, 0)
         if bl and n > start:
@@ -231,24 +242,6 @@ class Replica:
         thr = cfg.long_prefill_token_threshold
         n = self.n_dec
         pre = self.prefilling
-        if n and not pre and not self.waiting and n <= budget:
-            # The common step: decodes only, nobody waiting. Same rules, fewer calls.
-            need = lay.decode_blocks_vec(D[self.PLEN, :n], D[self.CTX, :n] + 1)
-            extra = need - D[self.BLK, :n]
-            grow = int(extra.sum())
-            if grow <= self.layout.num_blocks - self.blocks_used:
-                if self.pool is None:
-                    self.blocks_used += grow
-                else:
-                    nz = np.flatnonzero(extra)
-                    if len(nz):
-                        grows = list(zip(extra[nz].tolist(), D[self.RID, nz].tolist()))
-                        if len(grows) > 1:
-                            grows.sort(key=lambda g: g[0] > 0)
-                        for x, rid in grows:
-                            self._grow(rid, x)
-                D[self.BLK, :n] = need
-                return [], need, n
         want = [min(e[2] - e[1], thr) if thr else e[2] - e[1] for e in pre] if pre else []
         takes = want
         k = n                                       # decodes scheduled (the first k columns)
@@ -271,13 +264,12 @@ class Replica:
         extra_dec = need - D[self.BLK, :k] if k else _EMPTY
         extra_pre = [lay.prefill_blocks(e[1] + t) - e[3] if t else 0 for e, t in zip(pre, takes)] if pre else []
         total = int(extra_dec.sum()) + (sum(extra_pre) if pre else 0)
-        preempted = False
+        victims = []
         if total > self._free_blocks():
             # Pop the tail of `running` (highest admission seq) until the rest fits. Under the
             # pool a victim frees only the blocks no one else references.
             tail = sorted([(int(D[self.SEQ, i]), 0, i) for i in range(self.n_dec)] +
                           [(e[4], 1, j) for j, e in enumerate(pre)], reverse=True)
-            victims = []
             free = self._free_blocks()
             refs: dict[int, int] = {}
             for vic in tail:
@@ -298,7 +290,6 @@ class Replica:
                         total -= int(extra_dec[i])
                 else:
                     total -= extra_pre[i]
-            preempted = True
             drop_dec = np.zeros(self.n_dec, bool)
             drop_pre = {i for _s, kind, i in victims if kind == 1}
             for _s, kind, i in victims:
@@ -312,19 +303,7 @@ class Replica:
             extra_dec = extra_dec[~drop_dec[:k]]
             self._preempt_v1(victims, drop_dec, drop_pre)
             k = kept_k
-        # Blocks for what runs this step: every shrink (a quantizer's residual folding into packed
-        # groups, a window moving on) before any growth, since the check above is net.
-        if self.pool is None:
-            self.blocks_used += (int(extra_dec.sum()) if k else 0) + (sum(extra_pre) if pre else 0)
-        else:
-            nz = np.flatnonzero(extra_dec) if k else _EMPTY
-            grows = list(zip(extra_dec[nz].tolist(), D[self.RID, nz].tolist())) if len(nz) else []
-            if pre:
-                grows += [(x, e[0]) for e, t, x in zip(self.prefilling, takes, extra_pre) if t and x]
-            if len(grows) > 1:
-                grows.sort(key=lambda g: g[0] > 0)      # shrinks first, order kept otherwise
-            for x, rid in grows:
-                self._grow(rid, x)
+        self._apply_growth(extra_dec, [(x, e[0]) for e, t, x in zip(self.prefilling, takes, extra_pre) if t and x])
         if k:
             D[self.BLK, :k] = need
         chunks = []
@@ -335,7 +314,7 @@ class Replica:
                     self._publish(e[0], e[1] + t)
                 chunks.append((e, t))
         budget -= k + sum(takes)
-        if not preempted:
+        if not victims:
             self._admit_v1(budget, chunks, busy=bool(k or chunks))
         if not chunks and not k:
             return None
@@ -351,7 +330,7 @@ class Replica:
             total = int(log.prompt[rid] + log.generated[rid])
             hit_blocks: list[int] = []
             if self.pool is not None:
-                n_hit = self._shareable_blocks(rid, total, total - 1)
+                n_hit = self._shareable_blocks(total, total - 1)
                 if n_hit:
                     hit_blocks = self.pool.lookup(self._block_keys(rid, n_hit))
             computed = len(hit_blocks) * lay.block_size
@@ -367,7 +346,6 @@ class Replica:
             if fresh + evictable > self._free_blocks() - (self.watermark if busy or chunks else 0):
                 break
             self.waiting.popleft()
-            assert rid not in (e[0] for e in self.prefilling), f"request {rid} admitted twice"
             if self.pool is not None:
                 self.pool.touch(hit_blocks)
                 self.blocks_used = self.pool.used
@@ -381,31 +359,33 @@ class Replica:
                     log.cached_prompt[rid] = computed
             else:
                 self.blocks_used += need
-            self.seq += 1
-            entry = [rid, computed, total, need, self.seq]
-            self.prefilling.append(entry)
-            chunks.append((entry, take))
+            self._start(rid, computed, total, need, take, chunks)
             budget -= take
-            if np.isnan(log.first_sched[rid]):
-                log.first_sched[rid] = self.env.now
+
+    def _start(self, rid: int, done: int, total: int, blocks: int, take: int, chunks: list) -> None:
+        """An admitted request joins the prefills (its tokens `done` already cached) with a first
+        chunk of `take` tokens this step."""
+        assert rid not in (e[0] for e in self.prefilling), f"request {rid} admitted twice"
+        self.seq += 1
+        entry = [rid, done, total, blocks, self.seq]
+        self.prefilling.append(entry)
+        chunks.append((entry, take))
+        if np.isnan(self.log.first_sched[rid]):
+            self.log.first_sched[rid] = self.env.now
 
     def _preempt_v1(self, victims: list, drop_dec: np.ndarray, drop_pre: set) -> None:
         """Preempt `victims` [(seq, 0 decode | 1 prefill, index)], given tail first: each goes to
         the front of the queue in that order (vLLM pops the tail and prepends each victim), so the
         earliest admitted ends up first."""
-        D, F, log = self.D, self.F, self.log
+        D, F = self.D, self.F
         for _seq, kind, i in victims:
             if kind == 0:
-                rid = int(D[self.RID, i])
-                log.generated[rid] = D[self.GEN, i]
-                log.last_token[rid] = F[self.LAST, i]
-                log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
-                self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]))
+                self._requeue_decode(i)
             else:
                 rid, done, _total, blocks, _s = self.prefilling[i]
                 self._release(rid, blocks, done)
-            log.preemptions[rid] += 1
-            self.waiting.appendleft(rid)
+                self.log.preemptions[rid] += 1
+                self.waiting.appendleft(rid)
         if drop_pre:
             self.prefilling = [e for j, e in enumerate(self.prefilling) if j not in drop_pre]
         if drop_dec.any():
@@ -452,13 +432,8 @@ class Replica:
                     break
                 self.waiting.popleft()
                 self.blocks_used += need
-                self.seq += 1
-                entry = [rid, 0, total, need, self.seq]
-                self.prefilling.append(entry)
-                chunks.append((entry, total))
+                self._start(rid, 0, total, need, total, chunks)
                 tokens += total
-                if np.isnan(log.first_sched[rid]):
-                    log.first_sched[rid] = self.env.now
             if chunks:
                 self.prefill_counter -= 1
                 return chunks, None, 0
@@ -515,15 +490,9 @@ class Replica:
             if self.blocks_used + need > lay.num_blocks - (self.watermark if busy else 0):
                 break
             self.waiting.popleft()
-            assert rid not in (e[0] for e in self.prefilling), f"request {rid} admitted twice"
             self.blocks_used += need
-            self.seq += 1
-            entry = [rid, 0, total, need, self.seq]
-            self.prefilling.append(entry)
-            chunks.append((entry, take))
+            self._start(rid, 0, total, need, take, chunks)
             budget -= take
-            if np.isnan(log.first_sched[rid]):
-                log.first_sched[rid] = self.env.now
 
     def _grow_prefill(self, entry: list[int], budget: int) -> int:
         take = min(entry[2] - entry[1], budget)
@@ -551,16 +520,19 @@ class Replica:
 
     def _preempt_last(self) -> None:
         assert self.n_dec > 0, f"replica {self.index}: preempted from an empty batch"
-        i = self.n_dec - 1
-        D, log = self.D, self.log
+        self._requeue_decode(self.n_dec - 1)
+        self.n_dec -= 1
+
+    def _requeue_decode(self, i: int) -> None:
+        """Decode column i is preempted: what it generated is kept for its recompute, its blocks
+        are freed, it goes to the front of the queue (the caller drops the column)."""
+        D, F, log = self.D, self.F, self.log
         rid = int(D[self.RID, i])
         log.generated[rid] = D[self.GEN, i]
         log.preemptions[rid] += 1
-        log.last_token[rid] = self.F[self.LAST, i]
-        log.itl_max[rid] = np.fmax(log.itl_max[rid], self.F[self.ITLMAX, i])
-        self.blocks_used -= int(D[self.BLK, i])
-        assert self.blocks_used >= 0, f"replica {self.index}: freed more blocks than held"
-        self.n_dec = i
+        log.last_token[rid] = F[self.LAST, i]
+        log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
+        self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]))
         self.waiting.appendleft(rid)
 
     # ---- applying a finished step ----------------------------------------------------

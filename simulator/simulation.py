@@ -11,7 +11,7 @@ import simpy
 from rkvsim.models import Method, resolve_hardware, resolve_model
 
 from rkvsim.simulator.config import Scenario, ScenarioError
-from rkvsim.simulator.policies import scheduler_with
+from rkvsim.simulator.policies import POLICIES, scheduler_with
 from rkvsim.simulator.content import Structure, build_structure, content_of
 from rkvsim.simulator.cost_model import CostModel, RooflineCostModel, StepOverheads
 from rkvsim.simulator.kv_memory import KVLayout, kv_layout
@@ -121,20 +121,18 @@ def step_overheads(sc, hardware: str, tp: int) -> StepOverheads | None:
     prior's eager launches and constant CPU time (vllm-v0's numbers)."""
     if not sc.cuda_graphs and sc.cpu_overhead == "prior":
         return None
+    d = POLICIES[sc.policy]
     if not sc.cuda_graphs:
         graphs, capture = "none", 0
-    elif sc.policy == "vllm-v1":
-        # vllm/config/vllm.py: capture sizes up to min(2 * max_num_seqs, 512) tokens, at most the
-        # token budget; FULL_AND_PIECEWISE: decode-only batches fully graphed, mixed piecewise.
-        graphs, capture = "decode+piecewise", min(2 * sc.max_batch_size, 512, sc.max_batched_tokens)
+    elif d.graphs == "decode+piecewise":
+        # vllm/config/vllm.py: capture sizes up to min(2 * max_num_seqs, 512) tokens, at most the budget.
+        graphs, capture = d.graphs, min(2 * sc.max_batch_size, 512, sc.max_batched_tokens)
     else:
-        # vllm/worker/model_runner.py (V0) and lmdeploy/pytorch/models/utils/cudagraph.py: decode-only
-        # batches up to the largest captured batch.
-        graphs, capture = "decode", sc.max_batch_size
+        graphs, capture = d.graphs, sc.max_batch_size    # decode-only batches up to the largest captured
     cpu, src = None, "prior"
     if sc.cpu_overhead == "measured":
         from rkvsim.calibration.steps.cpu_overheads import lookup
-        hit = lookup(hardware, tp, "v1" if sc.policy == "vllm-v1" else "v0")
+        hit = lookup(hardware, tp, d.cpu_table)
         if hit is not None:
             cpu, src = hit[:2], hit[2]
     return StepOverheads(graphs, capture, cpu, src)
@@ -192,7 +190,7 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
     fits = np.stack([~tl & (lay.peak_blocks_vec(prompt, o) <= lay.num_blocks)
                      for tl, lay, o in zip(too_long, layouts, outputs)])
     feasible = fits.any(axis=0)
-    ctx, length_source = route_context(v, wl, costs, layouts, outputs, keys, config_of, fits, scn, max_len,
+    ctx, length_source = route_context(v, wl, costs, layouts, outputs, keys, config_of, fits, scn, sc, max_len,
                                        inflation, predictions)
     compared = next((i for i, (m, _t) in enumerate(keys) if m == v.method), 0)
     log = RequestLog(wl.prompt, outputs[compared])
