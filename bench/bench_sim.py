@@ -2,8 +2,11 @@
 
     python bench/bench_sim.py --requests 1000000 --method fp16
 
-Prints simulated requests per wall second, engine events per second and peak RSS.
-Goal (issue 2): 1,000,000 requests in <= 60 s on one core within 2 GB.
+Prints simulated requests per wall second, engine steps per second, SimPy events, how many
+steps the event skipping covered, peak RSS and, with --compare N, the same workload's first N
+requests simulated in both modes (step_by_step true and false): their wall times, the ratio,
+and whether every per-request figure and step row is identical.
+Goal (issue 18): 1,000,000 requests in <= 60 s on one core within 2 GB.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policy", default="vllm-v1", help="scheduler.policy (vllm-v1, vllm-v0, lmdeploy)")
     ap.add_argument("--no-prefix-caching", action="store_true", help="vllm-v1 without its prefix cache")
+    ap.add_argument("--step-by-step", action="store_true", help="no event skipping (the reference mode)")
+    ap.add_argument("--compare", type=int, default=0, metavar="N",
+                    help="also simulate the first N requests in both modes and print the ratio")
     args = ap.parse_args()
 
     from rkvsim.simulator.config import Scenario
@@ -35,6 +41,7 @@ def main() -> None:
                       **({"enable_prefix_caching": False} if args.no_prefix_caching else {})},
         "workload": {"num_requests": args.requests, "arrival": {"process": "poisson", "rate": args.rate},
                      "lengths": {"source": "sharegpt", "max_prompt": 2048, "max_output": 2048}},
+        "step_by_step": args.step_by_step,
     })
     t0 = time.perf_counter()
     wl = build_workload(scn, args.seed, ".")
@@ -42,7 +49,9 @@ def main() -> None:
     (run,) = run_scenario(scn, args.seed, workload=wl, inflation=None).runs
     t2 = time.perf_counter()
     steps = sum(len(r.steps) for r in run.replicas)
-    events = steps + args.requests  # one engine-iteration event per step, one arrival event per request
+    covered = sum(r.run_steps for r in run.replicas)
+    runs = sum(r.runs for r in run.replicas)
+    events = steps - covered + runs + args.requests  # engine events (a run is one) + one arrival each
     done = int(np.isfinite(run.log.finish).sum())
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sim_s = float(np.nanmax(run.log.finish))
@@ -51,8 +60,35 @@ def main() -> None:
     print(f"workload build    {t1 - t0:.2f} s")
     print(f"simulation wall   {t2 - t1:.2f} s  ({sim_s:,.0f} simulated s, {steps:,} engine steps)")
     print(f"requests / wall s {args.requests / (t2 - t1):,.0f}")
-    print(f"events / wall s   {events / (t2 - t1):,.0f}")
+    print(f"steps / wall s    {steps / (t2 - t1):,.0f}")
+    print(f"skipping          {covered:,} of the steps in {runs:,} runs ({covered / max(runs, 1):.1f} steps per run); "
+          f"{events:,} engine + arrival events")
     print(f"peak RSS          {rss_mb:,.0f} MB")
+    if args.compare:
+        compare(scn, wl, args.compare, args.seed)
+
+
+def compare(scn, wl, n: int, seed: int) -> None:
+    """Both modes on the first n requests of the same workload: wall times, ratio, identity."""
+    from dataclasses import replace
+
+    from rkvsim.simulator.pipeline import run_scenario
+
+    sub = replace(wl, prompt=wl.prompt[:n], output=wl.output[:n], arrivals=wl.arrivals[:n])
+    out = {}
+    for step in (True, False):
+        s = scn.model_copy(update={"step_by_step": step,
+                                   "workload": scn.workload.model_copy(update={"num_requests": n})})
+        t0 = time.perf_counter()
+        (r,) = run_scenario(s, seed, workload=sub, inflation=None).runs
+        out[step] = (time.perf_counter() - t0, r)
+    (ta, a), (tb, b) = out[True], out[False]
+    same = all(np.array_equal(getattr(a.log, f), getattr(b.log, f), equal_nan=True)
+               for f in ("first_token", "finish", "itl_max")) and np.array_equal(a.log.itl_hist, b.log.itl_hist) \
+        and all(getattr(x.steps, f) == getattr(y.steps, f) for x, y in zip(a.replicas, b.replicas)
+                for f in ("t_end", "dt", "batch", "kv_fraction"))
+    print(f"compare ({n:,} req) step-by-step {ta:.2f} s, skipping {tb:.2f} s: x{ta / tb:.2f} faster; "
+          f"identical results: {same}")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class CalibratedCostModel:
         self._dec_b, self._dec_c = compiled.dec_b.tolist(), compiled.dec_c.tolist()
         self._pre_n, self._pre_p = compiled.pre_n.tolist(), compiled.pre_p.tolist()
         self._dec_tab, self._pre_tab = compiled.dec.tolist(), compiled.pre.tolist()
+        self._dec_tab_a = np.asarray(compiled.dec, np.float64)
         self._dense = compiled.dense
         self._slope = float(compiled.dense[-1] - compiled.dense[-2])
 
@@ -148,6 +149,38 @@ class CalibratedCostModel:
         if npf:
             parts["attn_prefill"] = self._prefill_attn(b)
         return parts, nd, npf
+
+    def decode_run(self, ctx: np.ndarray, prompt: np.ndarray, rem: np.ndarray, k: int) -> np.ndarray:
+        """Seconds of k decode-only steps of a fixed batch (see RooflineCostModel.decode_run):
+        the same lookups as step_time, on arrays. The attention key, the mean cached tokens, is
+        an exact integer sum over the requests decoding divided by their count, as in step_time."""
+        steps = np.arange(1, k + 1)
+        cached = cached_tokens_vec(self.method, prompt[None, :], ctx[None, :] + steps[:, None])
+        if int(rem.min()) < k:
+            live = rem[None, :] >= steps[:, None]
+            nd = live.sum(axis=1)
+            tot = (cached * live).sum(axis=1)
+        else:
+            nd = np.full(k, len(ctx))
+            tot = cached.sum(axis=1)
+        key = tot / nd
+        attn = self._grid_vec(self._dec_b, self._dec_c, self._dec_tab_a, nd.astype(np.float64), key)
+        u, inv = (nd[:1], np.zeros(k, np.int64)) if nd[0] == nd[-1] else np.unique(nd, return_inverse=True)
+        dense = np.array([self._dense_t(int(x)) + self._head_t(int(x)) + self.rl._comm(int(x)) for x in u])[inv]
+        st = self._dec_terms
+        return st.scale * dense + st.attn_scale * attn + st.fixed_s + st.per_seq_s * nd
+
+    @staticmethod
+    def _grid_vec(xg: list, yg: list, tab: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """_grid_at over arrays of points: the same operations element by element."""
+        xa, ya = np.asarray(xg), np.asarray(yg)
+        i = np.minimum(np.maximum(np.searchsorted(xa, x, "left") - 1, 0), len(xg) - 2)
+        j = np.minimum(np.maximum(np.searchsorted(ya, y, "left") - 1, 0), len(yg) - 2)
+        tx = (x - xa[i]) / (xa[i + 1] - xa[i])
+        ty = (y - ya[j]) / (ya[j + 1] - ya[j])
+        a, b, c, d = tab[i, j], tab[i + 1, j], tab[i, j + 1], tab[i + 1, j + 1]
+        v = (a + (b - a) * tx) * (1 - ty) + (c + (d - c) * tx) * ty
+        return np.where(v > 0.0, v, 0.0)
 
     def step_time(self, batch: StepBatch) -> float:
         dense, attn, nd, npf = self._split(batch)

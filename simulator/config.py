@@ -100,6 +100,8 @@ class Scenario(_Strict):
     scheduler: AnyScheduler = Field(default_factory=SchedulerConfig)
     workload: WorkloadConfig
     verbosity: VerbosityConfig = Field(default_factory=VerbosityConfig)
+    step_by_step: bool = Field(False, description="simulate every engine step as its own event (no event "
+                               "skipping; same numbers, slower: the reference the skipping is tested against)")
 
     @field_validator("model")
     @classmethod

@@ -145,6 +145,10 @@ class RooflineCostModel:
         npf = len(batch.prefill_new)
         if nd == 0 and npf == 0:
             return 0.0
+        if npf == 0:
+            # Decode-only: the same expression decode_run evaluates over many steps at once.
+            s = self._decode_sums(batch.decode_ctx, batch.decode_prompt)
+            return self._decode_only(nd, *s)
         t_new = int(batch.prefill_new.sum()) + nd if npf else nd
         n_done = self._n_done(batch) if npf else 0
         g_dense, g_attn = self._graphed(t_new, npf)
@@ -153,6 +157,104 @@ class RooflineCostModel:
         for _, t in self._method_terms(batch, nd, npf, g_attn):
             total += t
         return total
+
+    def decode_run(self, ctx: np.ndarray, prompt: np.ndarray, rem: np.ndarray, k: int) -> np.ndarray | None:
+        """Seconds of k decode-only steps of a fixed batch, one per step: at step j (1..k) the
+        requests with rem >= j decode at context ctx + j (simulator/decode_run.py). Equal bit
+        for bit to step_time of each step's batch: the cache sums are exact integer sums and
+        the per-step expression is _decode_only, evaluated on arrays. None where the tables
+        are not integer-valued (an unusual group size): the caller then steps one by one."""
+        if not self._int_ok:
+            return None
+        top = int(ctx.max()) + k + 1
+        if top > len(self._pre):
+            self._build_tables(max(2 * len(self._pre), top))
+        nd, sums = _run_sums(self._dec_ci, self._dec_pi, ctx, prompt, rem, k)
+        return self._decode_only(nd, *sums)
+
+    def _decode_only(self, nd, s0, s1, s2, s3, s4, s5):
+        """One decode-only step from its batch size and cache sums (module docstring): Python
+        numbers for one step, or numpy arrays over steps; the operations and their order are
+        the same either way, so both give the same floats."""
+        arr = isinstance(s0, np.ndarray)
+        op = self._op_v if arr else None
+        if arr:
+            g = nd <= self.overheads.capture_tokens if self.overheads.graphs != "none" else np.zeros(len(nd), bool)
+            if nd[0] == nd[-1]:      # nd never rises within a run: constant iff the ends agree
+                base = np.full(len(nd), self._decode_base(int(nd[0])))
+            else:
+                u, inv = np.unique(nd, return_inverse=True)
+                base = np.array([self._decode_base(int(x)) for x in u])[inv]
+        else:
+            g = self._graphed(nd, 0)[1]
+            base = self._decode_base(nd)
+        L, d, hq, hkv, full, dt = self.L, self.d, self.hq, self.hkv, self.full, self.dt
+        eff, f, meth, spec = self.eff, self.f, self.method, self.spec
+        dqf, qf = self.dequant_flops, self.quant_flops
+
+        def op_(graphed_rl, flops, vfl, nbytes, kernels=1.0):
+            return graphed_rl.op(flops, vfl, nbytes, kernels)
+
+        if arr and g.any() and not g.all():
+            def run_op(flops, vfl, nbytes, kernels=1.0):
+                return np.where(g, op(self.rl_graph, flops, vfl, nbytes, kernels), op(self.rl, flops, vfl, nbytes, kernels))
+        elif arr:
+            rl_a = self.rl_graph if g[0] else self.rl
+
+            def run_op(flops, vfl, nbytes, kernels=1.0):
+                return op(rl_a, flops, vfl, nbytes, kernels)
+        else:
+            rl = self.rl_graph if g else self.rl
+
+            def run_op(flops, vfl, nbytes, kernels=1.0):
+                return op_(rl, flops, vfl, nbytes, kernels)
+
+        total = base
+        stored = hkv * (s1 * full + (1 - f) * s3 + f * s2 * full)
+        io = nd * (2 * hq * d * dt + hkv * full)
+        vfl = hq * s0 * eff.softmax_flops + (1 - f) * hkv * 2 * d * s2 * dqf
+        total = total + L * run_op(4 * s0 * d * hq, vfl, stored + io)
+        if spec.attention_scores:
+            c = s0
+            total = total + L * run_op(0, hq * c + eff.topk_flops * hkv * c, 2 * 4 * hq * c + 2 * spec.score_bytes * hkv * c, 2)
+        if self.quantized:
+            qt = 0.0 + nd
+            qk = 0.0
+            if spec.quantize_launches:
+                qk = 0.0 + (np.minimum(1.0, nd / meth.group_size) if arr else min(1.0, nd / meth.group_size))
+            total = total + L * run_op(0, hkv * qt * 2 * d * qf, hkv * qt * (full + self.qpt), qk)
+            deq = 0.0 + s2
+            if f > 0:
+                t = L * run_op(0, f * hkv * 2 * d * deq * dqf, f * hkv * ((0.0 + s3) + deq * full), 1)
+                total = total + (np.where(deq != 0, t, 0.0) if arr else (t if deq else 0.0))
+            if self.gear is not None:
+                lowrank, outl = 0.0 + s4, 0.0 + s5
+                t1 = L * run_op(0, 2 * 2 * d * hkv * lowrank, 0, 1)
+                t2 = L * run_op(0, 2 * hkv * outl, f * hkv * outl * eff.sector_bytes, 1)
+                if arr:
+                    total = total + np.where(deq != 0, t1, 0.0)
+                    total = total + np.where(deq != 0, t2, 0.0)
+                elif deq:
+                    total = total + t1
+                    total = total + t2
+                gw = 0.0 + nd * self.rank_g
+                gb = 0.0 + nd * self.seg_g / meth.group_size
+                it = eff.gear_power_iters
+                total = total + L * run_op(
+                    0, hkv * (2 * it * 4 * d * gw + 2 * qt * d * eff.topk_flops),
+                    hkv * (qt * full * (2 + 2 * it) + gb), qk * (2 + 2 * it))
+        return total
+
+    def _decode_base(self, nd: int) -> float:
+        """Dense layers, LM head, all-reduce and CPU time of a decode-only step of nd requests."""
+        g_dense = self._graphed(nd, 0)[0]
+        return self._dense(nd, g_dense)[0] + sum(self._head(nd)) + (self._comm(nd) + self._overhead(nd))
+
+    @staticmethod
+    def _op_v(rl: Roofline, flops, vflops, nbytes, kernels=1.0):
+        c = flops * rl.inv_f + vflops * rl.inv_fv
+        m = nbytes * rl.inv_b
+        return np.where(c > m, c, m) + kernels * rl.launch
 
     def breakdown(self, batch: StepBatch) -> dict[str, float]:
         """Same total as step_time, split by operator (seconds over all layers)."""
@@ -291,6 +393,12 @@ class RooflineCostModel:
                 dec_p = np.zeros((n, self._NCOL))
                 dec_p[:, 0] = dec_p[:, 1] = np.minimum(x, budget) - x
         self._dec_c, self._dec_p, self._pre = dec_c, dec_p, pre
+        # decode_run sums these exactly as integers; every column is integer-valued for the
+        # shipped methods (a quantized count is whole groups; bytes per token are whole).
+        self._int_ok = all(t is None or bool(np.all(t == np.round(t))) for t in (dec_c, dec_p)) and \
+            float(np.abs(dec_c).max(initial=0)) * 65536 < 2.0 ** 53
+        if self._int_ok:
+            self._dec_ci, self._dec_pi = _int_columns(dec_c), _int_columns(dec_p)
         self._nq_tab = np.ascontiguousarray(pre[:, 2])
         self._ones = np.ones(1024)
 
@@ -460,6 +568,35 @@ class RooflineCostModel:
                     hq * s_p * (w * (eff.softmax_flops + 1) + meth.kernel) + eff.topk_flops * hkv * s_p,
                     hkv * s_p * d * dt + 2 * 4 * w * hq * s_p + 2 * hkv * full * budget * len(p), 5)))
         return terms
+
+
+def _int_columns(tab: np.ndarray | None) -> list[np.ndarray | None]:
+    """The table's columns as contiguous int64 arrays, None for an all-zero column."""
+    if tab is None:
+        return [None] * RooflineCostModel._NCOL
+    return [np.ascontiguousarray(tab[:, c]).astype(np.int64) if tab[:, c].any() else None for c in range(tab.shape[1])]
+
+
+def _run_sums(cols_c: list, cols_p: list, ctx: np.ndarray, prompt: np.ndarray,
+              rem: np.ndarray, k: int) -> tuple[np.ndarray, list]:
+    """Per step j = 1..k of a decode run: requests decoding (rem >= j) and, per table column,
+    the integer sum over them of tab_c[ctx + j] + tab_p[prompt] (exact in int64)."""
+    steps = np.arange(1, k + 1)
+    idx = ctx[None, :] + steps[:, None]                       # (k, n)
+    live = rem[None, :] >= steps[:, None] if int(rem.min()) < k else None
+    nd = live.sum(axis=1) if live is not None else np.full(k, len(ctx))
+    out = []
+    for tc, tp in zip(cols_c, cols_p):
+        s = None
+        if tc is not None:
+            m = tc.take(idx)
+            s = (m * live if live is not None else m).sum(axis=1)
+        if tp is not None:
+            pc = tp.take(prompt)
+            sp = live @ pc if live is not None else np.full(k, int(pc.sum()))
+            s = sp if s is None else s + sp
+        out.append(np.zeros(k) if s is None else s.astype(np.float64))
+    return nd, out
 
 
 _DENSE_OPS = ("embedding", "rmsnorm", "qkv_proj", "rope", "o_proj", "mlp_gate_up", "mlp_act", "mlp_down")

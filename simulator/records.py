@@ -32,6 +32,7 @@ class RequestLog:
         self.cached_prompt = np.zeros(n, np.int64)
         self._itl_hist = np.zeros(len(ITL_EDGES) + 1, np.int64)
         self._itl_buf: list[np.ndarray] = []
+        self._itl_wbuf: list[tuple[np.ndarray, np.ndarray]] = []
         self._itl_buffered = 0
 
     def add_itls(self, itl: np.ndarray) -> None:
@@ -41,11 +42,24 @@ class RequestLog:
         if self._itl_buffered > 200_000:
             self._flush_itls()
 
+    def add_itl_counts(self, itl: np.ndarray, counts: np.ndarray) -> None:
+        """Gaps itl[j] seen counts[j] times each (a skipped run's steps: one gap per step,
+        shared by every request decoding in it)."""
+        self._itl_wbuf.append((itl, counts))
+        self._itl_buffered += len(itl)
+        if self._itl_buffered > 200_000:
+            self._flush_itls()
+
     def _flush_itls(self) -> None:
         if self._itl_buf:
             x = np.concatenate(self._itl_buf)
             self._itl_hist += np.bincount(np.searchsorted(ITL_EDGES, x), minlength=len(self._itl_hist))
-            self._itl_buf, self._itl_buffered = [], 0
+        if self._itl_wbuf:
+            x = np.concatenate([v for v, _c in self._itl_wbuf])
+            w = np.concatenate([c for _v, c in self._itl_wbuf]).astype(np.float64)   # counts: exact in float64
+            self._itl_hist += np.bincount(np.searchsorted(ITL_EDGES, x), weights=w,
+                                          minlength=len(self._itl_hist)).astype(np.int64)
+        self._itl_buf, self._itl_wbuf, self._itl_buffered = [], [], 0
 
     @property
     def itl_hist(self) -> np.ndarray:
@@ -73,6 +87,14 @@ class StepLog:
         self.batch.append(batch)
         self.kv_fraction.append(kv_fraction)
         self.prefill_tokens.append(prefill_tokens)
+
+    def extend(self, t_end: np.ndarray, dt: np.ndarray, batch: np.ndarray, kv_fraction: np.ndarray) -> None:
+        """Rows of decode-only steps (no prefill tokens), in bulk."""
+        self.t_end.frombytes(np.ascontiguousarray(t_end, np.float64).tobytes())
+        self.dt.frombytes(np.ascontiguousarray(dt, np.float64).tobytes())
+        self.batch.frombytes(np.ascontiguousarray(batch, np.dtype(f"i{self.batch.itemsize}")).tobytes())
+        self.kv_fraction.frombytes(np.ascontiguousarray(kv_fraction, np.float64).tobytes())
+        self.prefill_tokens.frombytes(np.zeros(len(t_end), np.dtype(f"i{self.prefill_tokens.itemsize}")).tobytes())
 
     def __len__(self) -> int:
         return len(self.t_end)

@@ -27,6 +27,7 @@ import simpy
 
 from rkvsim.simulator.config import SchedulerConfig
 from rkvsim.simulator.cost_model import CostModel, StepBatch
+from rkvsim.simulator.decode_run import Run, plan_run, timeout_at
 from rkvsim.simulator.kv_memory import KVLayout
 from rkvsim.simulator.prefix_cache import BlockPool, block_keys
 from rkvsim.simulator.records import RequestLog, StepLog
@@ -71,6 +72,14 @@ class Replica:
         self._keys: dict[int, list[int]] = {}
         self._pub: dict[int, int] = {}          # blocks of each request already published
         self._wake: simpy.Event | None = None
+        # Event skipping (simulator/decode_run.py): on unless step_by_step or the cost model
+        # cannot cost a run; `quiet` (set by the simulation) when a completion feeds nothing back.
+        self.skip = hasattr(cost, "decode_run")
+        self.quiet = False
+        self.horizon = None      # has .next_time: the next arrival anywhere (a run is cut there anyway)
+        self._run: Run | None = None
+        self.runs = self.run_steps = 0   # runs taken and the steps they covered (bench and tests)
+        self.preempted = 0               # preemptions so far (a plan that preempted starts no run)
         self.process = env.process(self.run())
 
     # ---- routing-visible state -------------------------------------------------------
@@ -79,17 +88,53 @@ class Replica:
         return self.blocks_used / self.layout.num_blocks
 
     def submit(self, rid: int) -> None:
+        run = self._run
+        if run is not None:
+            # The request is seen when the step in progress ends, as step by step (the steps
+            # before it are applied when the run ends, or when someone reads this replica).
+            cut = min(int(np.searchsorted(run.t, self.env.now, "right")), run.end) + 1
+            if cut < run.end:
+                run.end = cut
+                self.process.interrupt()
         self.waiting.append(rid)
         self.outstanding += 1
         self.log.replica[rid] = self.index
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
 
+    def _steps_to_horizon(self) -> int:
+        """About how many steps until the next arrival, from the last step's duration (a guess:
+        too few only means another run starts there, too many only wasted arrays)."""
+        h = self.horizon.next_time if self.horizon is not None else math.inf
+        if h == math.inf or not len(self.steps):
+            return 1 << 30
+        return int((h - self.env.now) / max(self.steps.dt[-1], 1e-9) * 1.25) + 2
+
+    def _steps_to_admission(self) -> int:
+        """Steps a run may take before the scheduler next tries to admit the queue head with
+        what may have changed: every step for vLLM (the admission check is monotone within a
+        run, decode_run.py); LMDeploy tries only when its counter has run out, and by then a
+        completion may have freed a slot, so the run stops before that step."""
+        if self.policy != "lmdeploy" or not self.waiting:
+            return 1 << 30
+        return max(self.prefill_counter, 0) + 1
+
+    def sync(self) -> None:
+        """Bring the state up to now inside a run: steps ended by now applied, the step in
+        progress planned (what a router reading this replica would see step by step)."""
+        run = self._run
+        if run is None:
+            return
+        j = min(int(np.searchsorted(run.t, self.env.now, "right")), run.end)
+        if j > run.fin:
+            self._apply_run(run, j)
+
     # ---- the event loop --------------------------------------------------------------
     def run(self):
         env = self.env
         plan_step = {"vllm-v1": self._plan_v1, "vllm-v0": self._plan_v0, "lmdeploy": self._plan_lmdeploy}[self.policy]
         while True:
+            pre_before = self.preempted
             plan = plan_step()
             if plan is None and self.waiting and not self.n_dec and not self.prefilling:
                 # Nothing runs and the head of the queue still does not fit: it never will (a
@@ -104,6 +149,28 @@ class Replica:
                 continue
             chunks, dec_need, n = plan
             D = self.D
+            # A plan that preempted may not have tried admission (vllm-v1 admits nobody in that
+            # step; vllm-v0 without chunking admitted before it preempted), and the victim's blocks
+            # are free now: the next plan may admit, so it is not the start of a run.
+            if self.skip and not chunks and n and n == self.n_dec and (self.preempted == pre_before or not self.waiting):
+                run = plan_run(D[self.RID, :n].copy(), D[self.CTX, :n].copy(), D[self.GEN, :n].copy(),
+                               D[self.OUT, :n].copy(), D[self.PLEN, :n].copy(), dec_need, self.layout, self.cost,
+                               self.blocks_used, bool(self.waiting), self.quiet, self.pool is not None, env.now,
+                               min(self._steps_to_horizon(), self._steps_to_admission()))
+                if run is not None:
+                    self._run = run
+                    while True:
+                        target = float(run.t[run.end - 1])
+                        try:
+                            yield timeout_at(env, target)
+                            break
+                        except simpy.Interrupt:
+                            continue                     # cut short by a submit: wake earlier
+                    self._apply_run(run, run.end)
+                    self._run = None
+                    self.runs += 1
+                    self.run_steps += run.end
+                    continue
             batch = StepBatch(
                 prefill_new=np.array([c[1] for c in chunks], np.int64) if chunks else _EMPTY,
                 prefill_past=np.array([c[0][1] for c in chunks], np.int64) if chunks else _EMPTY,
@@ -385,6 +452,7 @@ class Replica:
                 rid, done, _total, blocks, _s = self.prefilling[i]
                 self._release(rid, blocks, done)
                 self.log.preemptions[rid] += 1
+                self.preempted += 1
                 self.waiting.appendleft(rid)
         if drop_pre:
             self.prefilling = [e for j, e in enumerate(self.prefilling) if j not in drop_pre]
@@ -406,6 +474,7 @@ class Replica:
         rid, done, _total, blocks, _seq = self.prefilling.pop(j)
         self._release(rid, blocks, done)
         self.log.preemptions[rid] += 1
+        self.preempted += 1
         self.waiting.appendleft(rid)
 
     # ---- LMDeploy ----------------------------------------------------------------------
@@ -530,10 +599,145 @@ class Replica:
         rid = int(D[self.RID, i])
         log.generated[rid] = D[self.GEN, i]
         log.preemptions[rid] += 1
+        self.preempted += 1
         log.last_token[rid] = F[self.LAST, i]
         log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
         self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]))
         self.waiting.appendleft(rid)
+
+    # ---- applying a run of decode steps (simulator/decode_run.py) ------------------------
+    def _apply_run(self, run: Run, b: int) -> None:
+        """Apply steps fin+1..b of `run` as step by step would have (their plans and finishes in
+        order), and the plan of step b + 1 if the run goes on."""
+        D, F, log, lay = self.D, self.F, self.log, self.layout
+        a = run.fin + 1
+        nxt = b < run.end                                # plan step b + 1 too
+        last_plan = b + 1 if nxt else b
+        cols = np.flatnonzero(run.alive)                 # run index of each decode column now
+        m = len(cols)
+        assert m == self.n_dec, f"replica {self.index}: a run lost track of its batch"
+        rem = run.rem[cols]
+        t = run.t[a - 1:b]
+        # Blocks: planned growth of steps planned+1..last_plan, releases at finishes a..b.
+        kvf = self._run_blocks(run, cols, a, b, last_plan)
+        # Per-step series, as StepLog.add would have written them.
+        self.steps.extend(t, run.dt[a - 1:b], run.nd[a - 1:b], kvf)
+        # Inter-token gaps: the first step's from each request's last token; later steps share
+        # one gap each, counted once per request decoding in it.
+        itl1 = t[0] - F[self.LAST, :m]
+        log.add_itls(itl1)
+        upto = np.minimum(rem, b)                        # last step of this stretch each decodes in
+        mx = np.fmax(F[self.ITLMAX, :m], itl1)
+        if b > a:
+            gaps = np.diff(t)
+            log.add_itl_counts(gaps, run.nd[a:b])
+            pm = np.maximum.accumulate(gaps)
+            far = upto > a
+            mx[far] = np.fmax(mx[far], pm[upto[far] - a - 1])
+        F[self.ITLMAX, :m] = mx
+        F[self.LAST, :m] = run.t[upto - 1]
+        D[self.CTX, :m] = run.ctx[cols] + upto
+        D[self.GEN, :m] = run.gen[cols] + upto
+        done = rem <= b
+        bl_row = (last_plan if self.policy == "vllm-v1" else b) - 1   # v1 records blocks at plan, v0/lmdeploy at finish
+        D[self.BLK, :m] = run.blocks[np.where(done, rem - 1, bl_row), cols]
+        if done.any():
+            order = np.lexsort((np.arange(m), rem))      # step by step: by step, then column
+            for i in order[:int(done.sum())]:
+                rid = int(D[self.RID, i])
+                log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
+                # (blocks: counted ones come from the run's sums below, the pool's were released in order)
+                self._complete(rid, int(D[self.GEN, i]), float(run.t[rem[i] - 1]))
+            keep = ~done
+            k = int(keep.sum())
+            D[:, :k] = D[:, :m][:, keep]
+            F[:, :k] = F[:, :m][:, keep]
+            self.n_dec = k
+            run.alive[cols[done]] = False
+        if self.pool is None:
+            self.blocks_used = int(run.used_plan[last_plan - 1] if nxt else run.used_fin[b - 1])
+        if self.policy == "lmdeploy":
+            for _ in range(last_plan - run.planned):    # each planned step counts down, resetting at 0
+                if self.prefill_counter <= 0:
+                    self.prefill_counter = self.cfg.prefill_interval
+                self.prefill_counter -= 1
+        run.fin, run.planned = b, last_plan
+        assert (nxt and self.policy != "vllm-v1") or self._ledger() == self.blocks_used, \
+            f"replica {self.index}: blocks_used {self.blocks_used} != blocks held {self._ledger()}"
+
+    def _run_blocks(self, run: Run, cols: np.ndarray, a: int, b: int, last_plan: int) -> np.ndarray:
+        """KV fraction after each finished step a..b. Counted blocks come from the run's sums;
+        under the prefix cache the pool's operations are replayed in step order (a step's
+        shrinks before its growth, its releases after), consecutive growth merged into one
+        allocation (the free queue pops the same blocks either way)."""
+        nb = self.layout.num_blocks
+        if self.pool is None:
+            return run.used_fin[a - 1:b] / nb
+        pool, held, rem = self.pool, self.held, run.rem[cols]
+        rids = run.rid[cols].tolist()
+        p0 = run.planned + 1                              # first step whose plan is still to apply
+        blk = run.blocks[p0 - 2:last_plan, cols] if last_plan >= p0 else run.blocks[:0, cols]
+        grow = np.diff(blk, axis=0) * (rem[None, :] >= np.arange(p0, last_plan + 1)[:, None])
+        ks, ci = np.nonzero(grow)                         # step-major, column order within a step
+        vals = grow[ks, ci]
+        ks = ks + p0
+        # growth planned at each step a..last_plan (small integer counts: exact through float weights)
+        per_step = np.bincount(ks - a, weights=vals, minlength=last_plan - a + 2).astype(np.int64)
+        ksl, cil, vl = ks.tolist(), ci.tolist(), vals.tolist()
+        shrink_steps = {k for k, x in zip(ksl, vl) if x < 0} if len(vl) and min(vl) < 0 else set()
+        fin_steps = {r for r in rem.tolist() if a <= r <= b}
+        breaks = sorted(shrink_steps | fin_steps)
+        pending_total, pending = 0, []
+        e = 0                                             # next growth event to queue
+
+        def flush():
+            nonlocal pending_total
+            if pending_total:
+                got = pool.allocate(pending_total)
+                at = 0
+                for r, x in pending:
+                    held[r].extend(got[at:at + x])
+                    at += x
+                pending.clear()
+                pending_total = 0
+
+        kvf = np.empty(b - a + 1)
+        cur, s0 = pool.used, a                            # use after step s0 - 1's finish
+        for k in breaks + [None]:
+            upto = last_plan if k is None else k
+            # Plans of steps before k (and k's own when it only grows) queue their growth.
+            while e < len(ksl) and ksl[e] <= upto and (ksl[e] < upto or upto not in shrink_steps):
+                pending.append((rids[cil[e]], vl[e]))
+                pending_total += vl[e]
+                e += 1
+            stop = b if k is None else min(k - 1, b)
+            if stop >= s0:
+                kvf[s0 - a:stop - a + 1] = (cur + np.cumsum(per_step[s0 - a:stop - a + 1])) / nb
+                cur += int(per_step[s0 - a:stop - a + 1].sum())
+            if k is None:
+                break
+            if k in shrink_steps:
+                flush()
+                here = []
+                while e < len(ksl) and ksl[e] == k:
+                    here.append((cil[e], vl[e]))
+                    e += 1
+                for i, x in sorted(here, key=lambda g: g[1] > 0):
+                    self._grow(rids[i], x)
+            if a <= k <= b:
+                fin = np.flatnonzero(rem == k).tolist()
+                if fin:
+                    flush()
+                    for i in fin:
+                        self._release(rids[i], int(run.blocks[k - 1, cols[i]]), int(run.ctx[cols[i]] + k))
+                cur = pool.used + pending_total
+                kvf[k - a] = cur / nb
+            else:
+                cur = pool.used + pending_total
+            s0 = k + 1
+        flush()
+        self.blocks_used = pool.used
+        return kvf
 
     # ---- applying a finished step ----------------------------------------------------
     def _finish_decode_step(self, n: int, need: np.ndarray, now: float) -> None:

@@ -75,6 +75,7 @@ class Arrivals:
         self.pending = iter(range(len(wl.prompt)))
         self.dispatch = None
         self.closed = wl.arrivals is None
+        self.next_time = float("inf")     # the next open-loop arrival (a run need not reach past it)
         # Sessions: a turn is sent think_time_s after its previous turn left (simulator/content.py).
         st = wl.structure
         self.child = None
@@ -103,9 +104,11 @@ class Arrivals:
         rids = range(len(times)) if self.child is None else np.flatnonzero(self.wl.structure.parent < 0).tolist()
         # Sessions: the arrival process gives the first turns, in order (the first len(heads) times).
         for rid, t in zip(rids, times.tolist()):
+            self.next_time = t
             if t > env.now:
                 yield env.timeout(t - env.now)
             self.dispatch(rid)
+        self.next_time = float("inf")
 
     def start(self, dispatch) -> None:
         self.dispatch = dispatch
@@ -204,6 +207,15 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
         contents = [content_of(wl.structure, o) if wl.structure is not None else None for o in outputs]
         replicas = [Replica(env, i, layouts[c], costs[c], sc, log, feed.on_done, contents[c])
                     for i, c in enumerate(config_of)]
+    # Event skipping (simulator/decode_run.py): a finished request changes nothing outside its
+    # replica unless it triggers the next arrival (closed loop, sessions).
+    for r in replicas:
+        if not slots:
+            r.skip = r.skip and not scn.step_by_step
+            r.quiet = not feed.closed and feed.child is None
+            r.horizon = feed
+    runners = [] if slots else replicas
+    reads_state = len(replicas) > 1 and v.router != "round_robin"
     router = Router(replicas, v.router, ctx)
     lay0 = layouts[compared]
 
@@ -222,6 +234,10 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
         if not feasible[rid]:
             reject(rid)
             return
+        if reads_state:               # replicas inside a run catch up to now before the router reads them
+            for rep in runners:
+                if rep._run is not None:
+                    rep.sync()
         r = router.pick(rid) if ctx is not None else router.pick()
         assert r is not None and fits[config_of[r.index], rid], "the router sent a request where it cannot fit"
         if len(keys) > 1:

@@ -1,0 +1,128 @@
+"""Event skipping: K decode-only steps of one replica advanced in one SimPy event.
+
+Between two scheduling events the batch of a replica is fixed and every decoding request grows
+by one token per step, so the next K steps are known in advance: their costs (the cost model's
+`decode_run`, exact integer sums over its lookup tables), their times (the same sequential
+additions SimPy makes), the blocks each request holds at each step, and the step at which each
+request finishes. `plan_run` works that out and picks K as the first of:
+  - a completion, when a completion can change what happens next: another request is waiting
+    (its slot or blocks may now be free), or a completion feeds the workload (closed loop,
+    sessions); otherwise finishing requests simply leave the run;
+  - a step whose blocks no longer fit (the step that would preempt is scheduled normally);
+  - with requests waiting, a step that frees blocks (an admission may now fit);
+  - a length cap that bounds the arrays (K x batch elements).
+Arrivals are not known in advance in a closed loop or a fleet, so they are not a bound: the
+dispatcher brings every replica up to date (`Replica.sync`) before the router reads it, and the
+replica that receives the request ends its run after the step in progress (a run cut short is
+still exact: the cut steps are re-planned by the scheduler's own rules).
+
+Why the scheduler would do nothing else during such a run: a decode-only step was planned, so
+nothing waiting could be admitted then; without a completion or a freed block no slot or block
+becomes free, the token budget is unchanged, and prefix-cache hits of the queue head can only
+shrink (an evicted hit turns into a fresh block it needs), so the admission checks of every
+policy (vllm-v1, vllm-v0, lmdeploy) keep failing.
+
+Pure numpy; the replica applies a run (simulator/replica.py, `_apply_run`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Largest K x batch of one run's arrays: long runs at small batches, short at large ones.
+RUN_ELEMENTS = 1 << 15
+
+
+@dataclass
+class Run:
+    rid: np.ndarray       # (n,) request of each decode column at the run's start, in column order
+    ctx: np.ndarray       # (n,) context before step 1
+    gen: np.ndarray       # (n,) tokens generated before step 1
+    rem: np.ndarray       # (n,) steps until each finishes (it finishes at step rem)
+    blocks: np.ndarray    # (K, n) blocks each request holds once step k is planned
+    t: np.ndarray         # (K,) end time of each step
+    dt: np.ndarray        # (K,) duration of each step
+    nd: np.ndarray        # (K,) requests decoding in each step
+    end: int              # steps in the run (a submit can cut it down)
+    used_plan: np.ndarray | None = None  # (K,) counted blocks in use once step k is planned
+    used_fin: np.ndarray | None = None   # (K,) ... once step k has finished
+    fin: int = 0          # steps applied (finished) so far
+    planned: int = 1      # steps planned so far (the scheduler planned step 1)
+    alive: np.ndarray = field(default=None)  # (n,) not yet finished (applied)
+
+    def __post_init__(self):
+        if self.alive is None:
+            self.alive = np.ones(len(self.rid), bool)
+
+
+def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting: bool, quiet: bool,
+             pooled: bool, now: float, horizon_steps: int = 1 << 30) -> Run | None:
+    """The longest exact run from a planned decode-only step (need1: its blocks), or None when
+    it would be a single step. used: blocks in use after that plan. quiet: completions change
+    nothing outside the replica (open-loop arrivals). horizon_steps: about how many steps
+    until the next arrival (a run is cut there; computing further would be wasted)."""
+    n = len(rid)
+    rem = out - gen
+    calm = quiet and not waiting
+    k = min(max(2, RUN_ELEMENTS // n), int(rem.max()) if calm else int(rem.min()), horizon_steps)
+    if k < 2:
+        return None
+    steps = np.arange(1, k + 1)
+    blocks = layout.decode_blocks_vec(prompt[None, :], ctx[None, :] + steps[:, None])
+    assert np.array_equal(blocks[0], need1), "the run's first step disagrees with the scheduler's plan"
+    full = int(rem.min()) >= k                              # nobody finishes inside the run
+    live = None if full else rem[None, :] >= steps[:, None]
+    grow = np.diff(blocks, axis=0)                          # row j: growth planned at step j + 2
+    if not full:
+        grow *= live[1:]
+    inc = np.concatenate(([0], grow.sum(axis=1)))
+    if waiting:
+        shrink = np.flatnonzero((grow < 0).any(axis=1))
+        if len(shrink):
+            k = min(k, int(shrink[0]) + 1)
+    used_plan = used_fin = None
+    k0 = len(steps)                                   # the arrays' length; k is cut below
+    if pooled:
+        # The pool frees a shared block only with its last holder: bound use by growth alone.
+        bound = used + np.cumsum(np.concatenate(([0], np.maximum(grow, 0).sum(axis=1))))
+        over = np.flatnonzero(bound > layout.num_blocks)
+    else:
+        done_at = rem <= k0
+        rel = np.zeros(k0 + 1, np.int64)
+        if done_at.any():
+            cols = np.flatnonzero(done_at)
+            np.add.at(rel, rem[cols], blocks[rem[cols] - 1, cols])
+        rel = rel[1:]
+        used_plan = used + np.cumsum(inc) - np.concatenate(([0], np.cumsum(rel)[:-1]))
+        used_fin = used_plan - rel
+        over = np.flatnonzero(used_plan > layout.num_blocks)
+    if len(over):
+        k = min(k, int(over[0]))
+    if k < 2:
+        return None
+    dt = cost.decode_run(ctx, prompt, rem, k)
+    if dt is None:
+        return None
+    t = np.cumsum(np.concatenate(([now], dt)))[1:]   # sequential sums: SimPy's now + delay, step by step
+    nd = np.full(k, n) if full else live[:k].sum(axis=1)
+    return Run(rid, ctx, gen, rem, blocks[:k], t, dt, nd, k,
+               used_plan[:k] if used_plan is not None else None, used_fin[:k] if used_fin is not None else None)
+
+
+def timeout_at(env, target: float):
+    """An event that fires at exactly `target`. A timeout fires at now + delay, and for some
+    (now, target) no delay makes that sum round to target (ties to even skip every other value),
+    so the event goes into the queue at the absolute time, as Environment.schedule would put it
+    (simpy 4: the queue holds (time, priority, id, event)). Event skipping needs this: the step
+    that ends a run must end at the very float it ends at step by step."""
+    import heapq
+
+    import simpy
+    from simpy.events import NORMAL
+
+    assert target >= env.now, f"an event in the past ({target} < {env.now})"
+    ev = simpy.Event(env)
+    ev._ok, ev._value = True, None
+    heapq.heappush(env._queue, (target, NORMAL, next(env._eid), ev))
+    return ev

@@ -1,0 +1,137 @@
+"""Event skipping (simulator/decode_run.py) changes no number: every per-request figure, the
+inter-token histogram and every per-step row equal what step-by-step simulation gives, over
+generated scenarios of every policy, method, chunking, router, fleet and slots set-up."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rkvsim.models import parse_method, resolve_hardware, resolve_model
+from rkvsim.simulator.config import Scenario
+from rkvsim.simulator.cost_model import RooflineCostModel, StepBatch, StepOverheads
+from rkvsim.simulator.kv_memory import DoesNotFitError
+from rkvsim.simulator.pipeline import run_scenario
+from rkvsim.simulator.simulation import build_workload, make_cost_model
+
+LOG_FIELDS = ("arrival", "first_sched", "first_token", "finish", "itl_max", "last_token", "generated",
+              "preemptions", "replica", "rejected", "cached_prompt", "output")
+STEP_FIELDS = ("t_end", "dt", "batch", "kv_fraction", "prefill_tokens")
+METHODS = ["fp16", "fp8", "kivi-2", "kivi-4", "gear-4", "streamingllm-512", "h2o-512", "snapkv-1024"]
+
+
+def both_modes(raw: dict, seed: int = 0):
+    out = []
+    for step in (True, False):
+        scn = Scenario.model_validate({**raw, "step_by_step": step})
+        wl = build_workload(scn, seed, ".")
+        out.append(run_scenario(scn, seed, ".", workload=wl, inflation=None).runs)
+    return out
+
+
+def assert_identical(step_runs, skip_runs) -> int:
+    """Every recorded figure equal (floats bit for bit); returns the steps the skipping covered."""
+    covered = 0
+    assert [r.label for r in step_runs] == [r.label for r in skip_runs]
+    for a, b in zip(step_runs, skip_runs):
+        for f in LOG_FIELDS:
+            x, y = getattr(a.log, f), getattr(b.log, f)
+            assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"{a.label}: log.{f} differs"
+        assert np.array_equal(a.log.itl_hist, b.log.itl_hist), f"{a.label}: inter-token histogram differs"
+        assert a.log.prefill_tokens == b.log.prefill_tokens and a.log.reject_reason == b.log.reject_reason
+        for ra, rb in zip(a.replicas, b.replicas):
+            for f in STEP_FIELDS:
+                assert getattr(ra.steps, f) == getattr(rb.steps, f), f"{a.label} replica {ra.index}: steps.{f} differs"
+            assert getattr(ra, "runs", 0) == 0, "step_by_step took a run"
+            covered += getattr(rb, "run_steps", 0)
+            if getattr(ra, "pool", None) is not None:
+                assert ra.pool.evictions == rb.pool.evictions and ra.pool.ref == rb.pool.ref
+    return covered
+
+
+arrival_st = st.one_of(
+    st.builds(lambda r: {"process": "poisson", "rate": r}, st.floats(0.2, 40)),
+    st.builds(lambda r, cv: {"process": "gamma", "rate": r, "cv": cv}, st.floats(0.2, 40), st.floats(0.2, 4)),
+    st.builds(lambda c, th: {"process": "closed_loop", "concurrency": c, "think_time_s": th},
+              st.integers(1, 48), st.sampled_from([0.0, 0.5])),
+    st.just({"process": "offline"}),
+)
+structure_st = st.one_of(
+    st.just({}),
+    st.builds(lambda g, t: {"shared_prefix": {"groups": g, "tokens": t}}, st.integers(1, 3), st.integers(16, 1200)),
+    st.builds(lambda n, th: {"sessions": {"turns": n, "think_time_s": th}}, st.integers(2, 3), st.floats(0, 2)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(methods=st.lists(st.sampled_from(METHODS), min_size=1, max_size=2, unique=True), arrival=arrival_st,
+       hw=st.sampled_from(["l4", "a6000", "h100-sxm"]), policy=st.sampled_from(["vllm-v1", "vllm-v0", "lmdeploy"]),
+       caching=st.booleans(), bs=st.integers(1, 96), chunked=st.booleans(), replicas=st.integers(1, 3),
+       router=st.sampled_from(["round_robin", "least_outstanding", "least_kv", "compression_aware"]),
+       fleet=st.booleans(), plo=st.integers(1, 3000), pspan=st.integers(0, 1500), omax=st.integers(1, 700),
+       seed=st.integers(0, 99), structure=structure_st, block=st.sampled_from([16, 32]),
+       whole=st.booleans(), mem=st.sampled_from([0.9, 0.5]))
+def test_property_skipping_equals_step_by_step(methods, arrival, hw, policy, caching, bs, chunked, replicas, router,
+                                                fleet, plo, pspan, omax, seed, structure, block, whole, mem):
+    if "sessions" in structure and arrival["process"] in ("closed_loop", "offline"):
+        structure = {}
+    chunked = chunked and policy != "lmdeploy"
+    sched = {"policy": policy, "max_batch_size": bs, "chunked_prefill": chunked, "block_size": block,
+             "max_batched_tokens": 512 if chunked else 4096, "eviction_blocks": "whole" if whole else "compacted",
+             "gpu_memory_utilization": mem}
+    if policy == "vllm-v1":
+        sched["enable_prefix_caching"] = caching
+    raw = {"name": "p", "model": "llama-2-7b", "hardware": hw, "methods": methods, "replicas": replicas,
+           "router": router if replicas > 1 else "least_kv", "scheduler": sched,
+           "workload": {"num_requests": 40, "arrival": arrival, **structure,
+                        "prompt": {"dist": "uniform", "low": plo, "high": plo + pspan},
+                        "output": {"dist": "uniform", "low": 1, "high": omax}}}
+    if fleet and replicas > 1 and len(methods) == 2:
+        raw["fleet"] = [{"method": methods[0], "replicas": 1}, {"method": methods[1], "replicas": replicas - 1}]
+    try:
+        a, b = both_modes(raw, seed)
+    except DoesNotFitError:   # the model does not fit this GPU at this utilization: nothing to compare
+        return
+    assert_identical(a, b)
+
+
+@pytest.mark.parametrize("path", ["light_kv", "heavy_kv", "prefix_chat", "llamacpp_q8_0", "routing_paper"])
+def test_shipped_scenarios_identical_and_skipping_covers_steps(path):
+    from rkvsim.simulator.config import load_scenario, parse_overrides
+    from pathlib import Path
+    f = Path(__file__).parents[1] / "scenarios" / f"{path}.yaml"
+    sets = ["workload.num_requests=120"]
+    raws = [load_scenario(f, parse_overrides(sets + [f"step_by_step={s}"])) for s in ("true", "false")]
+    runs = [run_scenario(s, None, f.parent, inflation=None).runs for s in raws]
+    covered = assert_identical(*runs)
+    if not path.startswith("llamacpp"):          # llama.cpp slots are stepped one by one
+        assert covered > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decode_run_costs_equal_step_time_bit_for_bit(method):
+    rng = np.random.default_rng(3)
+    m = parse_method(method)
+    costs = [RooflineCostModel(resolve_model("llama-2-7b"), resolve_hardware("a6000"), m, 1),
+             RooflineCostModel(resolve_model("llama-2-7b"), resolve_hardware("a6000"), m, 1,
+                               overheads=StepOverheads("decode+piecewise", 64, (7e-4, 1e-5), "x")),
+             RooflineCostModel(resolve_model("mistral-7b"), resolve_hardware("a100-80g"), m, 2)]
+    scn = Scenario.model_validate({"model": "llama-2-7b", "hardware": "a6000", "methods": [method],
+                                   "workload": {"num_requests": 1, "arrival": {"process": "offline"},
+                                                "prompt": {"dist": "fixed", "value": 8},
+                                                "output": {"dist": "fixed", "value": 8}}})
+    costs.append(make_cost_model(scn, m, 1))      # the calibrated A6000 profile
+    for cm in costs:
+        for _ in range(12):
+            n, k = int(rng.integers(1, 200)), int(rng.integers(1, 80))
+            p = rng.integers(1, 3000, n)
+            c = p + rng.integers(0, 3000, n)
+            rem = rng.integers(1, 90, n)
+            dts = cm.decode_run(c, p, rem, k)
+            for j in range(1, k + 1):
+                live = rem >= j
+                if not live.any():
+                    break
+                e = np.zeros(0, np.int64)
+                assert dts[j - 1] == cm.step_time(StepBatch(e, e, c[live] + j, p[live])), (type(cm).__name__, j)
