@@ -31,9 +31,10 @@ BASE = {
 }
 
 
-def write_sweep(folder: Path, points: int, requests: int) -> Path:
+def write_sweep(folder: Path, points: int, requests: int, step_by_step: bool = False) -> Path:
     base = json.loads(json.dumps(BASE))
     base["workload"]["num_requests"] = requests
+    base["step_by_step"] = step_by_step
     (folder / "base.yaml").write_text(yaml.safe_dump(base))
     spec = {"name": "bench", "base": "base.yaml", "seeds": 1, "design": "lhs", "samples": points, "lhs_seed": 0,
             "axes": {"workload.arrival.rate": {"low": 0.5, "high": 8.0, "log": True},
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, help="default: this machine's cores")
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--cpu-sample", type=int, default=0, help="also time this many points in-process (CPU s)")
+    ap.add_argument("--step-by-step", action="store_true", help="no event skipping (the reference mode)")
     args = ap.parse_args()
 
     import pandas as pd
@@ -65,7 +67,7 @@ def main() -> None:
     workers = args.workers or default_workers()
     tmp = Path(tempfile.mkdtemp(prefix="bench_sweep."))
     try:
-        sweep = load_sweep(write_sweep(tmp, args.points, args.requests))
+        sweep = load_sweep(write_sweep(tmp, args.points, args.requests, args.step_by_step))
         out, rows = {}, {}
         for backend in [b for b in args.backends.split(",") if b]:
             t0 = time.perf_counter()

@@ -152,7 +152,10 @@ class Replica:
             # A plan that preempted may not have tried admission (vllm-v1 admits nobody in that
             # step; vllm-v0 without chunking admitted before it preempted), and the victim's blocks
             # are free now: the next plan may admit, so it is not the start of a run.
-            if self.skip and not chunks and n and n == self.n_dec and (self.preempted == pre_before or not self.waiting):
+            # A prompt part-way through its prefill that got no chunk (vllm-v0: its blocks did not
+            # fit) continues once blocks free up, so it, too, rules a run out.
+            if self.skip and not chunks and n and n == self.n_dec and not self.prefilling and \
+                    (self.preempted == pre_before or not self.waiting):
                 run = plan_run(D[self.RID, :n].copy(), D[self.CTX, :n].copy(), D[self.GEN, :n].copy(),
                                D[self.OUT, :n].copy(), D[self.PLEN, :n].copy(), dec_need, self.layout, self.cost,
                                self.blocks_used, bool(self.waiting), self.quiet, self.pool is not None, env.now,

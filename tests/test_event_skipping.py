@@ -64,7 +64,7 @@ structure_st = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(methods=st.lists(st.sampled_from(METHODS), min_size=1, max_size=2, unique=True), arrival=arrival_st,
        hw=st.sampled_from(["l4", "a6000", "h100-sxm"]), policy=st.sampled_from(["vllm-v1", "vllm-v0", "lmdeploy"]),
        caching=st.booleans(), bs=st.integers(1, 96), chunked=st.booleans(), replicas=st.integers(1, 3),
