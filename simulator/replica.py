@@ -40,6 +40,9 @@ class Replica:
     # SEQ: admission order (vLLM v1's `running` list order; its tail is preempted first).
     CTX, GEN, RID, PLEN, OUT, BLK, SEQ = range(7)
     LAST, ITLMAX = range(2)
+    # Event-skipping state (set in __init__; defaults here for replicas built without it in tests).
+    preempted = 0
+    _run: Run | None = None
 
     def __init__(self, env: simpy.Environment, index: int, layout: KVLayout, cost: CostModel,
                  cfg: SchedulerConfig, log: RequestLog, on_done: Callable[[int], None], content=None):
