@@ -192,9 +192,6 @@ class RooflineCostModel:
         eff, f, meth, spec = self.eff, self.f, self.method, self.spec
         dqf, qf = self.dequant_flops, self.quant_flops
 
-        def op_(graphed_rl, flops, vfl, nbytes, kernels=1.0):
-            return graphed_rl.op(flops, vfl, nbytes, kernels)
-
         if arr and g.any() and not g.all():
             def run_op(flops, vfl, nbytes, kernels=1.0):
                 return np.where(g, op(self.rl_graph, flops, vfl, nbytes, kernels), op(self.rl, flops, vfl, nbytes, kernels))
@@ -204,10 +201,7 @@ class RooflineCostModel:
             def run_op(flops, vfl, nbytes, kernels=1.0):
                 return op(rl_a, flops, vfl, nbytes, kernels)
         else:
-            rl = self.rl_graph if g else self.rl
-
-            def run_op(flops, vfl, nbytes, kernels=1.0):
-                return op_(rl, flops, vfl, nbytes, kernels)
+            run_op = (self.rl_graph if g else self.rl).op
 
         total = base
         stored = hkv * (s1 * full + (1 - f) * s3 + f * s2 * full)
