@@ -21,6 +21,27 @@ class ModelSpec:
     gated_mlp: bool = True
     weight_dtype_bytes: int = 2
     sliding_window: int | None = None    # attention (and the KV kept) spans the last N tokens
+    # Mixture of experts (Mixtral's form): each layer's MLP is num_experts experts of
+    # intermediate_size, experts_per_token of them run per token (0: dense).
+    num_experts: int = 0
+    experts_per_token: int = 0
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def experts_touched(self, tokens):
+        """Experts whose weights a step of `tokens` tokens reads, per layer: E * (1 - (1 - k/E)^T),
+        the expectation under uniform, independent routing (a stated prior: real routers are skewed,
+        which touches fewer). Dense models: 1. Works on floats and numpy arrays."""
+        if not self.num_experts:
+            return 1.0 + 0 * tokens
+        e, k = self.num_experts, self.experts_per_token
+        return e * (1.0 - (1.0 - k / e) ** tokens)
+
+    @property
+    def mlp_params_per_expert(self) -> int:
+        return (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size
 
     @property
     def q_size(self) -> int:
@@ -34,8 +55,9 @@ class ModelSpec:
     def params_per_layer(self) -> int:
         h = self.hidden_size
         attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
-        mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size
-        return attn + mlp + 2 * h  # two RMSNorm weight vectors
+        mlp = self.mlp_params_per_expert * max(1, self.num_experts)
+        router = h * self.num_experts
+        return attn + mlp + router + 2 * h  # two RMSNorm weight vectors
 
     @property
     def num_params(self) -> int:
@@ -58,6 +80,14 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("llama-3.1-8b", "meta-llama/Llama-3.1-8B", 32, 4096, 32, 8, 128, 14336, 128256, 131072),
         ModelSpec("mistral-7b", "mistralai/Mistral-7B-v0.1", 32, 4096, 32, 8, 128, 14336, 32000, 32768,
                   sliding_window=4096),
+        ModelSpec("llama-3-70b", "meta-llama/Meta-Llama-3-70B", 80, 8192, 64, 8, 128, 28672, 128256, 8192),
+        ModelSpec("codellama-34b", "codellama/CodeLlama-34b-Instruct-hf", 48, 8192, 64, 8, 128, 22016, 32000, 16384),
+        ModelSpec("internlm-20b", "internlm/internlm-20b", 60, 5120, 40, 40, 128, 13824, 103168, 4096),
+        ModelSpec("qwen-72b", "Qwen/Qwen-72B", 80, 8192, 64, 64, 128, 24576, 152064, 32768),
+        # Phi-2: GELU MLP without a gate (fc1 -> gelu -> fc2), untied LM head.
+        ModelSpec("phi-2", "microsoft/phi-2", 32, 2560, 32, 32, 80, 10240, 51200, 2048, gated_mlp=False),
+        ModelSpec("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", 32, 4096, 32, 8, 128, 14336, 32000, 32768,
+                  num_experts=8, experts_per_token=2),
         ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", 30, 576, 9, 3, 64, 1536, 49152, 8192,
                   tied_embeddings=True),
     ]
@@ -73,6 +103,11 @@ _ALIASES = {
     "meta-llama-3.1-8b-instruct": "llama-3.1-8b",
     "mistral-7b-v0.1": "mistral-7b", "mistral-7b-instruct-v0.1": "mistral-7b",
     "smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m",
+    "meta-llama-3-70b": "llama-3-70b", "llama-3-70b-instruct": "llama-3-70b",
+    "codellama-34b-instruct-hf": "codellama-34b", "codellama-34b-hf": "codellama-34b",
+    "codellama-codellama-34b-instruct-hf": "codellama-34b", "internlm-internlm-20b": "internlm-20b",
+    "qwen-qwen-72b": "qwen-72b", "microsoft-phi-2": "phi-2",
+    "mixtral-8x7b-v0.1": "mixtral-8x7b", "mixtral-8x7b-instruct-v0.1": "mixtral-8x7b",
 }
 
 
@@ -80,12 +115,13 @@ def _key(name: str) -> str:
     k = name.strip().lower().replace("_", "-")
     # hub ids: "org/name" or the dashed file-system form "org-name" used in ../shared/data
     k = k.split("/")[-1]
-    k = re.sub(r"^(meta-llama|mistralai|huggingfacetb)-", "", k)
+    k = re.sub(r"^(meta-llama|mistralai|huggingfacetb|microsoft|internlm|codellama)-", "", k)
     return k
 
 
-def resolve_model(name: str) -> ModelSpec:
-    """Find a model by short name, hub id ('meta-llama/Llama-2-7b-hf') or dashed id ('meta-llama-Llama-2-7b-hf')."""
+def registered_model(name: str) -> ModelSpec:
+    """Find a registered model by short name, hub id ('meta-llama/Llama-2-7b-hf') or dashed id
+    ('meta-llama-Llama-2-7b-hf'). models.hf_config.resolve_model also takes configs."""
     k = _key(name)
     k = _ALIASES.get(k, k)
     if k in MODELS:
@@ -93,4 +129,5 @@ def resolve_model(name: str) -> ModelSpec:
     for spec in MODELS.values():
         if _key(spec.hub_id) == k:
             return spec
-    raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)} (or their hub ids)")
+    raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)} (or their hub ids), "
+                   "or a Hugging Face config.json path / inline config fields")

@@ -24,16 +24,36 @@ class HardwareSpec:
     # Matches the device name torch reports (e.g. 'NVIDIA RTX A6000') so that a profile can be
     # checked against the hardware it claims to be for.
     device_pattern: str = ""
+    # Topology: how many GPUs one NVLink/NVSwitch domain joins (1: no NVLink, `link_*` is PCIe). A TP group larger than
+    # that crosses PCIe, so its ring runs at the PCIe figures (an A6000 NVLink bridge joins two).
+    nvlink_group: int = 1
+    pcie_bandwidth: float = 25 * GB      # PCIe 4.0 x16, achievable per direction
+    pcie_latency_s: float = 10e-6
+    # Vidur's measured collectives for this GPU's kind of host (calibration/data/comm/), if any.
+    network: str | None = None
+
+    def ring_link(self, workers: int) -> tuple[float, float]:
+        """(bandwidth, latency) of the slowest hop of a ring over `workers` GPUs."""
+        if self.nvlink_group == 1 or workers <= self.nvlink_group:   # group 1: the link is the only path
+            return self.link_bandwidth, self.link_latency_s
+        return self.pcie_bandwidth, self.pcie_latency_s
 
 
 HARDWARE: dict[str, HardwareSpec] = {
     h.name: h
     for h in [
-        HardwareSpec("a6000", 48 * GB, 768 * GB, 154.8e12, "nvlink-bridge", 56.25 * GB, 5e-6, r"a6000"),
-        HardwareSpec("a100-40g", 40 * GB, 1555 * GB, 312e12, "nvlink3", 300 * GB, 3e-6, r"a100.*(40|pcie)"),
-        HardwareSpec("a100-80g", 80 * GB, 2039 * GB, 312e12, "nvlink3", 300 * GB, 3e-6, r"a100.*80"),
-        HardwareSpec("h100-sxm", 80 * GB, 3350 * GB, 989.4e12, "nvlink4", 450 * GB, 2.5e-6, r"h100"),
-        HardwareSpec("h200", 141 * GB, 4800 * GB, 989.4e12, "nvlink4", 450 * GB, 2.5e-6, r"h200"),
+        HardwareSpec("a6000", 48 * GB, 768 * GB, 154.8e12, "nvlink-bridge", 56.25 * GB, 5e-6, r"a6000",
+                     nvlink_group=2),
+        HardwareSpec("a40", 48 * GB, 696 * GB, 149.7e12, "nvlink-bridge", 56.25 * GB, 5e-6, r"\ba40\b",
+                     nvlink_group=2, network="a40_pairwise_nvlink"),
+        HardwareSpec("a100-40g", 40 * GB, 1555 * GB, 312e12, "nvlink3", 300 * GB, 3e-6, r"a100.*(40|pcie)",
+                     nvlink_group=8, network="a100_dgx"),
+        HardwareSpec("a100-80g", 80 * GB, 2039 * GB, 312e12, "nvlink3", 300 * GB, 3e-6, r"a100.*80",
+                     nvlink_group=8, network="a100_dgx"),
+        HardwareSpec("h100-sxm", 80 * GB, 3350 * GB, 989.4e12, "nvlink4", 450 * GB, 2.5e-6, r"h100",
+                     nvlink_group=8, network="h100_dgx"),
+        HardwareSpec("h200", 141 * GB, 4800 * GB, 989.4e12, "nvlink4", 450 * GB, 2.5e-6, r"h200",
+                     nvlink_group=8, network="h100_dgx"),
         HardwareSpec("l40s", 48 * GB, 864 * GB, 362.05e12, "pcie4", 32 * GB, 10e-6, r"l40s"),
         HardwareSpec("l4", 24 * GB, 300 * GB, 121e12, "pcie4", 32 * GB, 10e-6, r"\bl4\b"),
         HardwareSpec("rtx-4090", 24 * GB, 1008 * GB, 82.6e12, "pcie4", 32 * GB, 10e-6, r"4090"),
@@ -45,7 +65,7 @@ HARDWARE: dict[str, HardwareSpec] = {
 
 _ALIASES = {
     "rtx-a6000": "a6000", "nvidia-rtx-a6000": "a6000", "a100": "a100-80g", "a100-sxm": "a100-80g",
-    "h100": "h100-sxm", "h100-80g": "h100-sxm", "4090": "rtx-4090", "rtx4090": "rtx-4090",
+    "h100": "h100-sxm", "h100-80g": "h100-sxm", "nvidia-a40": "a40", "4090": "rtx-4090", "rtx4090": "rtx-4090",
 }
 
 

@@ -53,9 +53,12 @@ def add_parser(sub) -> None:
     sub.choices["engine"].set_defaults(func=one_line_errors(engine_cli.run))
 
     i = sub.add_parser("import-vidur", help="convert Vidur-format profile CSVs into rkvprof tables")
-    i.add_argument("src", type=Path, help="folder holding <model>-{fp16,kivi,gear,h2o,stream,hf}/ folders")
-    i.add_argument("--gpu", required=True, help="hardware the profiles were measured on, e.g. a6000")
-    i.add_argument("--model", required=True, help="model the profiles are for")
+    i.add_argument("src", type=Path, help="folder holding <model>-{fp16,kivi,gear,h2o,stream,hf}/ folders, or "
+                                           "Vidur's repository layout (compute/<gpu>/<org>/<model>/mlp.csv, ...)")
+    i.add_argument("--gpu", required=True, help="hardware the profiles were measured on, e.g. a6000, a100, h100")
+    i.add_argument("--model", default=None, help="model the profiles are for (required for the per-method "
+                                                 "layout; in the repository layout, a comma-separated subset)")
+    i.add_argument("--commit", default=None, help="repository layout: the Vidur commit the files come from (provenance)")
     i.add_argument("--out", required=True, type=Path)
     i.set_defaults(func=one_line_errors(_import))
 
@@ -96,8 +99,16 @@ def _collect(args) -> int:
 
 def _import(args) -> int:
     from rkvsim.profiler.vidur_import import import_vidur
+    from rkvsim.profiler.vidur_repo import import_vidur_repo, is_repo_layout
 
-    res = import_vidur(args.src, args.gpu, args.model, args.out)
+    if is_repo_layout(args.src):
+        models = [m for m in (args.model or "").split(",") if m.strip()] or None
+        res = import_vidur_repo(args.src, args.gpu, args.out, models, args.commit)
+    elif args.model is None:
+        raise ProfilerError("--model is required for a per-method layout (<model>-<method>/ folders); "
+                            "e.g. --model meta-llama/Llama-2-7b-hf")
+    else:
+        res = import_vidur(args.src, args.gpu, args.model, args.out)
     counts = ", ".join(f"{k} {v}" for k, v in res.rows.items())
     print(f"rkvprof: imported {len(res.meta['files'])} files from {res.meta['source_path']} into {res.out}: {counts}")
     return 0

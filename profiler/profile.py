@@ -56,13 +56,21 @@ def load_profile(folder: Path | str, hardware: str | None = None, model: str | N
         raise ProfilerError(f"{folder} is an unfinished collection (status {meta.get('status')!r}); rerun it to finish")
     tables = {}
     for name, schema in TABLES.items():
-        path = folder / schema.filename
-        if path.exists():
+        path = table_path(folder, schema.filename)
+        if path is not None:
             df = pd.read_csv(path)
             if list(df.columns) != list(schema.columns) or (df["schema_version"] != SCHEMA_VERSION).any():
                 raise ProfilerError(f"{path} does not follow table schema version {SCHEMA_VERSION}")
             tables[name] = df
     return Profile(folder, meta, tables)
+
+
+def table_path(folder: Path, filename: str) -> Path | None:
+    """A table's file: `<name>.csv`, or `<name>.csv.gz` (imported GPU profiles ship compressed)."""
+    for p in (Path(folder) / filename, Path(folder) / f"{filename}.gz"):
+        if p.exists():
+            return p
+    return None
 
 
 def packaged_profiles() -> list[Path]:

@@ -56,7 +56,8 @@ ATTENTION = TableSchema(
 # sharded (heads and intermediate divided by tp), as in Vidur.
 OPERATORS = TableSchema(
     name="operators",
-    key=("method", "op", "num_tokens", "tp"),
+    # The shape is part of the key: an imported GPU profile holds several models' rows.
+    key=("method", "op", "num_tokens", "tp", "hidden", "intermediate", "num_q_heads", "num_kv_heads", "vocab"),
     columns=("schema_version", "method", "op", "num_tokens", "tp", "hidden", "intermediate",
              "num_q_heads", "num_kv_heads", "head_dim", "vocab", "dtype") + TIME_COLUMNS + ("source",),
 )

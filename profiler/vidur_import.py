@@ -117,9 +117,13 @@ def convert_attention(df: pd.DataFrame, folder: Folder, model: ModelSpec, source
     return pd.concat(parts, ignore_index=True)[list(ATTENTION.columns)]
 
 
-def convert_mlp(df: pd.DataFrame, folder: Folder, model: ModelSpec, source: str) -> pd.DataFrame:
-    _check_shapes(df, model, source, {"n_embd": model.hidden_size, "n_head": model.num_heads,
-                                      "n_kv_head": model.num_kv_heads, "n_expanded_embd": model.intermediate_size})
+def convert_mlp(df: pd.DataFrame, folder: Folder, model: ModelSpec, source: str,
+                gated: bool | None = None) -> pd.DataFrame:
+    cols = {"n_embd": model.hidden_size, "n_head": model.num_heads, "n_kv_head": model.num_kv_heads,
+            "n_expanded_embd": model.intermediate_size}
+    if gated is not None and "use_gated_mlp" in df:
+        cols["use_gated_mlp"] = gated
+    _check_shapes(df, model, source, cols)
     parts = []
     for op in MLP_OPS:
         if f"time_stats.{op}.median" not in df:

@@ -84,10 +84,13 @@ class CalibratedCostModel:
         if compiled.head is None:
             notes.append("LM head/sampling: roofline prior (not in the profile)")
         if roofline.tp > 1:
-            notes.append("TP all-reduce: roofline prior")
+            notes.append(f"TP all-reduce: {roofline.cost_parts['comm']}")
         notes.append(f"engine terms: {self.engine.source}")
         self.notes = notes
         self.source = compiled.origin
+        self.cost_parts = {**roofline.cost_parts, **(getattr(compiled, "parts", None) or {})}
+        if compiled.head is None:
+            self.cost_parts["dense"] += "+head:roofline-prior"
         self._pre_terms, self._dec_terms = self.engine.for_method(roofline.method.label)
         # Plain lists and arrays for the per-step lookups.
         self._dec_b, self._dec_c = compiled.dec_b.tolist(), compiled.dec_c.tolist()
@@ -205,7 +208,7 @@ class CalibratedCostModel:
 
 
 def calibrated_cost_model(folder: Path, model, hardware, method, tp: int, max_tokens: int, max_batch: int,
-                          max_ctx: int, overheads=None) -> "CalibratedCostModel":
+                          max_ctx: int, overheads=None, comm=None) -> "CalibratedCostModel":
     """CalibratedCostModel for one replica: the profile's compiled lookups, with engine terms
     installed beside the profile if any, and the roofline prior for what no profile row covers."""
     from rkvsim.calibration.steps.fit import fit_folder
@@ -213,7 +216,7 @@ def calibrated_cost_model(folder: Path, model, hardware, method, tp: int, max_to
 
     comp = compiled_costs(folder, model, method, tp, max_tokens, max_batch, max_ctx)
     engine = load_engine_terms(fit_folder(Path(folder)))
-    cm = CalibratedCostModel(comp, RooflineCostModel(model, hardware, method, tp, overheads=overheads), engine)
+    cm = CalibratedCostModel(comp, RooflineCostModel(model, hardware, method, tp, overheads=overheads, comm=comm), engine)
     if overheads is not None and engine is None:
         cm.source = f"{cm.source}; cpu:{overheads.cpu_source}"
     return cm

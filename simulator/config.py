@@ -87,7 +87,8 @@ class VerbosityConfig(_Strict):
 class Scenario(_Strict):
     name: str = "scenario"
     seed: int = 0
-    model: str
+    model: str | dict = Field(description="a registered name or hub id, a Hugging Face config.json path "
+                                          "(relative to the scenario file), or config.json fields inline")
     hardware: str
     profile: str | None = Field(None, description="profile folder for calibrated costs (else roofline prior)")
     tp: int | list[int] = Field(1, description="tensor-parallel degree, or a list to compare several")
@@ -105,7 +106,7 @@ class Scenario(_Strict):
 
     @field_validator("model")
     @classmethod
-    def _model_known(cls, v: str) -> str:
+    def _model_known(cls, v):
         try:
             resolve_model(v)
         except KeyError as e:
@@ -198,6 +199,9 @@ def load_scenario(path: str | Path, overrides: dict | None = None) -> Scenario:
         raise ScenarioError(f"{p}: a scenario is a YAML mapping (model:, hardware:, workload: ...)")
     for k, v in (overrides or {}).items():
         set_dotted(data, k, v)
+    m = data.get("model")
+    if isinstance(m, str) and m.endswith(".json") and not Path(m).is_absolute() and (p.parent / m).is_file():
+        data["model"] = str((p.parent / m).resolve())   # a config path is read relative to the scenario
     try:
         return Scenario.model_validate(data)
     except ValidationError as e:

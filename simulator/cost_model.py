@@ -18,6 +18,7 @@ per decoding request).
 
 Operators (per layer unless marked; weights / tp, read once per step):
   rmsnorm x2, qkv_proj, rope, o_proj, mlp_gate_up, mlp_act, mlp_down   over T tokens
+                (MoE: the MLP over T*k expert-tokens, reading the weights of the experts touched)
   embedding, final norm (per step, T tokens); lm_head + sampling (per step, on the tokens
   that produce logits: one per decoding request and per chunk that finishes its prompt)
   attn_prefill  flops 4*n*(past_cached + n/2)*d*Hq per chunk; bytes: the past KV as stored
@@ -36,7 +37,9 @@ Operators (per layer unless marked; weights / tp, read once per step):
                 decode: probabilities written + read, scores accumulated, one eviction
   h2o_evict     at prompt end: top-k over the prompt's scores, compaction
   snapkv_vote   at prompt end (prompt > budget): window x prompt scores, pool, top-k, compaction
-  allreduce     (tp > 1) 2 per layer of T*h*dtype bytes, ring: 2(tp-1)/tp*bytes/link + 2(tp-1)*lat
+  allreduce     (tp > 1) 2 per layer of T*h*dtype bytes: the host's measured curve where Vidur's network
+                tables cover it (calibration/steps/comm.py), else ring: 2(tp-1)/tp*bytes/link + 2(tp-1)*lat
+                over the slowest hop (PCIe once the ring leaves the NVLink domain)
   step_overhead per step, plus per sequence (CPU side)
 """
 from __future__ import annotations
@@ -101,7 +104,8 @@ class RooflineCostModel:
     source = ROOFLINE_SOURCE
 
     def __init__(self, model: ModelSpec, hw: HardwareSpec, method: Method, tp: int = 1,
-                 efficiency: RooflineEfficiency | None = None, overheads: StepOverheads | None = None):
+                 efficiency: RooflineEfficiency | None = None, overheads: StepOverheads | None = None,
+                 comm=None):
         if tp < 1:
             raise ValueError("tp must be >= 1")
         self.model, self.hw, self.method, self.tp = model, hw, method, tp
@@ -135,6 +139,15 @@ class RooflineCostModel:
             self.seg_g = float(self.gear.segment_bytes(method, g, self.d, self.dt)[0])
             self.rank_g = int(self.gear.rank(method, g, self.d)[0])
             self.out_g = 2 * int(self.gear.outliers(method, g, self.d)[0])
+        # Measured all-reduce curve for this host and TP degree (calibration.steps.comm.lookup), else
+        # the ring formula over the slowest hop of the hardware's topology.
+        self.comm = comm if tp > 1 else None
+        self._comm_cache: dict[int, float] = {}
+        self.cost_parts = {"dense": "roofline-prior", "attention": "roofline-prior",
+                           "comm": "none (tp 1)" if tp == 1 else (comm[2] if comm else
+                                                                   f"ring-formula({hw.interconnect}"
+                                                                   f"{'' if tp <= hw.nvlink_group or hw.nvlink_group == 1 else '+pcie'})"),
+                           "cpu": self.overheads.cpu_source}
         self._dense_cache: dict[int, tuple[float, tuple[float, ...]]] = {}
         self._head_cache: dict[int, tuple[float, float]] = {}
         self._build_tables(min(max(m.max_position, 4096), 32768) + 1)   # grows on demand
@@ -293,9 +306,14 @@ class RooflineCostModel:
         qkv = op(2 * t * h * (qs + 2 * kvs), 0, dt * (h * (qs + 2 * kvs) + t * h + t * (qs + 2 * kvs)))
         rope = op(0, 3 * t * (qs + kvs), dt * (2 * t * (qs + kvs) + t * self.d))  # + cos/sin rows
         oproj = op(2 * t * qs * h, 0, dt * (qs * h + t * qs + t * h))
-        gate_up = op(2 * t * h * up, 0, dt * (h * up + t * h + t * up))
-        act = op(0, 5 * t * inter, dt * (t * up + t * inter))    # SiLU(gate) * up, or the plain activation
-        down = op(2 * t * inter * h, 0, dt * (inter * h + t * inter + t * h))
+        # MoE: each token runs k experts (FLOPs and activations x k); the weights read are those of
+        # the experts the step's tokens touch (models.ModelSpec.experts_touched), plus the router.
+        tk = t * max(1, m.experts_per_token)
+        ex = float(m.experts_touched(t)) if m.is_moe else 1.0
+        gate_up = op(2 * tk * h * up + 2 * t * h * m.num_experts, 0,
+                     dt * (ex * h * up + t * h + tk * up + h * m.num_experts))
+        act = op(0, 5 * tk * inter, dt * (tk * up + tk * inter))    # SiLU(gate) * up, or the plain activation
+        down = op(2 * tk * inter * h, 0, dt * (ex * inter * h + tk * inter + t * h))
         per_layer = (2 * norm, qkv, rope, oproj, gate_up, act, down)
         embed = op(0, 0, 2 * t * h * dt)                        # row gather + write
         final_norm = op(0, 5 * t * h, 2 * t * h * dt + h * dt)
@@ -322,7 +340,13 @@ class RooflineCostModel:
         # Megatron TP: all-reduce after attention's output projection and after the MLP.
         if self.tp == 1:
             return 0.0
-        return 2 * self.L * ring_allreduce_s(t * self.h * self.dt, self.tp, self.hw)
+        if self.comm is None:
+            return 2 * self.L * ring_allreduce_s(t * self.h * self.dt, self.tp, self.hw)
+        hit = self._comm_cache.get(t)
+        if hit is None:
+            from rkvsim.calibration.steps.comm import curve_time
+            hit = self._comm_cache[t] = 2 * self.L * curve_time(self.comm, t * self.h * self.dt)
+        return hit
 
     def _overhead(self, n_seqs: int) -> float:
         return self.eff.step_overhead_s + self.eff.per_seq_overhead_s * n_seqs

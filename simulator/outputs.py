@@ -60,13 +60,24 @@ def _prefix_cache(r: MethodRun) -> dict:
 
 
 def _cost_notes(r: MethodRun) -> dict:
-    """How a calibrated cost model filled what its profile lacks (borrowed fits, priors)."""
+    """How a calibrated cost model filled what its profile lacks (borrowed fits, priors), and where
+    each part of the step cost came from (dense, attention, comm, cpu)."""
     notes = []
     for rep in r.replicas:
         for n in getattr(getattr(rep, "cost", None), "notes", None) or []:
             if n not in notes:
                 notes.append(n)
-    return {"cost_notes": notes} if notes else {}
+    out = {"cost_notes": notes} if notes else {}
+    parts = []
+    for rep in r.replicas:
+        cp = getattr(getattr(rep, "cost", None), "cost_parts", None)
+        if cp:
+            s = " ".join(f"{k}:{v}" for k, v in cp.items())
+            if s not in parts:
+                parts.append(s)
+    if parts:
+        out["cost_parts"] = parts[0] if len(parts) == 1 else parts
+    return out
 
 
 def request_table(runs: list[MethodRun]):

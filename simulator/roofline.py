@@ -66,7 +66,9 @@ class Roofline:
 
 
 def ring_allreduce_s(nbytes: float, tp: int, hw: HardwareSpec) -> float:
-    """Ring all-reduce: 2(tp-1)/tp of the buffer crosses each link, 2(tp-1) latency hops."""
+    """Ring all-reduce: 2(tp-1)/tp of the buffer crosses each link, 2(tp-1) latency hops, at the
+    slowest hop's figures (PCIe once the ring leaves the NVLink domain)."""
     if tp <= 1:
         return 0.0
-    return 2.0 * (tp - 1) / tp * nbytes / hw.link_bandwidth + 2 * (tp - 1) * hw.link_latency_s
+    bw, lat = hw.ring_link(tp)
+    return 2.0 * (tp - 1) / tp * nbytes / bw + 2 * (tp - 1) * lat

@@ -149,14 +149,16 @@ def make_cost_model(scn: Scenario, method: Method, tp: int, sc=None) -> CostMode
     from rkvsim.calibration.steps.profiles import find_profile
     from rkvsim.simulator.calibrated import calibrated_cost_model
     from rkvsim.calibration.steps.fit import FitError
+    from rkvsim.calibration.steps.comm import lookup as comm_lookup
     sc = sc or scn.scheduler
     ov = step_overheads(sc, hw.name, tp)
+    comm = comm_lookup(hw.network, tp) if tp > 1 else None
     try:
         folder = find_profile(hw, model, scn.profile)
         if folder is None:
-            return RooflineCostModel(model, hw, method, tp, overheads=ov)
+            return RooflineCostModel(model, hw, method, tp, overheads=ov, comm=comm)
         return calibrated_cost_model(folder, model, hw, method, tp, sc.max_batched_tokens, sc.max_batch_size,
-                                     sc.max_model_len or model.max_position, overheads=ov)
+                                     sc.max_model_len or model.max_position, overheads=ov, comm=comm)
     except (FitError, LookupError) as e:
         raise ScenarioError(f"profile: {' '.join(str(e).split())}") from None
 

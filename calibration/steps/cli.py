@@ -21,6 +21,9 @@ def add_parser(sub) -> None:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--candidates", default=None,
                    help="comma-separated subset of physics,physics+gbt,forest,xgboost (default: all available)")
+    f.add_argument("--leave-one-model-out", action="store_true",
+                   help="print, per operator, the error on each model held out of the fit (a profile of several "
+                        "models, such as an imported GPU's; its dense operators are always scored that way)")
     f.set_defaults(func=_one_line(cmd_fit))
     i = sub.add_parser("install", help="copy a profile (and its fit) into the user store the simulator searches")
     i.add_argument("profile", type=Path)
@@ -57,8 +60,35 @@ def cmd_fit(args) -> int:
         t.add_row(fam, meth, op, str(f.rows), *[f"{100 * f.heldout[c]:.2f}" if c in f.heldout else "-" for c in cands],
                   f"{f.chosen} ({100 * f.heldout[f.chosen]:.2f}%)")
     con.print(t)
+    if args.leave_one_model_out:
+        lomo = {k: f for k, f in fit.ops.items() if getattr(f, "heldout_models", None)}
+        if not lomo:
+            from rkvsim.calibration.steps.fit import FitError
+            raise FitError(f"{args.profile} holds one model's rows; leave-one-model-out needs a profile of several "
+                           "(rkvprof import-vidur of a GPU's compute/ folder)")
+        con.print(leave_one_model_out_table(fit, prof.hardware))
     con.print(f"wrote {out}/step_fit.pkl and {out}/fit.json")
     return 0
+
+
+def leave_one_model_out_table(fit, hardware: str):
+    """Rich table, one row per (operator, held-out model): MAPE (%) of the shape-transfer fit and of
+    the physics law trained on the other models."""
+    from rich.table import Table
+
+    from rkvsim.calibration.steps.fit import ShapeBoost
+    t = Table(title=f"{hardware}: leave-one-model-out error (mean |pred - meas| / meas, %)")
+    for c in ("operator", "held-out model", "shape+gbt", "physics law"):
+        t.add_column(c, no_wrap=True)
+    for (_, _, op), f in sorted(fit.ops.items()):
+        per = getattr(f, "heldout_models", None) or {}
+        sh, ph = per.get(ShapeBoost.name, {}), per.get("physics", {})
+        for m in sorted(sh):
+            t.add_row(op, m, f"{100 * sh[m]:.1f}", f"{100 * ph[m]:.1f}" if m in ph else "-")
+        if sh:
+            t.add_row(op, "worst", f"{100 * max(sh.values()):.1f}", f"{100 * max(ph.values()):.1f}" if ph else "-",
+                      end_section=True)
+    return t
 
 
 def cmd_install(args) -> int:

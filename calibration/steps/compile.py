@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rkvsim.models import Method, ModelSpec, parse_method
+from rkvsim.models import HardwareSpec, Method, ModelSpec, parse_method
 
 from rkvsim.calibration.steps.features import PER_LAYER_OPS, decode_work, dense_work, prefill_work
 from rkvsim.calibration.steps.fit import OpFit, StepFit
@@ -40,6 +40,7 @@ class CompiledCosts:
     pre: np.ndarray
     attention_from: str           # profile method whose attention fit is used
     notes: list[str] = field(default_factory=list)
+    parts: dict = field(default_factory=dict)   # where each part comes from: dense, attention
 
 
 def _grid(hi: int, dense_upto: int, n_geo: int) -> np.ndarray:
@@ -83,15 +84,36 @@ def pick_attention(fit: StepFit, method: Method) -> tuple[str, Method, str | Non
                       f"profile it: rkvprof collect --methods {method.label}")
 
 
+def hw_scale(work: dict, src: HardwareSpec, dst: HardwareSpec) -> np.ndarray:
+    """Datasheet roofline of the same attention work on dst over src: max(FLOPs / peak FLOP/s,
+    bytes / bandwidth), the ratio that carries a measured kernel time to another GPU."""
+    fl = np.asarray(work["flops"], np.float64)
+    by = np.asarray(work["kv_bytes"], np.float64)
+    t_src = np.maximum(fl / src.dense_flops, by / src.mem_bandwidth)
+    t_dst = np.maximum(fl / dst.dense_flops, by / dst.mem_bandwidth)
+    return np.where(t_src > 0, t_dst / np.maximum(t_src, 1e-30), src.mem_bandwidth / dst.mem_bandwidth)
+
+
+MOE_OPS = ("mlp_up_proj", "mlp_act", "mlp_down_proj")
+
+
 def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, max_tokens: int = 8192,
-                  max_batch: int = 256, max_ctx: int = 4096) -> CompiledCosts:
+                  max_batch: int = 256, max_ctx: int = 4096, donor: tuple | None = None) -> CompiledCosts:
+    """donor: (StepFit, source HardwareSpec, this HardwareSpec) whose attention is carried here by
+    hw_scale when `fit` has none (a GPU whose profile measured dense operators only)."""
     dt = model.weight_dtype_bytes
     L = model.num_layers
     notes = []
-    transfer = model.name != fit.model
+    transfer = not fit.profiled(model.name)
+    hw_tag = fit.origin.split(":", 1)[-1].split("@")[0]
+    parts = {"dense": f"{'transfer' if transfer else 'profile'}({fit.origin.removeprefix('profile:')}"
+                      f"{'' if not transfer else ' ' + ','.join(getattr(fit, 'models', None) or [fit.model])})"}
     if transfer:
-        notes.append(f"fitted on {fit.model}, applied to {model.name} through FLOP/byte features "
-                     "(physics-anchored predictors)")
+        notes.append(f"dense operators fitted on {', '.join(getattr(fit, 'models', None) or [fit.model])}, applied to "
+                     f"{model.name} through its shape (FLOP/byte and GEMM-shape features)")
+    if model.is_moe:
+        notes.append(f"MoE: each expert's MLP costed at tokens x {model.experts_per_token} / experts touched, "
+                     "times the experts touched (uniform routing)")
     dims = (model.hidden_size, model.intermediate_size, model.num_heads, model.num_kv_heads,
             model.head_dim, model.vocab_size)
 
@@ -106,7 +128,14 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
         if f is None:
             missing.append(op)
             continue
-        y = anchored(f, lambda tokens, op=op: dense_work(op, tokens, *dims, tp, dt), transfer, tokens=tg)
+        def build(tokens, op=op):
+            return dense_work(op, tokens, *dims, tp, dt, gated=model.gated_mlp)
+        if model.is_moe and op in MOE_OPS:
+            ex = np.asarray(model.experts_touched(tg.astype(np.float64)))
+            per_expert = np.maximum(tg * model.experts_per_token / ex, 1.0)
+            y = ex * anchored(f, build, transfer, tokens=per_expert)
+        else:
+            y = anchored(f, build, transfer, tokens=tg)
         if op in HEAD_OPS:
             head_g += y
         else:
@@ -119,12 +148,26 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     if not [op for op in HEAD_OPS if op in missing]:
         head = np.interp(t_all, np.concatenate([[0], tg]), np.concatenate([[0.0], head_g]))
 
-    label, feat_method, note = pick_attention(fit, method)
+    att_fit, scale_hw = fit, None
+    if not (set(fit.methods("decode")) & set(fit.methods("prefill"))) and donor is not None:
+        att_fit, src_hw, dst_hw = donor
+        scale_hw = (src_hw, dst_hw)
+        notes.append(f"attention: no table measured on {hw_tag}; {att_fit.origin}'s, carried by the datasheet "
+                     f"roofline ({src_hw.name} -> {dst_hw.name}) and the shape's FLOPs/bytes")
+    label, feat_method, note = pick_attention(att_fit, method)
     if note:
         notes.append(note)
+    src_tag = att_fit.origin.removeprefix("profile:")
+    parts["attention"] = (f"transfer({src_tag})" if scale_hw else
+                          ("transfer-shape" if not att_fit.profiled(model.name) else "profile") + f"({src_tag}")
+    if not scale_hw:
+        parts["attention"] += ")"
+    if label != method.label:
+        parts["attention"] += f"[{label} for {method.label}]"
     hq, hkv = max(1, model.num_heads // tp), max(1, model.num_kv_heads // tp)
     d = model.head_dim
-    dec_f, pre_f = fit.get("decode", label, "attention"), fit.get("prefill", label, "attention")
+    dec_f, pre_f = att_fit.get("decode", label, "attention"), att_fit.get("prefill", label, "attention")
+    att_transfer = transfer or scale_hw is not None or not att_fit.profiled(model.name)
 
     # Decode: batch x mean tokens held per request, bilinear.
     cap = feat_method.token_cap or method.token_cap
@@ -136,8 +179,10 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     def dec_build(batch, ctx):
         return decode_work(feat_method, batch, np.asarray(ctx).round().astype(np.int64), hq, hkv, d,
                            prompt=np.asarray(ctx).round().astype(np.int64), dtype_bytes=dt)
-    dec = L * anchored(dec_f, dec_build, transfer, batch=B.ravel().astype(float),
-                       ctx=C.ravel().astype(float)).reshape(B.shape)
+    dec = anchored(dec_f, dec_build, att_transfer, batch=B.ravel().astype(float), ctx=C.ravel().astype(float))
+    if scale_hw:
+        dec = dec * hw_scale(dec_build(B.ravel().astype(float), C.ravel().astype(float)), *scale_hw)
+    dec = L * dec.reshape(B.shape)
 
     # Prefill chunk: new tokens x cached past, bilinear.
     ng = _grid(max(int(max_tokens), 2), 16, 56)
@@ -147,7 +192,9 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     def pre_build(tokens, past):
         return prefill_work(feat_method, np.asarray(tokens).round().astype(np.int64),
                             np.asarray(past).round().astype(np.int64), hq, hkv, d, dtype_bytes=dt)
-    pre = L * anchored(pre_f, pre_build, transfer, tokens=N.ravel().astype(float),
-                       past=P.ravel().astype(float)).reshape(N.shape)
+    pre = anchored(pre_f, pre_build, att_transfer, tokens=N.ravel().astype(float), past=P.ravel().astype(float))
+    if scale_hw:
+        pre = pre * hw_scale(pre_build(N.ravel().astype(float), P.ravel().astype(float)), *scale_hw)
+    pre = L * pre.reshape(N.shape)
     return CompiledCosts(fit.origin, L, dense, head, bg.astype(np.float64), cg.astype(np.float64), dec,
-                         ng.astype(np.float64), pg.astype(np.float64), pre, label, notes)
+                         ng.astype(np.float64), pg.astype(np.float64), pre, label, notes, parts)

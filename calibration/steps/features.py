@@ -28,6 +28,9 @@ PER_LAYER_OPS = frozenset(DENSE_OPS) - {"emb", "lm_head", "sample"}
 
 # Columns each predictor family regresses on (besides a constant).
 DENSE_FEATURES = ("flops", "vflops", "bytes")
+# Tree inputs of the shape-transfer fit (several models in one profile): the GEMM's M (tokens),
+# N and K per rank beside the work, so that tile and wave effects follow the shape, not the model.
+SHAPE_TREE_FEATURES = ("tokens", "n_out", "k_in", "flops", "vflops", "bytes")
 DECODE_FEATURES = ("batch", "flops", "kv_bytes", "raw_bytes", "score_work")
 PREFILL_FEATURES = ("tokens", "flops", "kv_bytes", "score_work")
 
@@ -37,41 +40,45 @@ def _f(x) -> np.ndarray:
 
 
 def dense_work(op: str, t, hidden, inter, q_heads, kv_heads, head_dim, vocab, tp=1,
-               dtype_bytes: int = 2) -> dict[str, np.ndarray]:
-    """Work of one dense operator over t tokens on one TP rank (weights sharded as Megatron)."""
+               dtype_bytes: int = 2, gated=True) -> dict[str, np.ndarray]:
+    """Work of one dense operator over t tokens on one TP rank (weights sharded as Megatron).
+    Besides FLOPs and bytes: the GEMM's output width `n_out` and reduction depth `k_in` per rank
+    (the element count per token for element-wise ops, k_in = 1), which shape-transfer fits read."""
     t, h, dt = _f(t), _f(hidden), float(dtype_bytes)
+    g = 1.0 + _f(gated)            # gate and up fused (2 x intermediate) when the MLP is gated
     tp = _f(tp)
     qs = _f(q_heads) / tp * _f(head_dim)
     kvs = np.maximum(1.0, _f(kv_heads) / tp) * _f(head_dim)
     i = _f(inter) / tp
     v = _f(vocab) / tp
-    z = np.zeros_like(t)
+    z, one = np.zeros_like(t), np.ones_like(t)
     if op == "emb":
-        fl, vf, by = z, z, 2 * t * h * dt
+        fl, vf, by, n, k = z, z, 2 * t * h * dt, h, one
     elif op in ("input_layernorm", "post_attention_layernorm"):
-        fl, vf, by = z, 5 * t * h, 2 * t * h * dt + h * dt
+        fl, vf, by, n, k = z, 5 * t * h, 2 * t * h * dt + h * dt, h, one
     elif op == "attn_pre_proj":
         out = qs + 2 * kvs
-        fl, vf, by = 2 * t * h * out, z, dt * (h * out + t * h + t * out)
+        fl, vf, by, n, k = 2 * t * h * out, z, dt * (h * out + t * h + t * out), out, h
     elif op == "attn_rope":
-        fl, vf, by = z, 3 * t * (qs + kvs), dt * 2 * t * (qs + kvs)
+        fl, vf, by, n, k = z, 3 * t * (qs + kvs), dt * 2 * t * (qs + kvs), qs + kvs, one
     elif op == "attn_post_proj":
-        fl, vf, by = 2 * t * qs * h, z, dt * (qs * h + t * qs + t * h)
-    elif op == "mlp_up_proj":      # gate and up fused: 2 x intermediate outputs
-        fl, vf, by = 4 * t * h * i, z, dt * (2 * h * i + t * h + 2 * t * i)
-    elif op == "mlp_act":
-        fl, vf, by = z, 5 * t * i, dt * 3 * t * i
+        fl, vf, by, n, k = 2 * t * qs * h, z, dt * (qs * h + t * qs + t * h), h, qs
+    elif op == "mlp_up_proj":
+        fl, vf, by, n, k = 2 * g * t * h * i, z, dt * (g * h * i + t * h + g * t * i), g * i, h
+    elif op == "mlp_act":        # SiLU(gate) * up reads 2 x intermediate; a plain GELU reads one
+        fl, vf, by, n, k = z, 5 * t * i, dt * (g + 1) * t * i, g * i, one
     elif op == "mlp_down_proj":
-        fl, vf, by = 2 * t * i * h, z, dt * (i * h + t * i + t * h)
+        fl, vf, by, n, k = 2 * t * i * h, z, dt * (i * h + t * i + t * h), h, i
     elif op == "add":
-        fl, vf, by = z, t * h, 3 * t * h * dt
+        fl, vf, by, n, k = z, t * h, 3 * t * h * dt, h, one
     elif op == "lm_head":
-        fl, vf, by = 2 * t * h * v, z, dt * (h * v + t * h) + 4 * t * v
+        fl, vf, by, n, k = 2 * t * h * v, z, dt * (h * v + t * h) + 4 * t * v, v, h
     elif op == "sample":
-        fl, vf, by = z, 5 * t * v, 4 * t * v
+        fl, vf, by, n, k = z, 5 * t * v, 4 * t * v, v, one
     else:
         raise KeyError(f"unknown dense operator {op!r}; known: {', '.join(DENSE_OPS)}")
-    return {"tokens": t, "flops": fl, "vflops": vf, "bytes": by}
+    bc = lambda x: np.broadcast_to(_f(x), t.shape).astype(np.float64)  # noqa: E731
+    return {"tokens": t, "flops": fl, "vflops": vf, "bytes": by, "n_out": bc(n), "k_in": bc(k)}
 
 
 @lru_cache(maxsize=64)

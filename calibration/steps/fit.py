@@ -36,7 +36,8 @@ from rkvsim.models import parse_method
 from rkvsim.models.files import write_bytes
 from rkvsim.calibration import legacy
 from rkvsim.calibration.steps.features import (DECODE_FEATURES, DENSE_FEATURES, DENSE_OPS, PREFILL_FEATURES,
-                            decode_work, dense_work, design, log_features, prefill_work)
+                                               SHAPE_TREE_FEATURES, decode_work, dense_work, design, log_features,
+                                               prefill_work)
 
 FIT_VERSION = 1
 FIT_DIR = "fit"
@@ -83,6 +84,27 @@ class PhysicsBoost:
 
     def predict(self, work: dict) -> np.ndarray:
         return self.base_.predict(work) * np.exp(self.gbt_.predict(log_features(work, self.features)))
+
+
+class ShapeBoost(PhysicsBoost):
+    """The shape-transfer estimator for profiles of several models: physics law on the work, times
+    exp(boosted trees on the log of tokens, N, K and the work). Trained on many models at once, the
+    trees learn how efficiency moves with the GEMM's shape, so a model never profiled is predicted
+    from its shape; outside the shapes seen they are flat and the physics law carries the scale."""
+    name = "shape+gbt"
+    tree_features = SHAPE_TREE_FEATURES
+
+    def fit(self, work: dict, y: np.ndarray) -> "ShapeBoost":
+        from sklearn.ensemble import HistGradientBoostingRegressor
+        self.base_ = PhysicsRegressor(self.features).fit(work, y)
+        r = np.log(y / self.base_.predict(work))
+        self.gbt_ = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.08, min_samples_leaf=20,
+                                                  l2_regularization=1.0, random_state=self.seed)
+        self.gbt_.fit(log_features(work, self.tree_features), r)
+        return self
+
+    def predict(self, work: dict) -> np.ndarray:
+        return self.base_.predict(work) * np.exp(self.gbt_.predict(log_features(work, self.tree_features)))
 
 
 class LogForest:
@@ -157,6 +179,18 @@ def kfold_error(make, work: dict, y: np.ndarray, folds: int, seed: int) -> tuple
     return mape(oof, y), oof
 
 
+def group_error(make, work: dict, y: np.ndarray, groups: np.ndarray) -> tuple[float, dict[str, float]]:
+    """Leave-one-group-out: each group (a model) predicted by a fit on all the others. Returns the
+    worst group's mean absolute percentage error and each group's."""
+    per = {}
+    for g in sorted(set(groups.tolist())):
+        test = np.flatnonzero(groups == g)
+        train = np.flatnonzero(groups != g)
+        pred = make().fit(_subset(work, train), y[train]).predict(_subset(work, test))
+        per[str(g)] = mape(pred, y[test])
+    return max(per.values()), per
+
+
 # ---- one operator ---------------------------------------------------------------------------
 @dataclass
 class OpFit:
@@ -173,6 +207,7 @@ class OpFit:
                                     # beyond the profiled range
     transfer: object = None         # physics-anchored estimator for model shapes not profiled
                                     # (trees alone cannot scale with FLOPs they never saw)
+    heldout_models: dict = field(default_factory=dict)   # candidate -> {held-out model: MAPE}
 
     def predict(self, work: dict) -> np.ndarray:
         return self.estimator.predict(work)
@@ -206,6 +241,31 @@ def fit_op(family: str, method: str, op: str, work: dict, y: np.ndarray, feature
     return OpFit(family, method, op, features, best, est, scores, len(y), ranges, phys, transfer)
 
 
+def fit_dense_shapes(op: str, work: dict, y: np.ndarray, groups: np.ndarray, seed: int = 0,
+                     score: bool = True) -> OpFit:
+    """A dense operator of a profile holding several models: the physics law and the shape-transfer
+    estimator, scored leave-one-model-out (the error a model never profiled would see); the
+    shape-transfer estimator is refitted on every model and kept. score=False skips the scoring (the
+    simulator's first use of a shipped profile)."""
+    y = np.asarray(y, np.float64)
+    makers = {"physics": lambda: PhysicsRegressor(DENSE_FEATURES),
+              ShapeBoost.name: lambda: ShapeBoost(DENSE_FEATURES, seed)}
+    scores, by_model = {}, {}
+    if score:
+        for name, make in makers.items():
+            _, per = group_error(make, work, y, groups)
+            scores[name], by_model[name] = float(np.mean(list(per.values()))), per
+    else:
+        scores = {ShapeBoost.name: float("nan")}
+    # Always the shape-transfer estimator (the physics law is scored beside it for comparison), so
+    # that a scored fit and the simulator's unscored one hold the same predictors.
+    best = ShapeBoost.name
+    est = makers[best]().fit(work, y)
+    ranges = {"tokens": [float(np.min(work["tokens"])), float(np.max(work["tokens"]))]}
+    phys = est if best == "physics" else PhysicsRegressor(DENSE_FEATURES).fit(work, y)
+    return OpFit("dense", "all", op, DENSE_FEATURES, best, est, scores, len(y), ranges, phys, est, by_model)
+
+
 # ---- a whole profile ----------------------------------------------------------------------
 @dataclass
 class StepFit:
@@ -219,6 +279,10 @@ class StepFit:
     ops: dict[tuple[str, str, str], OpFit] = field(default_factory=dict)
     created: str = ""
     versions: dict = field(default_factory=dict)
+    models: list = field(default_factory=list)    # every model whose dense rows the fit saw
+
+    def profiled(self, model_name: str) -> bool:
+        return model_name in (getattr(self, "models", None) or [self.model])
 
     def methods(self, family: str) -> list[str]:
         return sorted({m for (f, m, _) in self.ops if f == family})
@@ -231,6 +295,8 @@ class StepFit:
         for (fam, meth, op), f in sorted(self.ops.items()):
             row = {"family": fam, "method": meth, "op": op, "rows": f.rows, "chosen": f.chosen}
             row.update({f"heldout_mape_{k}": v for k, v in f.heldout.items()})
+            for cand, per in (getattr(f, "heldout_models", None) or {}).items():
+                row[f"leave_one_model_out_{cand}"] = per
             out.append(row)
         return out
 
@@ -238,14 +304,29 @@ class StepFit:
 def tables_sha(folder: Path) -> str:
     h = hashlib.sha256()
     for name in ("attention.csv", "operators.csv"):
-        p = folder / name
-        if p.exists():
-            h.update(name.encode())
-            h.update(p.read_bytes())
+        for p in (folder / name, folder / f"{name}.gz"):
+            if p.exists():
+                h.update(p.name.encode())
+                h.update(p.read_bytes())
     return h.hexdigest()
 
 
-def _dense_rows(ops: pd.DataFrame, dt: int) -> dict[str, tuple[dict, np.ndarray]]:
+SHAPE_COLS = ("hidden", "intermediate", "num_q_heads", "num_kv_heads", "vocab")
+
+
+def model_groups(ops: pd.DataFrame, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(model name, gated MLP) per row: a row's shape columns matched against meta.json's `models`
+    (imported multi-model profiles), else the profile's one model, gated."""
+    names = {}
+    for name, sh in (meta.get("models") or {}).items():
+        names[(sh["hidden"], sh["intermediate"], sh["num_q_heads"], sh["num_kv_heads"])] = (name, sh.get("gated_mlp", True))
+    keys = list(zip(*(ops[c].astype(int).tolist() for c in SHAPE_COLS[:4])))
+    default = (meta.get("model", ""), True)
+    hit = [names.get(k, default) for k in keys]
+    return np.array([h[0] for h in hit], dtype=object), np.array([h[1] for h in hit], dtype=bool)
+
+
+def _dense_rows(ops: pd.DataFrame, dt: int, meta: dict | None = None) -> dict[str, tuple[dict, np.ndarray, np.ndarray]]:
     out = {}
     # Dense ops are method-independent: Vidur ships a copy of the same mlp.csv per method, so
     # rows with the same shape are merged (median) before fitting, not counted five times.
@@ -254,9 +335,10 @@ def _dense_rows(ops: pd.DataFrame, dt: int) -> dict[str, tuple[dict, np.ndarray]
     for op, g in ops.groupby("op"):
         if op not in DENSE_OPS:
             continue
+        groups, gated = model_groups(g, meta or {})
         work = dense_work(op, g["num_tokens"], g["hidden"], g["intermediate"], g["num_q_heads"],
-                          g["num_kv_heads"], g["head_dim"], g["vocab"], g["tp"], dt)
-        out[op] = (work, g["time_s_median"].to_numpy(float))
+                          g["num_kv_heads"], g["head_dim"], g["vocab"], g["tp"], dt, gated=gated)
+        out[op] = (work, g["time_s_median"].to_numpy(float), groups)
     return out
 
 
@@ -284,16 +366,23 @@ def attention_time(g: pd.DataFrame) -> np.ndarray:
 
 
 def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | None = None,
-                progress=None) -> StepFit:
-    """Fit every operator of a loaded profiler.profile.Profile."""
+                progress=None, score: bool = True) -> StepFit:
+    """Fit every operator of a loaded profiler.profile.Profile. Dense operators of a profile with
+    several models are fitted by fit_dense_shapes (scored leave-one-model-out); score=False fits
+    each operator's transfer estimator without scoring (the simulator's first use)."""
     meta = profile.meta
     dt = DTYPE_BYTES.get(str(meta.get("dtype", "float16")), 2)
     jobs = []
+    models = set()
     ops = profile.tables.get("operators")
     if ops is not None and len(ops):
         ops = ops[ops["time_s_median"] > 0]
-        for op, (work, y) in _dense_rows(ops, dt).items():
-            jobs.append(("dense", "all", op, work, y, DENSE_FEATURES))
+        for op, (work, y, groups) in _dense_rows(ops, dt, meta).items():
+            models |= set(groups.tolist())
+            if len(set(groups.tolist())) > 1:
+                jobs.append(("dense-shapes", "all", op, work, (y, groups), DENSE_FEATURES))
+            else:
+                jobs.append(("dense", "all", op, work, y, DENSE_FEATURES))
     att = profile.tables.get("attention")
     if att is not None and len(att):
         att = att[att["time_s_median"] > 0]
@@ -305,13 +394,21 @@ def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | 
         raise ValueError(f"{profile.folder}: no operator or attention rows to fit")
     fit = StepFit(FIT_VERSION, str(profile.folder), profile.origin, profile.hardware, meta.get("model", ""),
                   dt, tables_sha(Path(profile.folder)),
-                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=_versions())
+                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=_versions(),
+                  models=sorted(models) or [meta.get("model", "")])
     from threadpoolctl import threadpool_limits
     # One thread: the fits are small, and OpenMP workers spinning on a busy 2-core machine
     # made gradient boosting 8x slower than single-threaded.
     with threadpool_limits(1):
         for family, method, op, work, y, feats in jobs:
-            fit.ops[(family, method, op)] = fit_op(family, method, op, work, y, feats, folds, seed, only)
+            if family == "dense-shapes":
+                family = "dense"
+                fit.ops[(family, method, op)] = fit_dense_shapes(op, work, y[0], y[1], seed, score)
+            elif score:
+                fit.ops[(family, method, op)] = fit_op(family, method, op, work, y, feats, folds, seed, only)
+            else:
+                fit.ops[(family, method, op)] = fit_op(family, method, op, work, y, feats, folds, seed,
+                                                       only or ("physics+gbt",))
             if progress:
                 progress(family, method, op)
     return fit

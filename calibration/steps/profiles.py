@@ -47,7 +47,33 @@ def _usable(folder: Path, hardware: str) -> bool:
     if m and (m.get("engine") or m.get("source") == "rkvprof-engine"):
         return False
     return bool(m) and m.get("hardware") == hardware and m.get("status", "complete") == "complete" \
-        and (folder / "attention.csv").exists()
+        and any((folder / f).exists() for f in TABLE_FILES)
+
+
+TABLE_FILES = ("attention.csv", "attention.csv.gz", "operators.csv", "operators.csv.gz")
+
+
+def has_attention(folder: Path) -> bool:
+    return (folder / "attention.csv").exists() or (folder / "attention.csv.gz").exists()
+
+
+# A GPU profile without attention borrows the nearest measured one (calibration/steps/compile.py
+# carries it by the datasheet roofline); the order says which is nearest.
+DONOR_ORDER = ("a100-80g", "a100-40g", "h100-sxm", "a6000", "a40")
+
+
+def find_attention_donor(hardware: HardwareSpec) -> Path | None:
+    """A profile of another GPU that measured attention, for a GPU whose profile has none."""
+    for name in DONOR_ORDER:
+        if name == hardware.name:
+            continue
+        for root in (user_store(), packaged_store()):
+            hw_dir = root / name
+            if hw_dir.is_dir():
+                for other in sorted(hw_dir.iterdir()):
+                    if _usable(other, name) and has_attention(other):
+                        return other
+    return None
 
 
 def find_profile(hardware: HardwareSpec, model: ModelSpec, explicit: str | None = None,
@@ -73,9 +99,11 @@ def find_profile(hardware: HardwareSpec, model: ModelSpec, explicit: str | None 
             return same
         hw_dir = root / hardware.name
         if hw_dir.is_dir():
-            for other in sorted(hw_dir.iterdir()):
-                if _usable(other, hardware.name):
-                    return other
+            # A profile that measured this model among others (an imported multi-model one) first.
+            folders = [o for o in sorted(hw_dir.iterdir()) if _usable(o, hardware.name)]
+            folders.sort(key=lambda o: model.name not in ((_meta(o) or {}).get("models") or {}))
+            if folders:
+                return folders[0]
     return None
 
 
@@ -93,7 +121,10 @@ def _fit_for(folder: str, sha: str) -> StepFit:
     from rkvsim.profiler.profile import load_profile
     from rkvsim.calibration.steps.fit import fit_profile
     print(f"rkvsim: fitting step costs on {f} (once; cached in {cached})", file=sys.stderr)
-    fit = fit_profile(load_profile(f))
+    prof = load_profile(f)
+    # A multi-model profile (an imported GPU's) is fitted without its leave-one-model-out scoring
+    # here: `rkvprof fit` scores it; the simulator only needs the estimators.
+    fit = fit_profile(prof, score=not (prof.meta.get("models") and len(prof.meta["models"]) > 1))
     save_fit(fit, cached)
     return fit
 
@@ -108,11 +139,19 @@ def _compiled(folder: str, sha: str, model: ModelSpec, method: Method, tp: int, 
     from threadpoolctl import threadpool_limits
 
     from rkvsim.calibration.steps.compile import compile_costs
+    from rkvsim.models import resolve_hardware
     fit = _fit_for(folder, sha)
+    donor = None
+    if not (set(fit.methods("decode")) & set(fit.methods("prefill"))):
+        here = resolve_hardware(fit.hardware)
+        d = find_attention_donor(here)
+        if d is not None:
+            dfit = fit_for(d)
+            donor = (dfit, resolve_hardware(dfit.hardware), here)
     # One thread: OpenMP workers of the boosted trees spin against the simulator's own process
     # on a loaded machine (measured: 4.4 s instead of 0.4 s to compile one method).
     with threadpool_limits(1):
-        return compile_costs(fit, model, method, tp, max_tokens, max_batch, max_ctx)
+        return compile_costs(fit, model, method, tp, max_tokens, max_batch, max_ctx, donor)
 
 
 def compiled_costs(folder: Path, model: ModelSpec, method: Method, tp: int, max_tokens: int, max_batch: int,
