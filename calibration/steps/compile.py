@@ -65,8 +65,9 @@ def anchored(f: OpFit, build, use_transfer: bool = False, **inputs) -> np.ndarra
     return y * f.physics.predict(w_raw) / f.physics.predict(w_clip)
 
 
-def pick_attention(fit: StepFit, method: Method) -> tuple[str, Method, str | None]:
-    """(profile method label, method to compute features with, note)."""
+def pick_attention(fit: StepFit, method: Method, any_stand_in: bool = False) -> tuple[str, Method, str | None]:
+    """(profile method label, method to compute features with, note). any_stand_in: FP16 attention
+    stands in for every method not profiled (a GPU profile that measured FP16 attention only)."""
     have = set(fit.methods("decode")) & set(fit.methods("prefill"))
     if method.label in have:
         return method.label, method, None
@@ -80,6 +81,10 @@ def pick_attention(fit: StepFit, method: Method) -> tuple[str, Method, str | Non
         return "fp16", parse_method("fp16"), (
             f"{method.kind} attention not profiled: FP16 attention over the tokens {method.label} keeps "
             f"({what})")
+    if "fp16" in have and any_stand_in:
+        return "fp16", parse_method("fp16"), (
+            f"{method.kind} attention not measured on this GPU: FP16 attention at FP16's bytes over the tokens "
+            f"{method.label} keeps (its dequantization or selection work is not included; neither bound)")
     raise LookupError(f"the profile has no attention for {method.kind} and no FP16 attention to stand in; "
                       f"profile it: rkvprof collect --methods {method.label}")
 
@@ -154,7 +159,8 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
         scale_hw = (src_hw, dst_hw)
         notes.append(f"attention: no table measured on {hw_tag}; {att_fit.origin}'s, carried by the datasheet "
                      f"roofline ({src_hw.name} -> {dst_hw.name}) and the shape's FLOPs/bytes")
-    label, feat_method, note = pick_attention(att_fit, method)
+    multi = len(getattr(fit, "models", None) or []) > 1
+    label, feat_method, note = pick_attention(att_fit, method, any_stand_in=multi or scale_hw is not None)
     if note:
         notes.append(note)
     src_tag = att_fit.origin.removeprefix("profile:")
