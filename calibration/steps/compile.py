@@ -75,6 +75,10 @@ def pick_attention(fit: StepFit, method: Method, any_stand_in: bool = False) -> 
     if same:
         return same[0], method, (f"attention of {method.label} from the {same[0]} fit "
                                            f"(its bytes and cached tokens computed for {method.label})")
+    if "fp16" in have and method.spec.fused_dequant and (any_stand_in or method.spec.fp16_attention_stand_in):
+        # The kernel reads the stored format itself (FP8 KV): FP16's fit at the method's bytes.
+        return "fp16", method, (f"{method.kind} attention not profiled: FP16 attention's fit at {method.label}'s "
+                                "bytes (its kernel reads the stored format)")
     if "fp16" in have and method.spec.fp16_attention_stand_in:
         what = ("its selection/eviction work is not included" if method.token_cap is not None
                 or method.spec.prompt_budget is not None else "read at FP16's bytes, an upper bound")
