@@ -112,6 +112,7 @@ def import_vidur_repo(src: Path, gpu: str, out: Path, models: list[str] | None =
         "dtype": VIDUR_DTYPE,
         "methods": ["fp16"] if attention_from else [],
         "attention": attention_from or "none measured: attention is transferred (see rkvsim's cost_parts)",
+        "attention_models": [resolve_model(att_model).name] if attention_from else [],
         "units": "Vidur ms converted to seconds",
         "duplicates_merged": merged,
         "rows": {k: len(v) for k, v in tables.items()},

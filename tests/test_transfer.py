@@ -219,3 +219,55 @@ def test_cost_parts_say_where_each_part_comes_from(tmp_path):
     prior = run_scenario(_scenario(tmp_path, hardware="l40s", tp=2)).summary()
     lp = next(iter(prior["methods"].values()))["cost_parts"]
     assert "dense:roofline-prior" in lp and "comm:ring-formula(pcie4)" in lp
+
+
+def test_shipped_tables_are_what_the_importers_compute_from_shared(shared_dir, tmp_path):
+    """The packaged H100 profile, comm curves and method ratios are recomputed from ../shared here."""
+    from rkvsim.calibration.steps import comm, method_ratios
+    from rkvsim.profiler.profile import load_profile, packaged_profiles
+    from rkvsim.profiler.vidur_repo import import_vidur_repo
+    vidur = shared_dir / "data" / "vidur-profiles"
+    import_vidur_repo(vidur, "h100", tmp_path / "h100")
+    shipped = next(p for p in packaged_profiles() if p.parent.name == "h100-sxm")
+    a = load_profile(shipped).tables["operators"].drop(columns="source")
+    b = load_profile(tmp_path / "h100").tables["operators"].drop(columns="source")
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+    assert json.loads(comm.packaged().read_text())["hosts"] == comm.fit_folder(vidur / "network")["hosts"]
+    got = method_ratios.fit_ratios(shared_dir / "data" / "rethink-kv" / "profiles" / "a6000")
+    assert json.loads(method_ratios.packaged().read_text())["methods"] == json.loads(json.dumps(got["methods"]))
+
+
+def test_ratio_at_returns_the_measured_ratio_on_its_grid():
+    from rkvsim.calibration.steps.method_ratios import ratio_at, ratio_table
+    label, tabs = ratio_table("kivi-4", "kivi")
+    t = tabs["decode"]
+    x, y = np.meshgrid(t["x"], t["y"], indexing="ij")
+    np.testing.assert_allclose(ratio_at(t, x.ravel(), y.ravel()), np.exp(np.asarray(t["log_ratio"])).ravel(),
+                               rtol=1e-12)
+    assert ratio_table("kivi-2", "kivi")[0] == "kivi-4"        # another setting: the kind's measured one
+    assert ratio_table("snapkv-1024", "snapkv") is None        # never measured
+
+
+def test_kivi_on_h100_is_its_fp16_attention_times_the_a6000_ratio():
+    from rkvsim.calibration.steps.method_ratios import REF_KV_HEADS, ratio_at, ratio_table
+    from rkvsim.calibration.steps.profiles import compiled_costs, find_profile
+    from rkvsim.models import parse_method
+    hw, model = resolve_hardware("h100-sxm"), resolve_model("llama-2-7b")
+    folder = find_profile(hw, model)
+    fp = compiled_costs(folder, model, parse_method("fp16"), 1, 2048, 64, 2048)
+    kv = compiled_costs(folder, model, parse_method("kivi-4"), 1, 2048, 64, 2048)
+    assert "a6000-ratio(kivi-4)" in kv.parts["attention"] and "transfer(a100-80g" in kv.parts["attention"]
+    B, C = np.meshgrid(kv.dec_b, kv.dec_c, indexing="ij")
+    want = fp.dec * ratio_at(ratio_table("kivi-4", "kivi")[1]["decode"], B.ravel() * 32 / REF_KV_HEADS,
+                             C.ravel()).reshape(B.shape)
+    np.testing.assert_allclose(kv.dec, want, rtol=1e-12)
+
+
+def test_validate_transfer_both_ways(shared_dir):
+    from rkvsim.validation.attention_transfer import run
+    res = run(shared_dir / "data" / "rethink-kv" / "profiles" / "a6000", shared_dir / "data" / "vidur-profiles" / "older-a100")
+    assert len(res) == 2
+    for direction in res.values():
+        for stage in ("decode", "prefill"):
+            r = direction[stage]
+            assert r["rows"] > 1000 and np.isfinite(r["mape"]) and 0 < r["bias"]

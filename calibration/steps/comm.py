@@ -17,7 +17,6 @@ The product reads only the JSON (never ../shared); `lookup()` gives the curve fo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 from bisect import bisect_right
 from functools import lru_cache
@@ -25,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rkvsim.models.files import read_json, sha256_file, write_json
+from rkvsim.calibration.steps import data_files
+from rkvsim.models.files import sha256_file, write_json
 
 COLLECTIVES = ("all_reduce", "send_recv")
 BINS_PER_OCTAVE = 3
@@ -80,13 +80,11 @@ def fit_folder(src: Path) -> dict:
 
 
 def packaged() -> Path:
-    spec = importlib.util.find_spec("rkvsim.calibration")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "comm" / "vidur.json"
+    return data_files.packaged("comm", "vidur.json")
 
 
-@lru_cache(maxsize=4)
 def _load(path: str) -> dict:
-    return read_json(Path(path), "communication fits (calibration/data/comm)")
+    return data_files.load(path, "communication fits (calibration/data/comm)")
 
 
 @lru_cache(maxsize=64)

@@ -93,14 +93,46 @@ def pick_attention(fit: StepFit, method: Method, any_stand_in: bool = False) -> 
                       f"profile it: rkvprof collect --methods {method.label}")
 
 
-def hw_scale(work: dict, src: HardwareSpec, dst: HardwareSpec) -> np.ndarray:
-    """Datasheet roofline of the same attention work on dst over src: max(FLOPs / peak FLOP/s,
-    bytes / bandwidth), the ratio that carries a measured kernel time to another GPU."""
-    fl = np.asarray(work["flops"], np.float64)
-    by = np.asarray(work["kv_bytes"], np.float64)
-    t_src = np.maximum(fl / src.dense_flops, by / src.mem_bandwidth)
-    t_dst = np.maximum(fl / dst.dense_flops, by / dst.mem_bandwidth)
+def roofline_s(work: dict, hw: HardwareSpec) -> np.ndarray:
+    """Datasheet roofline of attention work: max(FLOPs / peak FLOP/s, bytes / bandwidth)."""
+    return np.maximum(np.asarray(work["flops"], np.float64) / hw.dense_flops,
+                      np.asarray(work["kv_bytes"], np.float64) / hw.mem_bandwidth)
+
+
+def hw_scale(work: dict, src: HardwareSpec, dst: HardwareSpec, src_work: dict | None = None) -> np.ndarray:
+    """Roofline of `work` on dst over that of `src_work` (default: the same work) on src: the ratio
+    that carries a measured kernel time to another GPU and/or head layout."""
+    t_src = roofline_s(work if src_work is None else src_work, src)
+    t_dst = roofline_s(work, dst)
     return np.where(t_src > 0, t_dst / np.maximum(t_src, 1e-30), src.mem_bandwidth / dst.mem_bandwidth)
+
+
+def carry_time(f: OpFit, t_src: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+    """A source time carried by a roofline ratio: its fixed part (the physics law's constant, what a
+    launch costs there) is kept, the part that grows with the work is scaled."""
+    c0 = float(getattr(f.physics, "coef_", [0.0])[0]) if f.physics is not None else 0.0
+    c0 = min(c0, float(np.min(t_src)))
+    return c0 + (t_src - c0) * ratio
+
+
+def _shape_carry(f: OpFit, hq: int, hkv: int, d: int, scale_hw) -> tuple | None:
+    """(source q heads, kv heads, head dim) when an attention fit timed at one head layout is applied
+    to another, or on another GPU: its features cannot separate per-head costs (every feature grows
+    with batch x context alike), so it is evaluated at its own layout and carried by the roofline."""
+    sh = getattr(f, "shape", None)
+    if sh is None or (tuple(sh) == (hq, hkv, d) and scale_hw is None):
+        return None
+    return tuple(sh)
+
+
+def _attention(f: OpFit, build, src_build, carry, transfer: bool, scale_hw, src_hw, dst_hw, **inputs) -> np.ndarray:
+    """One attention table's seconds per layer: the fit at this shape (on another GPU: times the
+    roofline ratio), or, with `carry`, the fit at its own head layout carried by each shape's roofline."""
+    if carry is None:
+        t = anchored(f, build, transfer, **inputs)
+        return t * hw_scale(build(**inputs), src_hw, dst_hw) if scale_hw else t
+    return carry_time(f, anchored(f, src_build, False, **inputs),
+                      hw_scale(build(**inputs), src_hw, dst_hw, src_build(**inputs)))
 
 
 MOE_OPS = ("mlp_up_proj", "mlp_act", "mlp_down_proj")
@@ -169,7 +201,7 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
         notes.append(note)
     src_tag = att_fit.origin.removeprefix("profile:")
     parts["attention"] = (f"transfer({src_tag})" if scale_hw else
-                          ("transfer-shape" if not att_fit.profiled(model.name) else "profile") + f"({src_tag}")
+                          ("transfer-shape" if not att_fit.attention_profiled(model.name) else "profile") + f"({src_tag}")
     if not scale_hw:
         parts["attention"] += ")"
     if label != method.label:
@@ -177,7 +209,7 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     hq, hkv = max(1, model.num_heads // tp), max(1, model.num_kv_heads // tp)
     d = model.head_dim
     dec_f, pre_f = att_fit.get("decode", label, "attention"), att_fit.get("prefill", label, "attention")
-    att_transfer = transfer or scale_hw is not None or not att_fit.profiled(model.name)
+    att_transfer = transfer or scale_hw is not None or not att_fit.attention_profiled(model.name)
 
     # Decode: batch x mean tokens held per request, bilinear.
     cap = feat_method.token_cap or method.token_cap
@@ -189,9 +221,35 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     def dec_build(batch, ctx):
         return decode_work(feat_method, batch, np.asarray(ctx).round().astype(np.int64), hq, hkv, d,
                            prompt=np.asarray(ctx).round().astype(np.int64), dtype_bytes=dt)
-    dec = anchored(dec_f, dec_build, att_transfer, batch=B.ravel().astype(float), ctx=C.ravel().astype(float))
-    if scale_hw:
-        dec = dec * hw_scale(dec_build(B.ravel().astype(float), C.ravel().astype(float)), *scale_hw)
+    bb, cc = B.ravel().astype(float), C.ravel().astype(float)
+    src_hw, dst_hw = scale_hw or (None, None)
+    if src_hw is None:
+        from rkvsim.models import resolve_hardware
+        src_hw = dst_hw = resolve_hardware(att_fit.hardware)
+    carry = _shape_carry(dec_f, hq, hkv, d, scale_hw) if (multi or scale_hw) else None
+
+    def dec_src(batch, ctx):
+        c = np.asarray(ctx).round().astype(np.int64)
+        return decode_work(feat_method, batch, c, *carry, prompt=c, dtype_bytes=dt)
+    dec = _attention(dec_f, dec_build, dec_src, carry, att_transfer, scale_hw, src_hw, dst_hw, batch=bb, ctx=cc)
+    if carry is not None:
+        notes.append(f"attention timed at {carry[0]} query / {carry[1]} KV heads per rank, carried to {hq} / {hkv} "
+                     "by the datasheet roofline of each shape's work")
+    ratio = None
+    if label == "fp16" and method.kind != "fp16" and (multi or scale_hw is not None):
+        from rkvsim.calibration.steps.method_ratios import REF_KV_HEADS, ratio_at, ratio_table
+        ratio = ratio_table(method.label, method.kind)
+    if ratio is not None:
+        measured, tabs = ratio
+        if note in notes:
+            notes.remove(note)      # the stand-in's caveat: the measured ratio replaces it
+        # Decode: the grid is keyed by the tokens the cache holds, the raw context only for methods that
+        # keep every token (quantizers); evicting methods keep FP16 over the tokens they keep.
+        if method.token_cap is None and method.spec.prompt_budget is None:
+            dec = dec * ratio_at(tabs["decode"], B.ravel() * hkv / REF_KV_HEADS, C.ravel())
+        notes.append(f"{method.label} attention: this GPU's FP16 attention x {measured}'s measured ratio to FP16 on "
+                     f"the A6000 (LLaMA-2-7B, LMDeploy) at the same batch x KV heads and context")
+        parts["attention"] = parts["attention"].split("[")[0] + f"[fp16 x a6000-ratio({measured})]"
     dec = L * dec.reshape(B.shape)
 
     # Prefill chunk: new tokens x cached past, bilinear.
@@ -202,9 +260,15 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     def pre_build(tokens, past):
         return prefill_work(feat_method, np.asarray(tokens).round().astype(np.int64),
                             np.asarray(past).round().astype(np.int64), hq, hkv, d, dtype_bytes=dt)
-    pre = anchored(pre_f, pre_build, att_transfer, tokens=N.ravel().astype(float), past=P.ravel().astype(float))
-    if scale_hw:
-        pre = pre * hw_scale(pre_build(N.ravel().astype(float), P.ravel().astype(float)), *scale_hw)
+    nn, pp = N.ravel().astype(float), P.ravel().astype(float)
+    carry = _shape_carry(pre_f, hq, hkv, d, scale_hw) if (multi or scale_hw) else None
+
+    def pre_src(tokens, past):
+        return prefill_work(feat_method, np.asarray(tokens).round().astype(np.int64),
+                            np.asarray(past).round().astype(np.int64), *carry, dtype_bytes=dt)
+    pre = _attention(pre_f, pre_build, pre_src, carry, att_transfer, scale_hw, src_hw, dst_hw, tokens=nn, past=pp)
+    if ratio is not None:
+        pre = pre * ratio_at(ratio[1]["prefill"], N.ravel(), P.ravel())
     pre = L * pre.reshape(N.shape)
     return CompiledCosts(fit.origin, L, dense, head, bg.astype(np.float64), cg.astype(np.float64), dec,
                          ng.astype(np.float64), pg.astype(np.float64), pre, label, notes, parts)

@@ -20,13 +20,12 @@ The product reads only the JSON (never ../shared); `lookup()` gives the line for
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from rkvsim.models.files import read_json, sha256_file, write_json
+from rkvsim.calibration.steps import data_files
+from rkvsim.models.files import sha256_file, write_json
 
 TABLES = {"a100": "cpu_overheads.csv", "a40": "cpu_overheads_a40.csv"}
 PARTS = {"v0": ("schedule", "prepare_inputs_e2e", "sampler_e2e", "process_model_outputs"),
@@ -64,13 +63,11 @@ def fit_folder(src: Path) -> dict:
 
 
 def packaged() -> Path:
-    spec = importlib.util.find_spec("rkvsim.calibration")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "cpu_overheads" / "vidur.json"
+    return data_files.packaged("cpu_overheads", "vidur.json")
 
 
-@lru_cache(maxsize=4)
 def _load(path: str) -> dict:
-    return read_json(Path(path), "CPU-overhead fits (calibration/data/cpu_overheads)")
+    return data_files.load(path, "CPU-overhead fits (calibration/data/cpu_overheads)")
 
 
 def lookup(hardware: str, tp: int, engine: str) -> tuple[float, float, str] | None:

@@ -208,6 +208,8 @@ class OpFit:
     transfer: object = None         # physics-anchored estimator for model shapes not profiled
                                     # (trees alone cannot scale with FLOPs they never saw)
     heldout_models: dict = field(default_factory=dict)   # candidate -> {held-out model: MAPE}
+    shape: tuple | None = None      # attention: the (q heads, kv heads, head dim) per rank of its rows, when
+                                    # one (the features of one shape cannot tell heads apart: see compile)
 
     def predict(self, work: dict) -> np.ndarray:
         return self.estimator.predict(work)
@@ -280,9 +282,14 @@ class StepFit:
     created: str = ""
     versions: dict = field(default_factory=dict)
     models: list = field(default_factory=list)    # every model whose dense rows the fit saw
+    attention_models: list = field(default_factory=list)   # the models whose attention was measured
 
     def profiled(self, model_name: str) -> bool:
         return model_name in (getattr(self, "models", None) or [self.model])
+
+    def attention_profiled(self, model_name: str) -> bool:
+        have = getattr(self, "attention_models", None)
+        return model_name in have if have else self.profiled(model_name)
 
     def methods(self, family: str) -> list[str]:
         return sorted({m for (f, m, _) in self.ops if f == family})
@@ -374,6 +381,7 @@ def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | 
     dt = DTYPE_BYTES.get(str(meta.get("dtype", "float16")), 2)
     jobs = []
     models = set()
+    shapes = {}     # (family, method) -> the one (q heads, kv heads, head dim) per rank its rows were timed at
     ops = profile.tables.get("operators")
     if ops is not None and len(ops):
         ops = ops[ops["time_s_median"] > 0]
@@ -390,12 +398,15 @@ def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | 
             family = "decode" if stage == "decode" else "prefill"
             feats = DECODE_FEATURES if family == "decode" else PREFILL_FEATURES
             jobs.append((family, method, "attention", attention_work(stage, method, g, dt), attention_time(g), feats))
+            heads = g[["num_q_heads", "num_kv_heads", "head_dim"]].drop_duplicates()
+            shapes[(family, method)] = tuple(int(v) for v in heads.iloc[0]) if len(heads) == 1 else None
     if not jobs:
         raise ValueError(f"{profile.folder}: no operator or attention rows to fit")
     fit = StepFit(FIT_VERSION, str(profile.folder), profile.origin, profile.hardware, meta.get("model", ""),
                   dt, tables_sha(Path(profile.folder)),
                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=_versions(),
-                  models=sorted(models) or [meta.get("model", "")])
+                  models=sorted(models) or [meta.get("model", "")],
+                  attention_models=list(meta.get("attention_models") or []))
     from threadpoolctl import threadpool_limits
     # One thread: the fits are small, and OpenMP workers spinning on a busy 2-core machine
     # made gradient boosting 8x slower than single-threaded.
@@ -409,6 +420,7 @@ def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | 
             else:
                 fit.ops[(family, method, op)] = fit_op(family, method, op, work, y, feats, folds, seed,
                                                        only or ("physics+gbt",))
+            fit.ops[(family, method, op)].shape = shapes.get((family, method))
             if progress:
                 progress(family, method, op)
     return fit
