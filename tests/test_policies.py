@@ -236,7 +236,8 @@ def test_mistral_sliding_window_caps_its_own_kv():
 # ---- step overheads by policy ----------------------------------------------------------
 def _overhead_scn(policy):
     return Scenario.model_validate({
-        "name": "ov", "model": "llama-3-8b", "hardware": "h100-sxm", "methods": ["fp16"],
+        # profile: roofline: the roofline's own overhead terms are under test (h100-sxm ships a profile).
+        "name": "ov", "model": "llama-3-8b", "hardware": "h100-sxm", "profile": "roofline", "methods": ["fp16"],
         "scheduler": {"policy": policy},
         "workload": {"num_requests": 2, "arrival": {"process": "poisson", "rate": 1.0},
                      "prompt": {"dist": "fixed", "value": 100}, "output": {"dist": "fixed", "value": 10}}})
