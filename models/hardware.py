@@ -32,11 +32,15 @@ class HardwareSpec:
     # Vidur's measured collectives for this GPU's kind of host (calibration/data/comm/), if any.
     network: str | None = None
 
+    def crosses_pcie(self, workers: int) -> bool:
+        """Whether a ring over `workers` GPUs leaves the NVLink domain (group 1: the link is the only path)."""
+        return self.nvlink_group > 1 and workers > self.nvlink_group
+
     def ring_link(self, workers: int) -> tuple[float, float]:
         """(bandwidth, latency) of the slowest hop of a ring over `workers` GPUs."""
-        if self.nvlink_group == 1 or workers <= self.nvlink_group:   # group 1: the link is the only path
-            return self.link_bandwidth, self.link_latency_s
-        return self.pcie_bandwidth, self.pcie_latency_s
+        if self.crosses_pcie(workers):
+            return self.pcie_bandwidth, self.pcie_latency_s
+        return self.link_bandwidth, self.link_latency_s
 
 
 HARDWARE: dict[str, HardwareSpec] = {

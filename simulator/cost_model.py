@@ -143,10 +143,9 @@ class RooflineCostModel:
         # the ring formula over the slowest hop of the hardware's topology.
         self.comm = comm if tp > 1 else None
         self._comm_cache: dict[int, float] = {}
+        ring = f"ring-formula({hw.interconnect}{'+pcie' if hw.crosses_pcie(tp) else ''})"
         self.cost_parts = {"dense": "roofline-prior", "attention": "roofline-prior",
-                           "comm": "none (tp 1)" if tp == 1 else (comm[2] if comm else
-                                                                   f"ring-formula({hw.interconnect}"
-                                                                   f"{'' if tp <= hw.nvlink_group or hw.nvlink_group == 1 else '+pcie'})"),
+                           "comm": "none (tp 1)" if tp == 1 else (comm[2] if comm else ring),
                            "cpu": self.overheads.cpu_source}
         self._dense_cache: dict[int, tuple[float, tuple[float, ...]]] = {}
         self._head_cache: dict[int, tuple[float, float]] = {}

@@ -146,11 +146,10 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     L = model.num_layers
     notes = []
     transfer = not fit.profiled(model.name)
-    hw_tag = fit.origin.split(":", 1)[-1].split("@")[0]
-    parts = {"dense": f"{'transfer' if transfer else 'profile'}({fit.origin.removeprefix('profile:')}"
-                      f"{'' if not transfer else ' ' + ','.join(getattr(fit, 'models', None) or [fit.model])})"}
+    tag = fit.origin.removeprefix("profile:")
+    parts = {"dense": f"transfer({tag} {','.join(fit.model_names)})" if transfer else f"profile({tag})"}
     if transfer:
-        notes.append(f"dense operators fitted on {', '.join(getattr(fit, 'models', None) or [fit.model])}, applied to "
+        notes.append(f"dense operators fitted on {', '.join(fit.model_names)}, applied to "
                      f"{model.name} through its shape (FLOP/byte and GEMM-shape features)")
     if model.is_moe:
         notes.append(f"MoE: each expert's MLP costed at tokens x {model.experts_per_token} / experts touched, "
@@ -190,21 +189,24 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
         head = np.interp(t_all, np.concatenate([[0], tg]), np.concatenate([[0.0], head_g]))
 
     att_fit, scale_hw = fit, None
-    if not (set(fit.methods("decode")) & set(fit.methods("prefill"))) and donor is not None:
+    if not fit.has_attention() and donor is not None:
         att_fit, src_hw, dst_hw = donor
         scale_hw = (src_hw, dst_hw)
-        notes.append(f"attention: no table measured on {hw_tag}; {att_fit.origin}'s, carried by the datasheet "
+        notes.append(f"attention: no table measured on {fit.hardware}; {att_fit.origin}'s, carried by the datasheet "
                      f"roofline ({src_hw.name} -> {dst_hw.name}) and the shape's FLOPs/bytes")
-    multi = len(getattr(fit, "models", None) or []) > 1
+    multi = len(fit.model_names) > 1
     label, feat_method, note = pick_attention(att_fit, method, any_stand_in=multi or scale_hw is not None)
-    if note:
+    ratio = None
+    if label == "fp16" and method.kind != "fp16" and (multi or scale_hw is not None):
+        from rkvsim.calibration.steps.method_ratios import REF_KV_HEADS, ratio_at, ratio_table
+        ratio = ratio_table(method.label, method.kind)   # replaces the stand-in and its caveat
+    if note and ratio is None:
         notes.append(note)
-    src_tag = att_fit.origin.removeprefix("profile:")
-    parts["attention"] = (f"transfer({src_tag})" if scale_hw else
-                          ("transfer-shape" if not att_fit.attention_profiled(model.name) else "profile") + f"({src_tag}")
-    if not scale_hw:
-        parts["attention"] += ")"
-    if label != method.label:
+    kind = "transfer" if scale_hw else ("transfer-shape" if not att_fit.attention_profiled(model.name) else "profile")
+    parts["attention"] = f"{kind}({att_fit.origin.removeprefix('profile:')})"
+    if ratio is not None:
+        parts["attention"] += f"[fp16 x a6000-ratio({ratio[0]})]"
+    elif label != method.label:
         parts["attention"] += f"[{label} for {method.label}]"
     hq, hkv = max(1, model.num_heads // tp), max(1, model.num_kv_heads // tp)
     d = model.head_dim
@@ -235,21 +237,14 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     if carry is not None:
         notes.append(f"attention timed at {carry[0]} query / {carry[1]} KV heads per rank, carried to {hq} / {hkv} "
                      "by the datasheet roofline of each shape's work")
-    ratio = None
-    if label == "fp16" and method.kind != "fp16" and (multi or scale_hw is not None):
-        from rkvsim.calibration.steps.method_ratios import REF_KV_HEADS, ratio_at, ratio_table
-        ratio = ratio_table(method.label, method.kind)
     if ratio is not None:
         measured, tabs = ratio
-        if note in notes:
-            notes.remove(note)      # the stand-in's caveat: the measured ratio replaces it
         # Decode: the grid is keyed by the tokens the cache holds, the raw context only for methods that
         # keep every token (quantizers); evicting methods keep FP16 over the tokens they keep.
         if method.token_cap is None and method.spec.prompt_budget is None:
             dec = dec * ratio_at(tabs["decode"], B.ravel() * hkv / REF_KV_HEADS, C.ravel())
         notes.append(f"{method.label} attention: this GPU's FP16 attention x {measured}'s measured ratio to FP16 on "
                      f"the A6000 (LLaMA-2-7B, LMDeploy) at the same batch x KV heads and context")
-        parts["attention"] = parts["attention"].split("[")[0] + f"[fp16 x a6000-ratio({measured})]"
     dec = L * dec.reshape(B.shape)
 
     # Prefill chunk: new tokens x cached past, bilinear.

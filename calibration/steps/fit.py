@@ -34,6 +34,7 @@ import pandas as pd
 from rkvsim.models import parse_method
 
 from rkvsim.models.files import write_bytes
+from rkvsim.profiler.profile import table_path
 from rkvsim.calibration import legacy
 from rkvsim.calibration.steps.features import (DECODE_FEATURES, DENSE_FEATURES, DENSE_OPS, PREFILL_FEATURES,
                                                SHAPE_TREE_FEATURES, decode_work, dense_work, design, log_features,
@@ -70,20 +71,24 @@ class PhysicsRegressor:
 class PhysicsBoost:
     """physics x exp(boosted trees on log features): non-linear corrections, flat outside the data."""
     name = "physics+gbt"
+    tree_features: tuple[str, ...] | None = None     # None: the physics features
+    gbt_params = {"max_iter": 200, "learning_rate": 0.08, "min_samples_leaf": 8}
 
     def __init__(self, features: tuple[str, ...], seed: int = 0):
         self.features, self.seed = features, seed
+
+    def _trees_on(self, work: dict) -> np.ndarray:
+        return log_features(work, self.tree_features or self.features)
 
     def fit(self, work: dict, y: np.ndarray) -> "PhysicsBoost":
         from sklearn.ensemble import HistGradientBoostingRegressor
         self.base_ = PhysicsRegressor(self.features).fit(work, y)
         r = np.log(y / self.base_.predict(work))
-        self.gbt_ = HistGradientBoostingRegressor(max_iter=200, learning_rate=0.08, min_samples_leaf=8,
-                                                  random_state=self.seed).fit(log_features(work, self.features), r)
+        self.gbt_ = HistGradientBoostingRegressor(**self.gbt_params, random_state=self.seed).fit(self._trees_on(work), r)
         return self
 
     def predict(self, work: dict) -> np.ndarray:
-        return self.base_.predict(work) * np.exp(self.gbt_.predict(log_features(work, self.features)))
+        return self.base_.predict(work) * np.exp(self.gbt_.predict(self._trees_on(work)))
 
 
 class ShapeBoost(PhysicsBoost):
@@ -93,18 +98,7 @@ class ShapeBoost(PhysicsBoost):
     from its shape; outside the shapes seen they are flat and the physics law carries the scale."""
     name = "shape+gbt"
     tree_features = SHAPE_TREE_FEATURES
-
-    def fit(self, work: dict, y: np.ndarray) -> "ShapeBoost":
-        from sklearn.ensemble import HistGradientBoostingRegressor
-        self.base_ = PhysicsRegressor(self.features).fit(work, y)
-        r = np.log(y / self.base_.predict(work))
-        self.gbt_ = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.08, min_samples_leaf=20,
-                                                  l2_regularization=1.0, random_state=self.seed)
-        self.gbt_.fit(log_features(work, self.tree_features), r)
-        return self
-
-    def predict(self, work: dict) -> np.ndarray:
-        return self.base_.predict(work) * np.exp(self.gbt_.predict(log_features(work, self.tree_features)))
+    gbt_params = {"max_iter": 300, "learning_rate": 0.08, "min_samples_leaf": 20, "l2_regularization": 1.0}
 
 
 class LogForest:
@@ -179,16 +173,16 @@ def kfold_error(make, work: dict, y: np.ndarray, folds: int, seed: int) -> tuple
     return mape(oof, y), oof
 
 
-def group_error(make, work: dict, y: np.ndarray, groups: np.ndarray) -> tuple[float, dict[str, float]]:
-    """Leave-one-group-out: each group (a model) predicted by a fit on all the others. Returns the
-    worst group's mean absolute percentage error and each group's."""
+def group_error(make, work: dict, y: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """Leave-one-group-out: each group (a model) predicted by a fit on all the others; the mean
+    absolute percentage error of each group."""
     per = {}
     for g in sorted(set(groups.tolist())):
         test = np.flatnonzero(groups == g)
         train = np.flatnonzero(groups != g)
         pred = make().fit(_subset(work, train), y[train]).predict(_subset(work, test))
         per[str(g)] = mape(pred, y[test])
-    return max(per.values()), per
+    return per
 
 
 # ---- one operator ---------------------------------------------------------------------------
@@ -252,20 +246,15 @@ def fit_dense_shapes(op: str, work: dict, y: np.ndarray, groups: np.ndarray, see
     y = np.asarray(y, np.float64)
     makers = {"physics": lambda: PhysicsRegressor(DENSE_FEATURES),
               ShapeBoost.name: lambda: ShapeBoost(DENSE_FEATURES, seed)}
-    scores, by_model = {}, {}
-    if score:
-        for name, make in makers.items():
-            _, per = group_error(make, work, y, groups)
-            scores[name], by_model[name] = float(np.mean(list(per.values()))), per
-    else:
-        scores = {ShapeBoost.name: float("nan")}
+    by_model = {name: group_error(make, work, y, groups) for name, make in makers.items()} if score else {}
+    scores = {name: float(np.mean(list(per.values()))) for name, per in by_model.items()} or \
+        {ShapeBoost.name: float("nan")}
     # Always the shape-transfer estimator (the physics law is scored beside it for comparison), so
     # that a scored fit and the simulator's unscored one hold the same predictors.
-    best = ShapeBoost.name
-    est = makers[best]().fit(work, y)
+    est = makers[ShapeBoost.name]().fit(work, y)
     ranges = {"tokens": [float(np.min(work["tokens"])), float(np.max(work["tokens"]))]}
-    phys = est if best == "physics" else PhysicsRegressor(DENSE_FEATURES).fit(work, y)
-    return OpFit("dense", "all", op, DENSE_FEATURES, best, est, scores, len(y), ranges, phys, est, by_model)
+    return OpFit("dense", "all", op, DENSE_FEATURES, ShapeBoost.name, est, scores, len(y), ranges,
+                 PhysicsRegressor(DENSE_FEATURES).fit(work, y), est, by_model)
 
 
 # ---- a whole profile ----------------------------------------------------------------------
@@ -284,8 +273,16 @@ class StepFit:
     models: list = field(default_factory=list)    # every model whose dense rows the fit saw
     attention_models: list = field(default_factory=list)   # the models whose attention was measured
 
+    @property
+    def model_names(self) -> list:
+        """The models whose dense rows the fit saw (fits saved before `models` existed: their one)."""
+        return getattr(self, "models", None) or [self.model]
+
     def profiled(self, model_name: str) -> bool:
-        return model_name in (getattr(self, "models", None) or [self.model])
+        return model_name in self.model_names
+
+    def has_attention(self) -> bool:
+        return bool(set(self.methods("decode")) & set(self.methods("prefill")))
 
     def attention_profiled(self, model_name: str) -> bool:
         have = getattr(self, "attention_models", None)
@@ -311,10 +308,10 @@ class StepFit:
 def tables_sha(folder: Path) -> str:
     h = hashlib.sha256()
     for name in ("attention.csv", "operators.csv"):
-        for p in (folder / name, folder / f"{name}.gz"):
-            if p.exists():
-                h.update(p.name.encode())
-                h.update(p.read_bytes())
+        p = table_path(folder, name)
+        if p is not None:
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
     return h.hexdigest()
 
 
@@ -387,17 +384,16 @@ def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | 
         ops = ops[ops["time_s_median"] > 0]
         for op, (work, y, groups) in _dense_rows(ops, dt, meta).items():
             models |= set(groups.tolist())
-            if len(set(groups.tolist())) > 1:
-                jobs.append(("dense-shapes", "all", op, work, (y, groups), DENSE_FEATURES))
-            else:
-                jobs.append(("dense", "all", op, work, y, DENSE_FEATURES))
+            jobs.append(("dense", "all", op, work, y, DENSE_FEATURES,
+                         groups if len(set(groups.tolist())) > 1 else None))
     att = profile.tables.get("attention")
     if att is not None and len(att):
         att = att[att["time_s_median"] > 0]
         for (method, stage), g in att.groupby(["method", "stage"]):
             family = "decode" if stage == "decode" else "prefill"
             feats = DECODE_FEATURES if family == "decode" else PREFILL_FEATURES
-            jobs.append((family, method, "attention", attention_work(stage, method, g, dt), attention_time(g), feats))
+            jobs.append((family, method, "attention", attention_work(stage, method, g, dt), attention_time(g), feats,
+                         None))
             heads = g[["num_q_heads", "num_kv_heads", "head_dim"]].drop_duplicates()
             shapes[(family, method)] = tuple(int(v) for v in heads.iloc[0]) if len(heads) == 1 else None
     if not jobs:
@@ -411,16 +407,13 @@ def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | 
     # One thread: the fits are small, and OpenMP workers spinning on a busy 2-core machine
     # made gradient boosting 8x slower than single-threaded.
     with threadpool_limits(1):
-        for family, method, op, work, y, feats in jobs:
-            if family == "dense-shapes":
-                family = "dense"
-                fit.ops[(family, method, op)] = fit_dense_shapes(op, work, y[0], y[1], seed, score)
-            elif score:
-                fit.ops[(family, method, op)] = fit_op(family, method, op, work, y, feats, folds, seed, only)
+        for family, method, op, work, y, feats, groups in jobs:
+            if groups is not None:     # several models' rows: scored leave-one-model-out
+                f = fit_dense_shapes(op, work, y, groups, seed, score)
             else:
-                fit.ops[(family, method, op)] = fit_op(family, method, op, work, y, feats, folds, seed,
-                                                       only or ("physics+gbt",))
-            fit.ops[(family, method, op)].shape = shapes.get((family, method))
+                f = fit_op(family, method, op, work, y, feats, folds, seed, only if score else only or ("physics+gbt",))
+            f.shape = shapes.get((family, method))
+            fit.ops[(family, method, op)] = f
             if progress:
                 progress(family, method, op)
     return fit

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rkvsim.models import HardwareSpec, Method, ModelSpec
 from rkvsim.models.files import UnreadableFile, cache_dir, read_json
+from rkvsim.profiler.profile import table_path
 
 from rkvsim.calibration.steps.fit import FIT_PICKLE, FitError, StepFit, tables_sha, fit_folder, load_fit, save_fit
 
@@ -47,14 +48,7 @@ def _usable(folder: Path, hardware: str) -> bool:
     if m and (m.get("engine") or m.get("source") == "rkvprof-engine"):
         return False
     return bool(m) and m.get("hardware") == hardware and m.get("status", "complete") == "complete" \
-        and any((folder / f).exists() for f in TABLE_FILES)
-
-
-TABLE_FILES = ("attention.csv", "attention.csv.gz", "operators.csv", "operators.csv.gz")
-
-
-def has_attention(folder: Path) -> bool:
-    return (folder / "attention.csv").exists() or (folder / "attention.csv.gz").exists()
+        and any(table_path(folder, t) for t in ("attention.csv", "operators.csv"))
 
 
 # A GPU profile without attention borrows the nearest measured one (calibration/steps/compile.py
@@ -71,7 +65,7 @@ def find_attention_donor(hardware: HardwareSpec) -> Path | None:
             hw_dir = root / name
             if hw_dir.is_dir():
                 for other in sorted(hw_dir.iterdir()):
-                    if _usable(other, name) and has_attention(other):
+                    if _usable(other, name) and table_path(other, "attention.csv"):
                         return other
     return None
 
@@ -142,7 +136,7 @@ def _compiled(folder: str, sha: str, model: ModelSpec, method: Method, tp: int, 
     from rkvsim.models import resolve_hardware
     fit = _fit_for(folder, sha)
     donor = None
-    if not (set(fit.methods("decode")) & set(fit.methods("prefill"))):
+    if not fit.has_attention():
         here = resolve_hardware(fit.hardware)
         d = find_attention_donor(here)
         if d is not None:
