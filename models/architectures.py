@@ -90,6 +90,11 @@ MODELS: dict[str, ModelSpec] = {
                   num_experts=8, experts_per_token=2),
         ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", 30, 576, 9, 3, 64, 1536, 49152, 8192,
                   tied_embeddings=True),
+        # Gemma 3 270M (its GGUF's header): 4 query heads of 256 over one KV head, GeGLU MLP, a
+        # 262k vocabulary. Five of every six layers attend a 512-token window; the spec keeps
+        # every layer's whole KV (sliding_window applies to all layers here), the upper bound.
+        ModelSpec("gemma3-270m", "google/gemma-3-270m", 18, 640, 4, 1, 256, 2048, 262144, 32768,
+                  tied_embeddings=True),
     ]
 }
 
@@ -103,6 +108,7 @@ _ALIASES = {
     "meta-llama-3.1-8b-instruct": "llama-3.1-8b",
     "mistral-7b-v0.1": "mistral-7b", "mistral-7b-instruct-v0.1": "mistral-7b",
     "smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m",
+    "gemma-3-270m": "gemma3-270m", "gemma-3-270m-it": "gemma3-270m", "google-gemma-3-270m": "gemma3-270m",
     "meta-llama-3-70b": "llama-3-70b", "llama-3-70b-instruct": "llama-3-70b",
     "codellama-34b-instruct-hf": "codellama-34b", "codellama-34b-hf": "codellama-34b",
     "codellama-codellama-34b-instruct-hf": "codellama-34b", "internlm-internlm-20b": "internlm-20b",

@@ -36,7 +36,9 @@ def add_parser(sub) -> None:
     c.add_argument("--model", required=True, help="model name or hub id (rkvsim.models)")
     c.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated method labels (default: {DEFAULT_METHODS}; e.g. kivi-2, h2o-1024)")
-    c.add_argument("--grid", default="quick", choices=sorted(GRIDS))
+    from rkvsim.profiler.engine_collect import ENGINE_GRIDS
+    c.add_argument("--grid", default="quick", choices=sorted(set(GRIDS) | set(ENGINE_GRIDS)),
+                   help="kernel grids: " + ", ".join(GRIDS) + "; engine grids (--engine): " + ", ".join(ENGINE_GRIDS))
     c.add_argument("--out", required=True, type=Path, help="profile folder (resumed if it exists)")
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     c.add_argument("--gpu", default=None,

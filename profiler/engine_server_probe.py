@@ -72,7 +72,8 @@ def probe(binary: Path, gguf: Path, kv: str, settings, batches=PROBE_BATCHES, re
 
     out: dict[int, list[float]] = {c: [] for c in batches}
     log = Path("/tmp") / f"rkvprof-probe-{kv}-{time.time_ns()}.log"
-    with running_server(lambda port: _server_args(binary, gguf, kv, settings, max(batches), port), log) as srv:
+    with running_server(lambda port: _server_args(binary, gguf, kv, settings, max(batches), port), log,
+                        cores=settings.cores()) as srv:
         for _ in range(repeats):
             for c in batches:
                 gaps: list[float] = []

@@ -97,15 +97,17 @@ class _Terminated(Exception):
 
 
 @contextlib.contextmanager
-def running_server(args_without_port: callable, log_path: Path, start_timeout_s: float = 120):
-    """Start llama-server (args_without_port(port) -> argv), wait until /health says ok,
-    yield a Server, and stop the whole process group whatever happens."""
+def running_server(args_without_port: callable, log_path: Path, start_timeout_s: float = 120,
+                   cores: tuple[int, ...] = ()):
+    """Start llama-server (args_without_port(port) -> argv; pinned to `cores` if any), wait
+    until /health says ok, yield a Server, and stop the whole process group whatever happens."""
+    from rkvsim.profiler.cpu_affinity import preexec
     port = free_port()
     argv = args_without_port(port)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "wb")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)   # own process group: killpg reaches all of it
+                            start_new_session=True, preexec_fn=preexec(cores))   # own process group: killpg reaches all of it
     prev = None
 
     def on_term(_sig, _frame):

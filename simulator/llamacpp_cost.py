@@ -278,7 +278,8 @@ def _fit(obs: list[tuple[list[Ubatch], float]]) -> tuple[np.ndarray, np.ndarray,
 
 
 def find_engine_profile(scn) -> Path:
-    """The scenario's `profile:` folder, else the newest engine profile shipped for its model."""
+    """The scenario's `profile:` folder, else the newest engine profile shipped for its model
+    with the scenario's engine threads (else the newest of any)."""
     if scn.profile:
         p = Path(scn.profile).expanduser()
         if not p.is_dir():
@@ -288,6 +289,9 @@ def find_engine_profile(scn) -> Path:
     from rkvsim.models import resolve_model
     name = resolve_model(scn.model).name
     found = packaged_engine_profiles(name, scn.hardware)
+    # A profile measured with the scenario's engine threads first: -t 1 and -t 2 steps differ ~2x.
+    threads = getattr(scn.scheduler, "threads", None)
+    found.sort(key=lambda p: read_json(p / "meta.json", "engine profile meta.json").get("threads") != threads)
     if not found:
         raise EngineProfileError(f"profile: no llama.cpp engine profile ships for {name} on {scn.hardware}; "
                                  f"collect one (rkvprof collect --engine llamacpp --model {name} --out DIR) "

@@ -7,7 +7,8 @@
       n_batch: 2048        # -b: most tokens (decodes first, then prompt chunks) in one iteration
       n_ubatch: 512        # -ub: physical batch llama.cpp splits an iteration into
       kv_unified: false    # --kv-unified: every slot may use the whole context (shared cells)
-      threads: 2           # -t, used when a real server is started (validate-serving)
+      threads: 1           # -t, used when a real server is started (validate-serving)
+      pin: true            # real server on the first `threads` cores, the load generator on the rest
       flash_attn: true     # -fa on|off
       poll: 0              # --poll: 0 = idle worker threads sleep instead of spinning
 
@@ -34,7 +35,10 @@ class SlotsSchedulerConfig(BaseModel):
     n_batch: int = Field(2048, ge=1, description="logical batch (-b): most tokens per iteration")
     n_ubatch: int = Field(512, ge=1, description="physical batch (-ub)")
     kv_unified: bool = False
-    threads: int = Field(2, ge=1, description="-t for a real server")
+    # One thread by default: with two, llama.cpp's threads meet at a barrier hundreds of times
+    # per step, so any other process on a small host (the load generator too) stretches steps.
+    threads: int = Field(1, ge=1, description="-t for a real server")
+    pin: bool = Field(True, description="pin a real server to its cores and the load generator to the others")
     flash_attn: bool = True
     # llama.cpp's default (50) spins waiting threads; on a shared 2-core host a spinning thread
     # steals the core its partner needs and steps get several times slower. The engine

@@ -150,6 +150,16 @@ def test_real_llama_server_end_to_end(tmp_path):
             assert res["measured"][key][st] > 0 and res["simulated"][key][st] > 0
             assert res["error_pct"][key][st] is not None
     assert res["cost_source"].startswith("profile:cpu@")
+    # probes bracket the replay; the simulation ran on the profile scaled to their speed
+    p = res["probe"]
+    assert p["plan"]["prompt_tokens"] == 64 and p["plan"]["batches"] == [1, 2]
+    for when in ("before", "after"):
+        assert p[when]["decode"] > 0 and p[when]["prefill"] > 0 and len(p[when]["points"]) == 4
+    assert p["verifiable"] == (p["drift_pct"]["max_abs"] <= 2.0)
+    scaled = json.loads((out / "engine_profile_at_replay" / "meta.json").read_text())
+    assert scaled["probe_scale"] == p["scale"] and res["error_pct_as_profiled"]["e2e_s"]["mean"] is not None
+    if len(os.sched_getaffinity(0)) >= 2:     # the server had its own core, the client the rest
+        assert res["cpu_affinity"]["engine_cpus"] == [min(os.sched_getaffinity(0))]
     assert (out / "validation_serving.html").stat().st_size > 10_000
     # every request measured: one CSV line each, all tokens received
     lines = (out / "requests_measured.csv").read_text().strip().splitlines()[1:]
@@ -184,7 +194,7 @@ def test_engine_collection_repeats_in_rounds_and_resumes_after_a_kill(tmp_path, 
 
     calls: list[tuple[str, int]] = []
 
-    def fake_bench(cmd, timeout_s=900):
+    def fake_bench(cmd, timeout_s=900, cores=()):
         kv, pp = cmd[cmd.index("-ctk") + 1], int(cmd[cmd.index("-npp") + 1])
         if len(calls) == budget[0]:
             raise KeyboardInterrupt          # the "kill"

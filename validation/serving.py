@@ -4,9 +4,13 @@
    arrival times, prompt and output lengths, exactly what `rkvsim run` simulates.
 2. The engine (rkvprof engine build) and an engine profile for this machine are found, or
    built / collected (quick grid) first, saying so.
-3. llama-server starts with the scenario's settings and the method's KV type; the workload
-   is replayed against it (validation.serving_client) and the server is stopped, always.
-4. The same workload is simulated with the engine profile's step costs.
+3. llama-server starts with the scenario's settings and the method's KV type, pinned to its
+   `threads` cores (the load generator gets the others, profiler.cpu_affinity); a short
+   batched-bench probe (validation.serving_probe) times the host before and after the replay
+   (validation.serving_client); the server is stopped, always.
+4. The same workload is simulated with the engine profile's step costs, as profiled and
+   scaled to the speed the probes measured; the probes' drift says whether the cell can
+   verify a forecast at all.
 5. Measured and simulated figures are compared (validation.serving_compare) and written as
    validation_serving.json (atomically), requests_measured.csv and an HTML report.
 """
@@ -35,10 +39,14 @@ from rkvsim.profiler.llamacpp_server import running_server, server_args
 from rkvsim.validation.serving_client import replay
 from rkvsim.validation.serving_compare import error_pct, measured_summary, simulated_summary
 from rkvsim.validation.serving_prompts import PromptBank
+from rkvsim.validation.serving_probe import (DRIFT_MAX_PCT, drift, plan_probe, profile_points, run_probe,
+                                             scale_at_replay, speed, write_scaled_profile)
+from rkvsim.profiler.cpu_affinity import pinned, split
+from rkvsim.simulator.llamacpp_cost import read_engine_profile
 
 RESULT_FILE = "validation_serving.json"
 TOKENS_FILE = "tokens_measured.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2     # 2: probes, the simulation at the probed speed, core pinning
 
 
 class ValidationError(RuntimeError):
@@ -51,7 +59,8 @@ def profile_cache_root() -> Path:
 
 def bench_settings(sched) -> BenchSettings:
     return BenchSettings(n_batch=sched.n_batch, n_ubatch=sched.n_ubatch, threads=sched.threads,
-                         flash_attn="on" if sched.flash_attn else "off", poll=sched.poll)
+                         flash_attn="on" if sched.flash_attn else "off", poll=sched.poll,
+                         pin=sched.pin)
 
 
 def _matches(meta: dict | None, eng: EngineBuild, sha: str, settings: BenchSettings, kv: set[str]) -> bool:
@@ -101,7 +110,8 @@ def load_description(arrival) -> str:
 
 def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str | None = None,
                      deadline_s: float = 900.0, say=print, engine: EngineBuild | None = None,
-                     bank: PromptBank | None = None) -> ServingRun:
+                     bank: PromptBank | None = None, probe: bool = True,
+                     drift_max_pct: float = DRIFT_MAX_PCT) -> ServingRun:
     if scn.scheduler.kind != "slots":
         raise ValidationError("scheduler.kind: validate-serving drives a llama.cpp server; use a scenario with "
                               "scheduler: {kind: slots, ...} such as scenarios/llamacpp_f16.yaml")
@@ -132,11 +142,26 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
     if too_long:
         say(f"validate-serving: {len(too_long)} requests exceed the {sched.ctx_slot}-token slot context; "
             "they are not sent (the simulator rejects them too)")
+    cores = split(sched.threads, sched.pin)
+    settings = bench_settings(sched)
+    prof_meta, prof_rows = read_engine_profile(profile)
+    plan = plan_probe(prof_rows, method.kind, wl.prompt[keep], sched.n_parallel) if probe else None
+    pin_note = (f"server on core(s) {','.join(map(str, cores.engine))}, load generator on "
+                f"{','.join(map(str, cores.client))}" if cores.engine else "not pinned")
     say(f"validate-serving: llama-server ({engine.label}) -np {sched.n_parallel} -c {sched.ctx_size} "
-        f"-ctk/-ctv {method.kind} -t {sched.threads}: replaying {len(keep)} requests ({load_description(scn.workload.arrival)})")
+        f"-ctk/-ctv {method.kind} -t {sched.threads} ({pin_note}): replaying {len(keep)} requests "
+        f"({load_description(scn.workload.arrival)})")
     t_start = time.time()
     load_before = os.getloadavg()
-    with running_server(argv, out / "server.log") as server:
+    probes: dict = {}
+
+    def run_probe_now(when: str) -> None:
+        # The server is idle here (before the first request, after the last), so the probe
+        # times the engine's cores as the replay found them.
+        if plan is not None:
+            probes[when] = speed(run_probe(engine.batched_bench, gguf, plan, settings), profile_points(prof_rows, plan))
+
+    with running_server(argv, out / "server.log", cores=cores.engine) as server:
         server_id = {"pid": server.proc.pid, "port": server.port}
         bank = bank or PromptBank(server.tokenize)
         bank.tokenize = server.tokenize
@@ -145,12 +170,14 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
         # Not part of the workload: warms the server and leaves its slots in LRU order 0, 1, ...
         server.warm_up(sched.n_parallel, max(prompts_all, key=len)[:256])
         arrivals = wl.arrivals[keep] if open_loop else None
+        run_probe_now("before")
         from rich.progress import Progress
-        with Progress(transient=True) as prog:
+        with Progress(transient=True) as prog, pinned(cores.client):
             task = prog.add_task(f"{label}: requests", total=len(keep))
             ms, wall = replay(server.host, server.port, prompts, wl.output[keep], arrivals,
                               concurrency=wl.concurrency, think_time_s=wl.think_time_s, deadline_s=deadline_s,
                               on_done=lambda _m: prog.advance(task))
+        run_probe_now("after")
     for m, i in zip(ms, keep):
         m.rid = i
     bad_counts = [m.rid for m in ms if m.ok and m.prompt_n not in (-1, m.prompt)]
@@ -158,9 +185,23 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
         raise ValidationError(f"the server evaluated other prompt lengths than sent for requests {bad_counts[:5]}")
 
     # ---- simulate -----------------------------------------------------------------------
-    (run,) = run_scenario(scn, scn.seed, base_dir, workload=wl, inflation=None, labels=[label]).runs
+    # As profiled, and (with probes) as the host ran during the replay: the profile scaled by
+    # the probes' speed, written beside the results so the figures can be re-derived.
+    (run_as_profiled,) = run_scenario(scn, scn.seed, base_dir, workload=wl, inflation=None, labels=[label]).runs
     measured = measured_summary(ms, open_loop)
+    probe_info = None
+    run = run_as_profiled
+    if plan is not None:
+        factors = scale_at_replay(probes["before"], probes["after"])
+        d = drift(probes["before"], probes["after"])
+        scaled = write_scaled_profile(profile, prof_rows, prof_meta, factors, out / "engine_profile_at_replay")
+        (run,) = run_scenario(scn.model_copy(update={"profile": str(scaled)}), scn.seed, base_dir, workload=wl,
+                              inflation=None, labels=[label]).runs
+        probe_info = {"plan": plan.as_dict(), "before": probes["before"], "after": probes["after"],
+                      "scale": factors, "drift_pct": d, "drift_max_pct": drift_max_pct,
+                      "verifiable": d["max_abs"] <= drift_max_pct}
     simulated = simulated_summary(run, open_loop)
+    simulated_as_profiled = simulated_summary(run_as_profiled, open_loop)
     result = {
         "schema_version": SCHEMA_VERSION,
         "scenario": scn.name,
@@ -184,6 +225,10 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
         "measured": measured,
         "simulated": simulated,
         "error_pct": error_pct(measured, simulated),
+        "probe": probe_info,     # None: run without probes (simulated = as profiled)
+        "simulated_as_profiled": simulated_as_profiled,
+        "error_pct_as_profiled": error_pct(measured, simulated_as_profiled),
+        "cpu_affinity": cores.as_dict(),
         "failures": sorted({m.error for m in ms if m.error})[:10],
     }
     mcols = {"ttft_s": [m.first_token - m.sent for m in ms if m.ok], "e2e_s": [m.finish - m.sent for m in ms if m.ok],

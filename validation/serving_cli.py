@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario field, e.g. --set workload.arrival.rate=1.5")
     v.add_argument("--timeout-s", type=float, default=900.0, help="stop the replay after this many seconds")
+    v.add_argument("--no-probe", action="store_true", help="no speed probes around the replay (simulate as profiled)")
+    v.add_argument("--drift-max", type=float, default=2.0, metavar="PCT",
+                   help="a cell whose before/after probes differ by more than this is unverifiable (default 2)")
     v.set_defaults(func=cmd_validate_serving)
 
 
@@ -41,7 +44,8 @@ def cmd_validate_serving(args) -> int:
         scn = load_scenario(path, overrides)
         out = Path(args.out) if args.out else Path("results") / f"{scn.name}-serving"
         run = validate_serving(scn, path.resolve().parent, out, args.method, args.timeout_s,
-                               say=lambda s: err.print(s, highlight=False, soft_wrap=True))
+                               say=lambda s: err.print(s, highlight=False, soft_wrap=True),
+                               probe=not args.no_probe, drift_max_pct=args.drift_max)
     except (ScenarioError, ValidationError, ServerError, ProfilerError, EngineProfileError, ValueError,
             FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {' '.join(str(e).split())}", highlight=False, soft_wrap=True)
@@ -57,6 +61,12 @@ def cmd_validate_serving(args) -> int:
         sat = (f"simulator: {verdict} (queue growth {fmt(s['queue_growth_s_per_s'])}; measured "
                f"{fmt(m['queue_growth_s_per_s'])}, {'saturated' if m['saturated'] else 'not saturated'})")
     console.print(sat)
+    p = r.get("probe")
+    if p:
+        verdict = "verifiable" if p["verifiable"] else f"UNVERIFIABLE (over {p['drift_max_pct']:g}%)"
+        console.print(f"host speed vs profile: before {p['before']['decode']:.3f} / after {p['after']['decode']:.3f} "
+                      f"(decode), {p['before']['prefill']:.3f} / {p['after']['prefill']:.3f} (prefill); "
+                      f"drift {p['drift_pct']['max_abs']:.1f}%: {verdict}; simulated at the probed speed")
     console.print(f"measured {m['requests_completed']} requests ({m['requests_failed']} failed); "
                   f"simulated costs: {r['cost_source']}")
     console.print(f"results: {run.out / 'validation_serving.json'}   report: {run.out / 'validation_serving.html'}")
