@@ -10,7 +10,8 @@ The matrix (validation/serving_matrix.py says how it is judged):
   3. bursty Gamma arrivals (cv --cv) at the same rates.
 Every replay is one `rkvsim validate-serving` run (same seed: the same requests everywhere),
 bracketed by speed probes; a replay whose validation_serving.json exists is not run again,
-so an interrupted bench resumes. Prints the absolute errors with each replay's probe drift,
+so an interrupted bench resumes (`--resimulate`: simulate those replays again with the code
+as it is). Prints the absolute errors with each replay's probe drift,
 the ratio table (each KV type over the reference), the drift floor, and writes
 bench_serving.json beside the replays.
 """
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_serving")
     ap.add_argument("--timeout-s", type=float, default=900.0, help="per replay")
     ap.add_argument("--only", default=None, help="comma-separated cell names to run (default: all)")
+    ap.add_argument("--resimulate", action="store_true",
+                    help="keep the measurements of replays already run; simulate them again with the current code "
+                         "(and --profile), at the speed their probes measured")
+    ap.add_argument("--profile", default=None, help="engine profile folder to simulate with (default: the shipped "
+                    "or cached one measured on this machine with the scenario's settings)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario field")
     args = ap.parse_args(argv)
 
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rkvsim.models.files import read_json, write_json
     from rkvsim.simulator.config import load_scenario, parse_overrides
-    from rkvsim.validation.serving import RESULT_FILE, validate_serving
+    from rkvsim.validation.serving import RESULT_FILE, resimulate, validate_serving
     from rkvsim.validation.serving_matrix import cells, schedule
     from rkvsim.validation.serving_prompts import PromptBank
 
@@ -74,9 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             over["workload.num_requests"] = args.requests
             out = args.out / cell.name / kv / f"r{rnd}"
             res_path = out / RESULT_FILE
+            if args.profile:
+                over["profile"] = args.profile
             if res_path.is_file():
                 res = read_json(res_path, "validate-serving result")
-            elif only is not None and cell.name not in only:
+                if args.resimulate:
+                    res = resimulate(load_scenario(path, over), path.parent, res, out,
+                                     Path(args.profile) if args.profile else None)
+            elif args.resimulate or (only is not None and cell.name not in only):
                 continue
             else:
                 scn = load_scenario(path, over)

@@ -17,7 +17,8 @@ in a row compute together, a gap between slots costs a second ubatch). What the 
 around llama_decode (sampling and streaming a token for each slot that produces one) is
   + server_step_s + server_seq_s * (decode tokens + prompts that end in the step)
 fitted (both >= 0) to the profile's `server_decode` rows (profiler/engine_server_probe.py):
-the server's measured decode iterations minus the bench model's prediction for them. The knots
+the server's measured decode iterations minus the bench model's prediction for them, pooled
+over the profile's KV types (the overhead is the same for all of them). The knots
 and slopes come from one weighted least-squares fit (weights 1/t: relative error) over the KV
 type's rows: the sums over ubatches keep the problem linear in the knot values.
 
@@ -183,23 +184,31 @@ class LlamaCppCostModel:
         return self._g(u[0]) + self.k_dec * u[1] + self.k_pre * u[2]
 
     def _g(self, n: float) -> float:
-        x, y = self.knots, self.values
-        if n <= x[-1] or len(x) == 1:
-            return float(np.interp(n, x, y))
-        slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
-        return float(y[-1] + slope * (n - x[-1]))
-
-    def _bench_decode(self, batch: int, ctx: float) -> float:
-        return self._g(batch) + self.k_dec * batch * ctx
+        return _g_of(self.knots, self.values, n)
 
     def _server_overhead(self, rows: list[dict], kv: str) -> tuple[float, float]:
-        """(per iteration, per sampled sequence) seconds the server adds; (0, 0) without probe rows."""
+        """(per iteration, per sampled sequence) seconds the server adds; (0, 0) without probe rows.
+
+        Sampling and streaming a token do not depend on the KV type, so the probe rows of every
+        KV type in the profile are pooled, each less its own KV type's bench model: one noisy
+        probe then no longer sets one KV type's overhead alone."""
+        fits = {kv: (self.knots, self.values, self.k_dec)}
         pts = []
         for r in rows:
-            if r["method"] == kv and r["stage"] == "server_decode":
-                c, pp, tg = int(r["batch_size"]), int(r["prompt_tokens"]), int(r["gen_tokens"])
-                # The probe's gaps are steady-state tokens 9..tg: contexts around pp + (9 + tg) / 2.
-                pts.append((c, float(r["time_s_median"]) - self._bench_decode(c, pp + (9 + tg) / 2)))
+            if r["stage"] != "server_decode":
+                continue
+            k = r["method"]
+            if k not in fits:
+                obs = _observations(rows, k)
+                if len(obs) < 4:
+                    continue
+                knots, values, k_dec, _k_pre = _fit(obs)
+                fits[k] = (knots, values, k_dec)
+            knots, values, k_dec = fits[k]
+            c, pp, tg = int(r["batch_size"]), int(r["prompt_tokens"]), int(r["gen_tokens"])
+            # The probe's gaps are steady-state tokens 9..tg: contexts around pp + (9 + tg) / 2.
+            bench = _g_of(knots, values, c) + k_dec * c * (pp + (9 + tg) / 2)
+            pts.append((c, float(r["time_s_median"]) - bench))
         if not pts:
             return 0.0, 0.0
         c, o = np.array(pts, dtype=np.float64).T
@@ -219,6 +228,14 @@ class LlamaCppCostModel:
         y = np.array([t for _, t in obs])
         rel = np.abs(pred - y) / y
         return {"mean_abs_rel": float(rel.mean()), "max_abs_rel": float(rel.max()), "rows": int(len(obs))}
+
+
+def _g_of(x: np.ndarray, y: np.ndarray, n: float) -> float:
+    """g(T): piecewise linear through the knots, extrapolated linearly past the last one."""
+    if n <= x[-1] or len(x) == 1:
+        return float(np.interp(n, x, y))
+    slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+    return float(y[-1] + slope * (n - x[-1]))
 
 
 def _n_logits(b: StepBatch) -> int:

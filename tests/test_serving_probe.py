@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,15 +23,41 @@ def prof(tmp_path_factory):
     return write_profile(tmp_path_factory.mktemp("probe-profile"))
 
 
-def test_probe_plan_takes_the_grid_points_the_workload_looks_like(prof):
+def test_probe_plan_takes_the_grid_points_the_workload_looks_like(prof, monkeypatch):
+    from rkvsim.validation import serving_probe
     _meta, rows = read_engine_profile(prof)
-    # grid prompts 64 / 256 / 1024; batches 1 2 4 8; gen 32
+    # grid prompts 64 / 256 / 1024; batches 1 2 4 8; gen 32. Capped at 128 tokens: 64.
     assert plan_probe(rows, "f16", np.array([150, 200, 220, 400]), 4).as_dict() == \
-        {"kv": "f16", "prompt_tokens": 256, "gen_tokens": 32, "batches": [1, 4]}
+        {"kv": "f16", "prompt_tokens": 64, "gen_tokens": 32, "batches": [1, 4]}
+    monkeypatch.setattr(serving_probe, "PROBE_MAX_PROMPT", 4096)
+    # token-weighted: nine 20-token prompts and one of 400 put the prefill time near 282 tokens
+    assert plan_probe(rows, "f16", np.array([20] * 9 + [400]), 4).prompt_tokens == 256
     assert plan_probe(rows, "f16", np.array([20, 30]), 3).prompt_tokens == 64      # nearest in log
     assert plan_probe(rows, "f16", np.array([20]), 3).batches == (1, 2)           # largest grid batch <= slots
     with pytest.raises(ValueError, match="q4_0"):
         plan_probe(rows, "q4_0", np.array([100]), 4)
+
+
+def test_the_probe_drops_its_warm_up_run(prof, monkeypatch):
+    from rkvsim.profiler import engine_bench
+    from rkvsim.profiler.engine_bench import BenchSettings
+    from rkvsim.validation.serving_probe import run_probe
+    _meta, rows = read_engine_profile(prof)
+    plan = plan_probe(rows, "f16", np.array([64]), 4)
+    calls = []
+
+    def fake(cmd, timeout_s=900, cores=()):
+        pls = [int(x) for x in cmd[cmd.index("-npl") + 1].split(",")]
+        calls.append(pls)
+        # the first configuration is 50% slow (first touch); repeats differ by 2%
+        k = 1 + 0.02 * len(calls)
+        return [{"pl": pl, "pp": 64, "tg": 32, "t_pp": 0.1 * pl * k * (1.5 if i == 0 else 1),
+                 "t_tg": 0.3 * pl * k * (1.5 if i == 0 else 1)} for i, pl in enumerate(pls)], ""
+
+    monkeypatch.setattr(engine_bench, "run_bench", fake)
+    got = run_probe(Path("bench"), Path("m.gguf"), plan, BenchSettings())
+    assert calls == [[1, 1, 4], [1, 1, 4]]
+    assert got[("prefill", 1)] == pytest.approx(0.1 * 1.03) and got[("decode", 4)] == pytest.approx(1.2 / 32 * 1.03)
 
 
 def test_probe_speed_is_time_over_the_profile_per_stage(prof):
@@ -145,3 +172,29 @@ def test_engine_and_load_generator_get_separate_cores():
     with pinned(cores[-1:]):
         assert os.sched_getaffinity(0) == set(cores[-1:])
     assert os.sched_getaffinity(0) == before
+
+
+def test_server_overhead_is_one_for_all_kv_types(prof):
+    """Sampling and streaming cost the same whatever the KV type: the probe rows of every KV
+    type are pooled, each less its own bench model, and every KV type gets the same overhead."""
+    from rkvsim.simulator.llamacpp_cost import _g_of
+    meta, rows = read_engine_profile(prof)
+    extra = []
+    for kv in ("f16", "q8_0"):
+        base = LlamaCppCostModel(meta, rows, parse_method(kv))
+        for c in (1, 2, 4):
+            bench = _g_of(base.knots, base.values, c) + base.k_dec * c * (128 + (9 + 96) / 2)
+            t = bench + 0.002 + 0.001 * c
+            extra.append({**rows[0], "method": kv, "stage": "server_decode", "batch_size": str(c),
+                          "prompt_tokens": "128", "gen_tokens": "96", "time_s_median": repr(t)})
+    a = LlamaCppCostModel(meta, rows + extra, parse_method("f16"))
+    b = LlamaCppCostModel(meta, rows + extra, parse_method("q8_0"))
+    assert a.server_step_s == pytest.approx(0.002, abs=1e-9) and a.server_seq_s == pytest.approx(0.001, abs=1e-9)
+    assert (a.server_step_s, a.server_seq_s) == pytest.approx((b.server_step_s, b.server_seq_s))
+    # one slow probe row of q8_0 moves both KV types a little, not q8_0 alone by all of it
+    noisy = [dict(r) for r in extra]
+    noisy[-1]["time_s_median"] = repr(float(noisy[-1]["time_s_median"]) + 0.012)
+    a2 = LlamaCppCostModel(meta, rows + noisy, parse_method("f16"))
+    b2 = LlamaCppCostModel(meta, rows + noisy, parse_method("q8_0"))
+    assert (a2.server_step_s, a2.server_seq_s) == pytest.approx((b2.server_step_s, b2.server_seq_s))
+    assert 0.001 < a2.server_seq_s < 0.001 + 0.012 / 4

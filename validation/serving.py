@@ -185,23 +185,15 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
         raise ValidationError(f"the server evaluated other prompt lengths than sent for requests {bad_counts[:5]}")
 
     # ---- simulate -----------------------------------------------------------------------
-    # As profiled, and (with probes) as the host ran during the replay: the profile scaled by
-    # the probes' speed, written beside the results so the figures can be re-derived.
-    (run_as_profiled,) = run_scenario(scn, scn.seed, base_dir, workload=wl, inflation=None, labels=[label]).runs
     measured = measured_summary(ms, open_loop)
     probe_info = None
-    run = run_as_profiled
     if plan is not None:
-        factors = scale_at_replay(probes["before"], probes["after"])
         d = drift(probes["before"], probes["after"])
-        scaled = write_scaled_profile(profile, prof_rows, prof_meta, factors, out / "engine_profile_at_replay")
-        (run,) = run_scenario(scn.model_copy(update={"profile": str(scaled)}), scn.seed, base_dir, workload=wl,
-                              inflation=None, labels=[label]).runs
         probe_info = {"plan": plan.as_dict(), "before": probes["before"], "after": probes["after"],
-                      "scale": factors, "drift_pct": d, "drift_max_pct": drift_max_pct,
-                      "verifiable": d["max_abs"] <= drift_max_pct}
-    simulated = simulated_summary(run, open_loop)
-    simulated_as_profiled = simulated_summary(run_as_profiled, open_loop)
+                      "scale": scale_at_replay(probes["before"], probes["after"]), "drift_pct": d,
+                      "drift_max_pct": drift_max_pct, "verifiable": d["max_abs"] <= drift_max_pct}
+    sims = simulate_replay(scn, base_dir, wl, label, profile, probe_info, out, open_loop)
+    run, simulated, simulated_as_profiled = sims["run"], sims["simulated"], sims["simulated_as_profiled"]
     result = {
         "schema_version": SCHEMA_VERSION,
         "scenario": scn.name,
@@ -245,6 +237,42 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
     from rkvsim.validation.serving_report import write_report
     write_report(out / "validation_serving.html", result, mcols, scols)
     return ServingRun(result, mcols, scols, out)
+
+
+def simulate_replay(scn: Scenario, base_dir: Path, wl, label: str, profile: Path, probe_info: dict | None,
+                    out: Path, open_loop: bool) -> dict:
+    """The replay's workload simulated as profiled and, with probes, at the probed speed: the
+    profile scaled by the probes' factors, written beside the results so the figures can be
+    re-derived. {"run", "simulated", "simulated_as_profiled"}; run is the one compared."""
+    scn = scn.model_copy(update={"profile": str(profile)})
+    (as_profiled,) = run_scenario(scn, scn.seed, base_dir, workload=wl, inflation=None, labels=[label]).runs
+    run = as_profiled
+    if probe_info is not None:
+        meta, rows = read_engine_profile(profile)
+        scaled = write_scaled_profile(profile, rows, meta, probe_info["scale"], out / "engine_profile_at_replay")
+        (run,) = run_scenario(scn.model_copy(update={"profile": str(scaled)}), scn.seed, base_dir, workload=wl,
+                              inflation=None, labels=[label]).runs
+    return {"run": run, "simulated": simulated_summary(run, open_loop),
+            "simulated_as_profiled": simulated_summary(as_profiled, open_loop)}
+
+
+def resimulate(scn: Scenario, base_dir: Path, res: dict, out: Path, profile: Path | None = None) -> dict:
+    """A replay's measured side as it was; its simulated side and errors from the code (and the
+    engine profile) as they are now, at the speed its probes measured then."""
+    if profile is None:
+        from rkvsim.profiler.engine_build import find_engine
+        profile = engine_profile_for(scn, find_engine())
+    wl = build_workload(scn, scn.seed, base_dir)
+    open_loop = wl.arrivals is not None
+    sims = simulate_replay(scn, base_dir, wl, res["method"], Path(profile), res.get("probe"), out, open_loop)
+    m = res["measured"]
+    res = {**res, "simulated": sims["simulated"], "simulated_as_profiled": sims["simulated_as_profiled"],
+           "error_pct": error_pct(m, sims["simulated"]),
+           "error_pct_as_profiled": error_pct(m, sims["simulated_as_profiled"]),
+           "cost_source": sims["run"].cost_source, "engine_profile": str(profile),
+           "resimulated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_json(out / RESULT_FILE, res, sort_keys=True, default=str)
+    return res
 
 
 def _write_requests(path: Path, ms: list) -> None:

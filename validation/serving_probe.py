@@ -1,10 +1,10 @@
 """The engine's speed at the moment of a replay: a short batched-bench probe before and after.
 
 A shared host's speed drifts by more than the error a serving forecast is judged on. So each
-replay is bracketed by a probe: one llama-batched-bench invocation at points of the engine
+replay is bracketed by a probe: two llama-batched-bench invocations at points of the engine
 profile's own grid that the cell's load exercises (the grid prompt length nearest the
-workload's median prompt; batch 1 and the server's slot count; the grid's decode length),
-pinned to the server's cores while the server sits idle. Each point's time over the profile's
+workload's token-weighted mean prompt; batch 1 and the server's slot count; the grid's decode
+length), pinned to the server's cores while the server sits idle. Each point's time over the profile's
 median for the same point is the host's speed then (1.0 = as profiled; 1.1 = 10% slower).
 The simulation uses the profile scaled by the mean of the two probes, per stage (prefill,
 decode), written beside the results as a profile of its own; the probes' disagreement is the
@@ -43,14 +43,21 @@ def _bench_rows(rows: list[dict], kv: str) -> list[dict]:
     return [r for r in rows if r["method"] == kv and r["stage"] in ("prefill", "decode")]
 
 
+PROBE_MAX_PROMPT = 128     # keeps a probe to a few seconds (its prefills run at every probed batch)
+
+
 def plan_probe(rows: list[dict], kv: str, prompts: np.ndarray, n_parallel: int) -> ProbePlan:
-    """Grid points of the profile that this workload's steps look most like."""
+    """Grid points of the profile that this workload's steps look most like: the grid prompt
+    nearest the token-weighted mean prompt (where the prefill time goes; at most
+    PROBE_MAX_PROMPT), batch 1 and the largest grid batch up to the slot count."""
     bench = _bench_rows(rows, kv)
     if not bench:
         raise ValueError(f"the engine profile has no bench rows for KV type {kv}")
     pps = sorted({int(r["prompt_tokens"]) for r in bench})
-    med = float(np.median(prompts)) if len(prompts) else float(pps[0])
-    pp = min(pps, key=lambda p: abs(math.log(p) - math.log(max(med, 1.0))))
+    p = np.asarray(prompts, np.float64)
+    target = float((p * p).sum() / p.sum()) if len(p) and p.sum() > 0 else float(pps[0])
+    cands = [x for x in pps if x <= PROBE_MAX_PROMPT] or pps[:1]
+    pp = min(cands, key=lambda x: abs(math.log(x) - math.log(max(target, 1.0))))
     batches = sorted({int(r["batch_size"]) for r in bench if int(r["prompt_tokens"]) == pp})
     top = max([b for b in batches if b <= n_parallel] or batches[:1])
     gen = min(int(r["gen_tokens"]) for r in bench)
@@ -68,7 +75,8 @@ def profile_points(rows: list[dict], plan: ProbePlan) -> dict[tuple[str, int], f
 
 
 def measured_points(bench_results: list[dict]) -> dict[tuple[str, int], float]:
-    """{(stage, batch): seconds} from llama-batched-bench results (prefill whole, decode per step)."""
+    """{(stage, batch): seconds} from llama-batched-bench results (prefill whole, decode per step).
+    A configuration listed twice keeps its last run (the first is the warm-up)."""
     out = {}
     for r in bench_results:
         out[("prefill", int(r["pl"]))] = float(r["t_pp"])
@@ -120,14 +128,19 @@ def write_scaled_profile(src: Path, rows: list[dict], meta: dict, factors: dict[
     return out
 
 
-def run_probe(bench_binary: Path, gguf: Path, plan: ProbePlan, settings, repeats: int = 1) -> dict:
-    """Time the plan's points `repeats` times (the median of each point is kept); {(stage, batch): s}."""
+def run_probe(bench_binary: Path, gguf: Path, plan: ProbePlan, settings, repeats: int = 2) -> dict:
+    """Time the plan's points `repeats` times, the median of each kept; {(stage, batch): s}.
+
+    Each invocation runs the first batch once more before the measured ones and drops it: the
+    first configuration after loading the model pays first-touch costs (up to 40% on a 16-token
+    prefill here) that the profile's medians over repeats do not carry."""
     from dataclasses import replace
 
     from rkvsim.profiler.engine_bench import bench_command, run_bench
     ctx = max(plan.batches) * (plan.prompt_tokens + plan.gen_tokens)
     s = replace(settings, ctx_size=max(256, -(-ctx // 256) * 256))
-    cmd = bench_command(bench_binary, gguf, plan.kv, [plan.prompt_tokens], [plan.gen_tokens], list(plan.batches), s)
+    npl = [plan.batches[0], *plan.batches]
+    cmd = bench_command(bench_binary, gguf, plan.kv, [plan.prompt_tokens], [plan.gen_tokens], npl, s)
     reps: dict[tuple[str, int], list[float]] = {}
     for _ in range(repeats):
         rows, _raw = run_bench(cmd, timeout_s=300, cores=s.cores())
