@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(console, summary)
     write_json(args.out / "bench_serving.json", {**summary, "requests": args.requests, "loads": loads, "cv": args.cv,
                                                  "kv_types": kvs, "drift_max_pct": args.drift_max}, indent=1)
+    from rkvsim.validation.serving_matrix_report import write_report
+    write_report(args.out / "bench_serving.html", summary)
+    console.print(f"results: {args.out / 'bench_serving.json'}   report: {args.out / 'bench_serving.html'}")
     return 0
 
 

@@ -198,3 +198,24 @@ def test_server_overhead_is_one_for_all_kv_types(prof):
     b2 = LlamaCppCostModel(meta, rows + noisy, parse_method("q8_0"))
     assert (a2.server_step_s, a2.server_seq_s) == pytest.approx((b2.server_step_s, b2.server_seq_s))
     assert 0.001 < a2.server_seq_s < 0.001 + 0.012 / 4
+
+
+def test_matrix_report_has_the_figures_and_the_tables(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_serving", Path(__file__).resolve().parents[1] / "bench" / "bench_serving.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    f16 = [_res(100, 2.0, 0.5, err=2.0), _res(100, 2.0, 0.5, err=3.0)]
+    q8 = [_res(90, 2.2, 0.55, err=6.0, drift_pct=3.0), _res(90, 2.2, 0.55, err=1.0)]
+    for r in f16 + q8:
+        r["measured"]["tpot_s"] = {"mean": 0.03}
+        r["loadavg_before"], r["requests"] = [0.5, 0.5, 0.5], 40
+        r["measured"]["output_tokens_per_s"] = float(r["measured"]["output_tokens_per_s"])
+        r["error_pct_as_profiled"] = r["error_pct"]
+    summary = bench.summarize({"closed": {"f16": f16, "q8_0": q8}}, "f16", 0.8)
+    assert [c["verdict"] for c in summary["cells"]] == ["met", "met", "unverifiable", "met"]
+    assert summary["drift_floor"]["q8_0"]["replays"] == 2 and len(summary["ratios"]) == 2
+    from rkvsim.validation.serving_matrix_report import write_report
+    write_report(tmp_path / "m.html", summary)
+    text = (tmp_path / "m.html").read_text()
+    assert "Ratios" in text and "unverifiable" in text and text.count("<tr>") == 1 + 4 + 1 + 2
