@@ -219,3 +219,16 @@ def test_matrix_report_has_the_figures_and_the_tables(tmp_path):
     write_report(tmp_path / "m.html", summary)
     text = (tmp_path / "m.html").read_text()
     assert "Ratios" in text and "unverifiable" in text and text.count("<tr>") == 1 + 4 + 1 + 2
+
+
+def test_engine_fit_puts_knots_only_where_rows_measure_them():
+    """A 6-token tail of a 1,536-token prefill (510 x 3 + 6) is no knot: g(6) comes from its
+    neighbours, and a noisy long row cannot lift g for every larger ubatch (g monotone in the fit)."""
+    from rkvsim.simulator.llamacpp_cost import _fit, _g_of
+    g = lambda t: 0.01 + 0.006 * t  # noqa: E731
+    obs = [([(float(t), 0.0, 0.0)], g(t)) for t in (1, 2, 3, 4, 16, 32, 64, 128, 510)]
+    obs.append(([(510.0, 0.0, 0.0)] * 3 + [(6.0, 0.0, 0.0)], (3 * g(510) + g(6)) * 1.05))   # 5% slow row
+    knots, values, k_dec, k_pre = _fit(obs)
+    assert 6.0 not in knots.tolist() and len(knots) == 9
+    assert _g_of(knots, values, 10) == pytest.approx(g(10), rel=0.05)
+    assert np.all(np.diff(values) >= 0) and k_dec >= 0 and k_pre >= 0
