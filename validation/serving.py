@@ -192,7 +192,7 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
         probe_info = {"plan": plan.as_dict(), "before": probes["before"], "after": probes["after"],
                       "scale": scale_at_replay(probes["before"], probes["after"]), "drift_pct": d,
                       "drift_max_pct": drift_max_pct, "verifiable": d["max_abs"] <= drift_max_pct}
-    sims = simulate_replay(scn, base_dir, wl, label, profile, probe_info, out, open_loop)
+    sims = simulate_replay(scn, base_dir, wl, label, profile, probe_info, out, open_loop, (prof_meta, prof_rows))
     run, simulated, simulated_as_profiled = sims["run"], sims["simulated"], sims["simulated_as_profiled"]
     result = {
         "schema_version": SCHEMA_VERSION,
@@ -240,7 +240,7 @@ def validate_serving(scn: Scenario, base_dir: Path, out: Path, method_label: str
 
 
 def simulate_replay(scn: Scenario, base_dir: Path, wl, label: str, profile: Path, probe_info: dict | None,
-                    out: Path, open_loop: bool) -> dict:
+                    out: Path, open_loop: bool, profile_data: tuple[dict, list[dict]] | None = None) -> dict:
     """The replay's workload simulated as profiled and, with probes, at the probed speed: the
     profile scaled by the probes' factors, written beside the results so the figures can be
     re-derived. {"run", "simulated", "simulated_as_profiled"}; run is the one compared."""
@@ -248,7 +248,7 @@ def simulate_replay(scn: Scenario, base_dir: Path, wl, label: str, profile: Path
     (as_profiled,) = run_scenario(scn, scn.seed, base_dir, workload=wl, inflation=None, labels=[label]).runs
     run = as_profiled
     if probe_info is not None:
-        meta, rows = read_engine_profile(profile)
+        meta, rows = profile_data or read_engine_profile(profile)
         scaled = write_scaled_profile(profile, rows, meta, probe_info["scale"], out / "engine_profile_at_replay")
         (run,) = run_scenario(scn.model_copy(update={"profile": str(scaled)}), scn.seed, base_dir, workload=wl,
                               inflation=None, labels=[label]).runs
