@@ -210,12 +210,16 @@ class CalibratedCostModel:
 def calibrated_cost_model(folder: Path, model, hardware, method, tp: int, max_tokens: int, max_batch: int,
                           max_ctx: int, overheads=None, comm=None) -> "CalibratedCostModel":
     """CalibratedCostModel for one replica: the profile's compiled lookups, with engine terms
-    installed beside the profile if any, and the roofline prior for what no profile row covers."""
+    installed beside the profile if any, and the roofline prior for what no profile row covers.
+    A profile of another GPU than `hardware` (the nearest one profiled) is carried to it by the
+    datasheet roofline; engine terms fitted on that other GPU's engine are not used then."""
     from rkvsim.calibration.steps.fit import fit_folder
-    from rkvsim.calibration.steps.profiles import compiled_costs
+    from rkvsim.calibration.steps.profiles import compiled_costs, profile_hardware
 
-    comp = compiled_costs(folder, model, method, tp, max_tokens, max_batch, max_ctx)
-    engine = load_engine_terms(fit_folder(Path(folder)))
+    other = profile_hardware(folder) not in (None, hardware.name)
+    comp = compiled_costs(folder, model, method, tp, max_tokens, max_batch, max_ctx,
+                          to_hw=hardware.name if other else None)
+    engine = None if other else load_engine_terms(fit_folder(Path(folder)))
     cm = CalibratedCostModel(comp, RooflineCostModel(model, hardware, method, tp, overheads=overheads, comm=comm), engine)
     if overheads is not None and engine is None:
         cm.source = f"{cm.source}; cpu:{overheads.cpu_source}"

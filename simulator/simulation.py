@@ -146,7 +146,7 @@ def make_cost_model(scn: Scenario, method: Method, tp: int, sc=None) -> CostMode
         from rkvsim.simulator.llamacpp_cost import llamacpp_cost_model   # llama.cpp: its engine profile's costs
         return llamacpp_cost_model(scn, method)
     model, hw = resolve_model(scn.model), resolve_hardware(scn.hardware)
-    from rkvsim.calibration.steps.profiles import find_profile
+    from rkvsim.calibration.steps.profiles import FORCE_PRIOR, find_gpu_donor, find_profile
     from rkvsim.simulator.calibrated import calibrated_cost_model
     from rkvsim.calibration.steps.fit import FitError
     from rkvsim.calibration.steps.comm import lookup as comm_lookup
@@ -155,6 +155,8 @@ def make_cost_model(scn: Scenario, method: Method, tp: int, sc=None) -> CostMode
     comm = comm_lookup(hw.network, tp) if tp > 1 else None
     try:
         folder = find_profile(hw, model, scn.profile)
+        if folder is None and scn.profile != FORCE_PRIOR:
+            folder = find_gpu_donor(hw)     # a GPU nobody profiled: the nearest profiled one, carried
         if folder is None:
             return RooflineCostModel(model, hw, method, tp, overheads=ov, comm=comm)
         return calibrated_cost_model(folder, model, hw, method, tp, sc.max_batched_tokens, sc.max_batch_size,

@@ -216,7 +216,10 @@ def test_cost_parts_say_where_each_part_comes_from(tmp_path):
     assert "attention:transfer(a100-80g" in parts
     assert "comm:measured(h100_dgx all_reduce x4)" in parts
     assert "cpu:" in parts
-    prior = run_scenario(_scenario(tmp_path, hardware="l40s", tp=2)).summary()
+    carried = run_scenario(_scenario(tmp_path, hardware="l40s", tp=2)).summary()
+    cp = next(iter(carried["methods"].values()))["cost_parts"]
+    assert "dense:carried(profile(a40@" in cp and "-> l40s)" in cp and "comm:ring-formula(pcie4)" in cp
+    prior = run_scenario(_scenario(tmp_path, hardware="l40s", tp=2, profile="roofline")).summary()
     lp = next(iter(prior["methods"].values()))["cost_parts"]
     assert "dense:roofline-prior" in lp and "comm:ring-formula(pcie4)" in lp
 

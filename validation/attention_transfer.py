@@ -1,4 +1,5 @@
-"""`rkvsim validate-transfer`: how far attention measured on one GPU and shape carries to another.
+"""`rkvsim validate-transfer`: how far attention measured on one GPU and shape carries to another
+(and, validation/gpu_transfer.py, how far dense operators carry to a GPU nobody profiled).
 
 Both directions between the two attention tables measured for real: the paper's A6000 FP16 table
 (LLaMA-2-7B, 32 query / 32 KV heads, TP 1) and Vidur's A100 table (LLaMA-2-70B at TP 2: 32 query /
@@ -114,11 +115,13 @@ def cmd(args) -> int:
     from rich.table import Table
 
     from rkvsim.models.files import write_json
+    from rkvsim.validation import gpu_transfer
     try:
         res = run(args.a6000, args.a100)
     except FileNotFoundError as e:
         print(f"rkvsim: error: {e}")
         return 2
+    dense = gpu_transfer.run(args.a6000)
     t = Table(title="attention carried across GPU and shape (every row of the other table)")
     for c in ("direction", "stage", "rows", "MAPE %", "median %", "p90 %", "median pred/meas", "datasheet roofline MAPE %"):
         t.add_column(c)
@@ -127,6 +130,14 @@ def cmd(args) -> int:
             t.add_row(direction, stage, str(r["rows"]), f"{100 * r['mape']:.1f}", f"{100 * r['median_ape']:.1f}",
                       f"{100 * r['p90_ape']:.1f}", f"{r['bias']:.2f}", f"{100 * r['datasheet_roofline_mape']:.1f}")
     Console().print(t)
+    t = Table(title="dense operators carried to another GPU (step dense time, every shape the destination measured)")
+    for c in ("to", "from", "points", "MAPE %", "median %", "p90 %"):
+        t.add_column(c)
+    for r in dense:
+        via = r["from"] + (" (donor rule's pick)" if r["picked"] else "") if r["from"] != "prior" else "roofline prior"
+        t.add_row(r["to"], via, str(r["points"]), f"{100 * r['mape']:.1f}", f"{100 * r['median_ape']:.1f}",
+                  f"{100 * r['p90_ape']:.1f}")
+    Console().print(t)
     if args.out:
-        write_json(Path(args.out) / "attention_transfer.json", res)
+        write_json(Path(args.out) / "attention_transfer.json", {**res, "dense_gpu_carry": dense})
     return 0

@@ -14,6 +14,7 @@ MODES = (
     ("engine_kfold", "calibrated + per-method engine terms, 5-fold over step shapes (held out)"),
     ("engine_lomo", "calibrated + shared engine terms, leave-one-method-out (held out)"),
     ("operators", "calibrated operators only (no measured rows used)"),
+    ("operators_prior", "calibrated operators + the prior's step overheads (a simulation without fitted engine terms)"),
     ("roofline", "roofline prior (uncalibrated)"),
 )
 
@@ -25,6 +26,9 @@ def add_parser(sub) -> None:
     v.add_argument("--out", default=None, help="output folder (default results/validate-<profile folder name>)")
     v.add_argument("--budget", type=int, default=512,
                    help="eviction budget (tokens) for H2O/StreamingLLM/SnapKV rows (default 512, the paper's)")
+    v.add_argument("--hardware", default=None,
+                   help="the GPU the measured rows come from, when not the profile's: the profile's operators are "
+                        "carried there by the datasheet roofline (what a simulation on a GPU nobody profiled uses)")
     v.add_argument("--folds", type=int, default=5, help="k of the k-fold over step shapes (default 5)")
     v.add_argument("--install-engine", action="store_true",
                    help="also save the engine terms fitted on ALL rows beside the profile's fit, so "
@@ -48,7 +52,13 @@ def cmd_validate(args) -> int:
     con = Console(width=None if sys.stdout.isatty() else 120)
     try:
         prof = load_profile(args.profile)
-        hw = resolve_hardware(prof.hardware)
+        try:
+            hw = resolve_hardware(args.hardware or prof.hardware)
+        except KeyError as e:
+            raise ValidationError(f"--hardware: {e.args[0]}") from None
+        if args.install_engine and hw.name != prof.hardware:
+            raise ValidationError(f"--install-engine: the engine terms would be fitted on {hw.name} rows but saved "
+                                  f"beside a {prof.hardware} profile; drop --hardware or --install-engine")
         df = read_measured(args.measured)
         fit_for(Path(args.profile))     # fits (and caches) once if `rkvprof fit` was not run
         p = operator_seconds(df, Path(args.profile), hw, args.budget)
@@ -61,6 +71,7 @@ def cmd_validate(args) -> int:
         "engine_kfold": heldout_kfold_shapes(p, df, folds=args.folds),
         "engine_lomo": heldout_leave_one_method_out(p, df),
         "operators": p.ops_s,
+        "operators_prior": p.ops_s + _prior_overheads(hw, bsz),
         "roofline": p.roofline_s,
     }
     pred = {k: work / np.maximum(v, 1e-12) for k, v in seconds.items()}
@@ -80,7 +91,8 @@ def cmd_validate(args) -> int:
         "fitted_on": (f"engine terms fitted on the measured rows of the other {args.folds - 1} of {args.folds} folds of "
                       "step shapes (stage, bsz, prompt_len) for each row scored, every method of a shape held out "
                       "together; operator predictors fitted on the profile only, never on measured rows"),
-        "profile": str(Path(args.profile).resolve()), "cost_source": prof.origin,
+        "profile": str(Path(args.profile).resolve()), "hardware": hw.name,
+        "cost_source": prof.origin if hw.name == prof.hardware else f"{prof.origin} carried to {hw.name}",
         "measured": str(Path(args.measured).resolve()), "rows": int(len(df)), "budget": args.budget,
         "modes": {k: {"description": d, **scores[k]} for k, d in MODES},
         "engine_terms_all_rows": final.to_json(),
@@ -120,6 +132,14 @@ def cmd_validate(args) -> int:
     con.print(t)
     con.print(f"wrote {out / 'validation.json'}, {out / 'predictions.csv'}, {out / 'parity.html'}")
     return 0
+
+
+def _prior_overheads(hw, bsz: np.ndarray) -> np.ndarray:
+    """Seconds the simulator adds to each step when no engine terms are installed (EngineTerms.prior:
+    the roofline prior's stated per-step and per-sequence overheads)."""
+    from rkvsim.simulator.roofline import default_efficiency
+    e = default_efficiency(hw)
+    return e.step_overhead_s + e.per_seq_overhead_s * bsz.astype(float)
 
 
 def _fmt(x) -> str:

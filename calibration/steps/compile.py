@@ -115,6 +115,17 @@ def carry_time(f: OpFit, t_src: np.ndarray, ratio: np.ndarray) -> np.ndarray:
     return c0 + (t_src - c0) * ratio
 
 
+def dense_time(f: OpFit, build, tokens, transfer: bool = False, src: HardwareSpec | None = None,
+               dst: HardwareSpec | None = None) -> np.ndarray:
+    """A dense operator's seconds at `tokens`: the fit, and with src/dst (a GPU nobody profiled)
+    carried there by the datasheet roofline of its work (calibration/steps/gpu_carry.py)."""
+    y = anchored(f, build, transfer, tokens=tokens)
+    if dst is None:
+        return y
+    from rkvsim.calibration.steps.gpu_carry import dense_ratio
+    return carry_time(f, y, dense_ratio(build(tokens), src, dst))
+
+
 def _shape_carry(f: OpFit, hq: int, hkv: int, d: int, scale_hw) -> tuple | None:
     """(source q heads, kv heads, head dim) when an attention fit timed at one head layout is applied
     to another, or on another GPU: its features cannot separate per-head costs (every feature grows
@@ -139,15 +150,28 @@ MOE_OPS = ("mlp_up_proj", "mlp_act", "mlp_down_proj")
 
 
 def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, max_tokens: int = 8192,
-                  max_batch: int = 256, max_ctx: int = 4096, donor: tuple | None = None) -> CompiledCosts:
+                  max_batch: int = 256, max_ctx: int = 4096, donor: tuple | None = None,
+                  to_hw: HardwareSpec | None = None) -> CompiledCosts:
     """donor: (StepFit, source HardwareSpec, this HardwareSpec) whose attention is carried here by
-    hw_scale when `fit` has none (a GPU whose profile measured dense operators only)."""
+    hw_scale when `fit` has none (a GPU whose profile measured dense operators only).
+    to_hw: a GPU other than the fit's, which nobody profiled: every operator is carried there by the
+    datasheet roofline of its work (calibration/steps/gpu_carry.py)."""
     dt = model.weight_dtype_bytes
     L = model.num_layers
     notes = []
     transfer = not fit.profiled(model.name)
     tag = fit.origin.removeprefix("profile:")
+    fit_hw = None
+    if to_hw is not None:
+        from rkvsim.models import resolve_hardware
+        fit_hw = resolve_hardware(fit.hardware)
+        if fit_hw.name == to_hw.name:
+            to_hw = None
     parts = {"dense": f"transfer({tag} {','.join(fit.model_names)})" if transfer else f"profile({tag})"}
+    if to_hw is not None:
+        parts["dense"] = f"carried({parts['dense']} -> {to_hw.name})"
+        notes.append(f"no profile of {to_hw.name}: {fit_hw.name}'s measured operators carried by the datasheet "
+                     f"roofline of each operator's work ({fit_hw.name} -> {to_hw.name}), their fixed part kept")
     if transfer:
         notes.append(f"dense operators fitted on {', '.join(fit.model_names)}, applied to "
                      f"{model.name} through its shape (FLOP/byte and GEMM-shape features)")
@@ -170,12 +194,14 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
             continue
         def build(tokens, op=op):
             return dense_work(op, tokens, *dims, tp, dt, gated=model.gated_mlp)
+        def timed(tokens, f=f, build=build):
+            return dense_time(f, build, tokens, transfer, fit_hw, to_hw)
         if model.is_moe and op in MOE_OPS:
             ex = np.asarray(model.experts_touched(tg.astype(np.float64)))
             per_expert = np.maximum(tg * model.experts_per_token / ex, 1.0)
-            y = ex * anchored(f, build, transfer, tokens=per_expert)
+            y = ex * timed(per_expert)
         else:
-            y = anchored(f, build, transfer, tokens=tg)
+            y = timed(tg)
         if op in HEAD_OPS:
             head_g += y
         else:
@@ -189,7 +215,10 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
         head = np.interp(t_all, np.concatenate([[0], tg]), np.concatenate([[0.0], head_g]))
 
     att_fit, scale_hw = fit, None
-    if not fit.has_attention() and donor is not None:
+    if to_hw is not None and fit.has_attention():
+        scale_hw = (fit_hw, to_hw)
+        notes.append(f"attention: {fit.origin}'s, carried by the datasheet roofline ({fit_hw.name} -> {to_hw.name})")
+    elif not fit.has_attention() and donor is not None:
         att_fit, src_hw, dst_hw = donor
         scale_hw = (src_hw, dst_hw)
         notes.append(f"attention: no table measured on {fit.hardware}; {att_fit.origin}'s, carried by the datasheet "
@@ -265,5 +294,6 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     if ratio is not None:
         pre = pre * ratio_at(ratio[1]["prefill"], N.ravel(), P.ravel())
     pre = L * pre.reshape(N.shape)
-    return CompiledCosts(fit.origin, L, dense, head, bg.astype(np.float64), cg.astype(np.float64), dec,
+    origin = fit.origin if to_hw is None else f"{fit.origin} carried to {to_hw.name}"
+    return CompiledCosts(origin, L, dense, head, bg.astype(np.float64), cg.astype(np.float64), dec,
                          ng.astype(np.float64), pg.astype(np.float64), pre, label, notes, parts)

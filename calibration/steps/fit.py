@@ -40,7 +40,7 @@ from rkvsim.calibration.steps.features import (DECODE_FEATURES, DENSE_FEATURES, 
                                                SHAPE_TREE_FEATURES, decode_work, dense_work, design, log_features,
                                                prefill_work)
 
-FIT_VERSION = 1
+FIT_VERSION = 2   # 2: attention fits record their head layout (shape), fits their attention_models
 FIT_DIR = "fit"
 FIT_PICKLE = "step_fit.pkl"
 FIT_JSON = "fit.json"

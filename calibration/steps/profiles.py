@@ -127,17 +127,46 @@ def fit_for(folder: Path) -> StepFit:
     return _fit_for(str(Path(folder).resolve()), tables_sha(Path(folder)))
 
 
+def find_gpu_donor(hardware: HardwareSpec) -> Path | None:
+    """For a GPU nobody profiled: the profile of the nearest GPU that was (same memory kind first,
+    then peak FLOP/s and bandwidth; calibration/steps/gpu_carry.py), whose operators are carried
+    here by the datasheet roofline. None on a CPU or when no GPU profile exists."""
+    from rkvsim.calibration.steps.gpu_carry import rank_donors
+    from rkvsim.models import HARDWARE
+    if hardware.memory == "dram":
+        return None
+    found: dict[str, Path] = {}
+    for root in (user_store(), packaged_store()):
+        if not root.is_dir():
+            continue
+        for hw_dir in sorted(root.iterdir()):
+            spec = HARDWARE.get(hw_dir.name)
+            if spec is None or spec.memory == "dram" or spec.name in found or not hw_dir.is_dir():
+                continue
+            usable = [o for o in sorted(hw_dir.iterdir()) if _usable(o, spec.name) and table_path(o, "operators.csv")]
+            if usable:
+                found[spec.name] = usable[0]
+    ranked = rank_donors(hardware, [HARDWARE[n] for n in found])
+    return found[ranked[0].name] if ranked else None
+
+
+def profile_hardware(folder: Path) -> str | None:
+    m = _meta(Path(folder))
+    return m.get("hardware") if m else None
+
+
 @lru_cache(maxsize=64)
 def _compiled(folder: str, sha: str, model: ModelSpec, method: Method, tp: int, max_tokens: int,
-              max_batch: int, max_ctx: int):
+              max_batch: int, max_ctx: int, to_hw: str | None = None):
     from threadpoolctl import threadpool_limits
 
     from rkvsim.calibration.steps.compile import compile_costs
     from rkvsim.models import resolve_hardware
     fit = _fit_for(folder, sha)
+    target = resolve_hardware(to_hw) if to_hw else None
     donor = None
     if not fit.has_attention():
-        here = resolve_hardware(fit.hardware)
+        here = target or resolve_hardware(fit.hardware)
         d = find_attention_donor(here)
         if d is not None:
             dfit = fit_for(d)
@@ -145,13 +174,14 @@ def _compiled(folder: str, sha: str, model: ModelSpec, method: Method, tp: int, 
     # One thread: OpenMP workers of the boosted trees spin against the simulator's own process
     # on a loaded machine (measured: 4.4 s instead of 0.4 s to compile one method).
     with threadpool_limits(1):
-        return compile_costs(fit, model, method, tp, max_tokens, max_batch, max_ctx, donor)
+        return compile_costs(fit, model, method, tp, max_tokens, max_batch, max_ctx, donor, target)
 
 
 def compiled_costs(folder: Path, model: ModelSpec, method: Method, tp: int, max_tokens: int, max_batch: int,
-                   max_ctx: int):
+                   max_ctx: int, to_hw: str | None = None):
     """The profile's fitted step costs for one (model, method, tp), compiled into lookups
-    (calibration.steps.compile.CompiledCosts) over the scheduler's limits; cached per process."""
+    (calibration.steps.compile.CompiledCosts) over the scheduler's limits; cached per process.
+    to_hw: another GPU to carry them to (one nobody profiled)."""
     folder = Path(folder)
     return _compiled(str(folder.resolve()), tables_sha(folder), model, method, tp, int(max_tokens),
-                     int(max_batch), int(max_ctx))
+                     int(max_batch), int(max_ctx), to_hw)
