@@ -19,14 +19,23 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def run_local(calls: Sequence[Call], on_done: Callable[[str, list], None], workers: int) -> None:
-    if workers <= 1:
+def local_pool(workers: int):
+    """Worker processes to hand several run_local calls (a plan's rounds): each keeps what it
+    compiled and fitted (cost tables, the inflation model) from one round to the next."""
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(max_workers=workers)
+
+
+def run_local(calls: Sequence[Call], on_done: Callable[[str, list], None], workers: int, pool=None) -> None:
+    """Run the calls in `workers` processes (in this one for 1), or in `pool` (local_pool) when
+    given, which is left running for the caller's next calls."""
+    if workers <= 1 and pool is None:
         # In-process: no pool start-up, and the same code path as a worker.
         for tid, args in calls:
             on_done(tid, run_task(*args))
         return
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    ex = ProcessPoolExecutor(max_workers=workers)
+    from concurrent.futures import FIRST_COMPLETED, wait
+    ex = pool if pool is not None else local_pool(workers)
     try:
         # A bounded window of submitted tasks: results come back in completion order, and a
         # kill loses at most the tasks in flight.
@@ -44,8 +53,13 @@ def run_local(calls: Sequence[Call], on_done: Callable[[str, list], None], worke
                 nxt = next(it, None)
                 if nxt is not None:
                     inflight[ex.submit(run_task, *nxt[1])] = nxt[0]
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
     finally:
-        ex.shutdown(wait=False, cancel_futures=True)
+        if pool is None:
+            ex.shutdown(wait=False, cancel_futures=True)
 
 
 def run_ray(calls: Sequence[Call], on_done: Callable[[str, list], None], workers: int,

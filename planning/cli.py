@@ -115,7 +115,8 @@ def cmd_plan(args) -> int:
         with _progress(err) as prog:
             res = plan(base, base_dir, args.rate, slos, tps, args.max_gpus, list(range(args.seeds)),
                        bisect_steps=args.bisect_steps, full_curve=args.full_curve, scores_dir=scores,
-                       workers=args.workers, progress=prog, verbosity=verbosity)
+                       workers=args.workers, progress=prog, verbosity=verbosity,
+                       early_stop=not args.no_early_stop)
     except (ScenarioError, SLOError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2
@@ -129,7 +130,9 @@ def cmd_plan(args) -> int:
         print(json.dumps(data, indent=2))
         return 0
     console.print(plan_table(res))
-    console.print(f"verbosity: {res.verbosity}   costs: {res.cost_source}   {res.runs} simulations")
+    early = f" ({res.stopped_early} of the rate bisection's stopped once their miss was decided)" \
+        if res.stopped_early else ""
+    console.print(f"verbosity: {res.verbosity}   costs: {res.cost_source}   {res.runs} simulations{early}")
     console.print(f"results: {out / 'plan.json'}   report: {out / 'report.html'}")
     return 0
 
@@ -148,6 +151,8 @@ def add_plan_parser(sub) -> None:
                                     "(default: ../shared/data/rethink-kv/longbench_scores when present)")
     p.add_argument("--bisect-steps", type=int, default=5, help="bisection steps for the max rate")
     p.add_argument("--full-curve", action="store_true", help="evaluate every GPU count up to --max-gpus")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="run every bisection simulation to its end (same answer; slower; for checking)")
     p.add_argument("--workers", type=int, help="parallel processes (default: this machine's cores)")
     p.add_argument("--out", help="results folder (default: results/plan-<scenario>)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -14,8 +14,9 @@ import statistics
 from dataclasses import dataclass, field
 
 from rkvsim.simulator.config import Scenario, ScenarioError
+from rkvsim.simulator.slo_stop import BOUNDED, MissRule
 
-from rkvsim.planning.backends import default_workers, run_local
+from rkvsim.planning.backends import default_workers, local_pool, run_local
 from rkvsim.planning.quality import negative_rate
 from rkvsim.planning.slo import SLO, meets, slack
 from rkvsim.planning.spec import build_scenario
@@ -72,6 +73,7 @@ class PlanResult:
     verbosity: str
     cost_source: str
     runs: int
+    stopped_early: int = 0     # simulations stopped once their miss was decided (the bisection's)
 
 
 def configs_for(tps: list[int], max_gpus: int) -> list[Config]:
@@ -81,8 +83,10 @@ def configs_for(tps: list[int], max_gpus: int) -> list[Config]:
 class Evaluator:
     """Runs (method, config, rate, seed) simulations in parallel, each once."""
 
-    def __init__(self, base: dict, base_dir: str, workers: int, progress=None):
+    def __init__(self, base: dict, base_dir: str, workers: int, progress=None, early_stop: bool = True):
         self.base, self.base_dir, self.workers, self.progress = base, base_dir, workers, progress
+        self.early_stop = early_stop
+        self.pool = None          # worker processes kept across rounds (close() ends them)
         self.cache: dict[tuple, dict] = {}
         self.scale_requests_from: tuple[int, float] | None = None
         self.task = progress.add_task("planning", total=0) if progress is not None else None
@@ -97,21 +101,42 @@ class Evaluator:
             o["workload.num_requests"] = max(1, round(n0 * rate / r0))
         return o
 
-    def run(self, jobs: list[tuple]) -> dict[tuple, dict]:
-        """jobs: (method entry, Config, rate, seed) -> the row of that simulation."""
+    def run(self, jobs: list[tuple], verdict_only: list[SLO] | None = None) -> dict[tuple, dict]:
+        """jobs: (method entry, Config, rate, seed) -> the row of that simulation. With
+        `verdict_only`, a simulation stops once it is certain to miss one of those objectives
+        (simulator/slo_stop.py): its row is then a miss with no metrics, so only jobs whose
+        verdict alone is used (the rate bisection) may pass it."""
         todo = [j for j in dict.fromkeys(jobs) if j not in self.cache]
         if self.progress is not None and todo:
             self.progress.update(self.task, total=self.progress.tasks[self.task].total + len(todo))
-        calls = [(str(i), (self.base, self.base_dir, self.overrides(_hashable_back(j[0]), j[1], j[2]), j[3], 0, ""))
-                 for i, j in enumerate(todo)]
+        rules = miss_rules(verdict_only) if verdict_only and self.early_stop else None
+        calls = [(str(i), (self.base, self.base_dir, self.overrides(_hashable_back(j[0]), j[1], j[2]), j[3], 0, "",
+                           rules)) for i, j in enumerate(todo)]
 
         def on_done(tid: str, rows: list) -> None:
             self.cache[todo[int(tid)]] = rows[0]
             if self.progress is not None:
                 self.progress.advance(self.task)
 
-        run_local(calls, on_done, self.workers)
+        if self.workers > 1 and self.pool is None and calls:
+            self.pool = local_pool(self.workers)
+        run_local(calls, on_done, self.workers, self.pool)
         return {j: self.cache[j] for j in jobs}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def miss_rules(slos: list[SLO]) -> list[MissRule]:
+    """The objectives whose miss can be decided part-way through a run (not the ITL histogram's)."""
+    out = []
+    for s in slos:
+        column, stat = s.column.rsplit("_", 1)
+        if column in BOUNDED:
+            out.append(MissRule(column, stat, s.limit_s))
+    return out
 
 
 def _hashable(entry):
@@ -130,7 +155,8 @@ def check_plannable(scn: Scenario) -> None:
 
 def plan(base: dict, base_dir: str, rate: float, slos: list[SLO], tps: list[int], max_gpus: int,
          seeds: list[int], bisect_steps: int = 5, max_doublings: int = 3, full_curve: bool = False,
-         scores_dir=None, workers: int | None = None, progress=None, verbosity: str = "") -> PlanResult:
+         scores_dir=None, workers: int | None = None, progress=None, verbosity: str = "",
+         early_stop: bool = True) -> PlanResult:
     scn = build_scenario(base, {})
     check_plannable(scn)
     if rate <= 0:
@@ -138,53 +164,57 @@ def plan(base: dict, base_dir: str, rate: float, slos: list[SLO], tps: list[int]
     configs = configs_for(tps, max_gpus)
     if not configs:
         raise ScenarioError(f"--max-gpus {max_gpus}: no configuration with TP in {tps} fits; raise it")
-    ev = Evaluator(base, base_dir, workers or default_workers(), progress)
-    ev.scale_requests_from = (scn.workload.num_requests, rate)
-    entries = {m.label: _hashable(e) for m, e in zip(scn.method_list, scn.methods)}
-    plans = {lb: MethodPlan(lb) for lb in entries}
-    counts = sorted({c.gpus for c in configs})
-    searching = set(entries)
-    extra = {}   # method -> the one GPU count checked past its answer
-    for g in counts:
-        active = [lb for lb in entries if lb in searching or extra.get(lb) == g or (full_curve and lb in plans)]
-        if not active:
-            if not searching and all(e <= g for e in extra.values()):
-                break
-            continue
-        at_g = [c for c in configs if c.gpus == g]
-        rows = ev.run([(entries[lb], c, rate, s) for lb in active for c in at_g for s in seeds])
-        for lb in active:
-            mp = plans[lb]
-            for c in at_g:
-                rs = [rows[(entries[lb], c, rate, s)] for s in seeds]
-                ok = [meets(r, slos) for r in rs]
-                mp.curve.append({"gpus": g, "tp": c.tp, "replicas": c.replicas, "config": str(c),
-                                 "share": sum(ok) / len(ok), "met": ok,
-                                 "slack": statistics.fmean(min(slack(r, slos), 1e9) for r in rs),
-                                 **{s.name: _mean([s.value(r) for r in rs]) for s in slos}})
-            best = max((x for x in mp.curve if x["gpus"] == g), key=lambda x: (x["share"], -x["slack"]))
-            if lb in searching and best["share"] == 1.0:
-                mp.answer = best
-                prev = [x for x in mp.curve if x["gpus"] < g]
-                if prev:
-                    # The smaller configuration closest to meeting it: highest share, then fewest GPUs.
-                    mp.below = max(prev, key=lambda x: (x["share"], -x["gpus"], -x["slack"]))
-                searching.discard(lb)
-                # Monotone check: one more replica of the answer's shape must meet it too.
-                if g + best["tp"] <= max_gpus:
-                    extra[lb] = g + best["tp"]
-            elif mp.answer is not None and g > mp.answer["gpus"]:
-                same = [x for x in mp.curve if x["gpus"] == g and x["tp"] == mp.answer["tp"]]
-                if same and same[0]["share"] < 1.0:
-                    mp.notes.append(f"non-monotone within seed noise: {same[0]['config']} met the SLO in "
-                                    f"{same[0]['share']:.0%} of seeds, {mp.answer['config']} in all")
-    for mp in plans.values():
-        mp.per_seed_gpus = [min((x["gpus"] for x in mp.curve if x["met"][i]), default=None) for i in range(len(seeds))]
-    _max_rates(ev, plans, entries, rate, slos, seeds, bisect_steps, max_doublings)
-    for lb, mp in plans.items():
-        mp.negatives = negative_rate(scn.method_list[list(entries).index(lb)], scores_dir)
-    sources = sorted({r.get("cost_source", "") for r in ev.cache.values() if r.get("cost_source")})
-    return PlanResult(rate, slos, seeds, list(plans.values()), verbosity, ", ".join(sources), len(ev.cache))
+    ev = Evaluator(base, base_dir, workers or default_workers(), progress, early_stop)
+    try:
+        ev.scale_requests_from = (scn.workload.num_requests, rate)
+        entries = {m.label: _hashable(e) for m, e in zip(scn.method_list, scn.methods)}
+        plans = {lb: MethodPlan(lb) for lb in entries}
+        counts = sorted({c.gpus for c in configs})
+        searching = set(entries)
+        extra = {}   # method -> the one GPU count checked past its answer
+        for g in counts:
+            active = [lb for lb in entries if lb in searching or extra.get(lb) == g or (full_curve and lb in plans)]
+            if not active:
+                if not searching and all(e <= g for e in extra.values()):
+                    break
+                continue
+            at_g = [c for c in configs if c.gpus == g]
+            rows = ev.run([(entries[lb], c, rate, s) for lb in active for c in at_g for s in seeds])
+            for lb in active:
+                mp = plans[lb]
+                for c in at_g:
+                    rs = [rows[(entries[lb], c, rate, s)] for s in seeds]
+                    ok = [meets(r, slos) for r in rs]
+                    mp.curve.append({"gpus": g, "tp": c.tp, "replicas": c.replicas, "config": str(c),
+                                     "share": sum(ok) / len(ok), "met": ok,
+                                     "slack": statistics.fmean(min(slack(r, slos), 1e9) for r in rs),
+                                     **{s.name: _mean([s.value(r) for r in rs]) for s in slos}})
+                best = max((x for x in mp.curve if x["gpus"] == g), key=lambda x: (x["share"], -x["slack"]))
+                if lb in searching and best["share"] == 1.0:
+                    mp.answer = best
+                    prev = [x for x in mp.curve if x["gpus"] < g]
+                    if prev:
+                        # The smaller configuration closest to meeting it: highest share, then fewest GPUs.
+                        mp.below = max(prev, key=lambda x: (x["share"], -x["gpus"], -x["slack"]))
+                    searching.discard(lb)
+                    # Monotone check: one more replica of the answer's shape must meet it too.
+                    if g + best["tp"] <= max_gpus:
+                        extra[lb] = g + best["tp"]
+                elif mp.answer is not None and g > mp.answer["gpus"]:
+                    same = [x for x in mp.curve if x["gpus"] == g and x["tp"] == mp.answer["tp"]]
+                    if same and same[0]["share"] < 1.0:
+                        mp.notes.append(f"non-monotone within seed noise: {same[0]['config']} met the SLO in "
+                                        f"{same[0]['share']:.0%} of seeds, {mp.answer['config']} in all")
+        for mp in plans.values():
+            mp.per_seed_gpus = [min((x["gpus"] for x in mp.curve if x["met"][i]), default=None) for i in range(len(seeds))]
+        _max_rates(ev, plans, entries, rate, slos, seeds, bisect_steps, max_doublings)
+        for lb, mp in plans.items():
+            mp.negatives = negative_rate(scn.method_list[list(entries).index(lb)], scores_dir)
+        sources = sorted({r.get("cost_source", "") for r in ev.cache.values() if r.get("cost_source")})
+        stopped = sum(str(r.get("status", "")).startswith("stopped") for r in ev.cache.values())
+        return PlanResult(rate, slos, seeds, list(plans.values()), verbosity, ", ".join(sources), len(ev.cache), stopped)
+    finally:
+        ev.close()
 
 
 def _mean(v: list[float]) -> float | None:
@@ -206,7 +236,7 @@ def _max_rates(ev: Evaluator, plans: dict, entries: dict, rate: float, slos, see
         jobs = {k: (entries[k[0]], v[0], v[1] * 2, k[1]) for k, v in state.items() if v[2] is None}
         if not jobs:
             break
-        rows = ev.run(list(jobs.values()))
+        rows = ev.run(list(jobs.values()), verdict_only=slos)
         for k, j in jobs.items():
             if meets(rows[j], slos):
                 state[k][1] = j[2]
@@ -216,7 +246,7 @@ def _max_rates(ev: Evaluator, plans: dict, entries: dict, rate: float, slos, see
         jobs = {k: (entries[k[0]], v[0], (v[1] + v[2]) / 2, k[1]) for k, v in state.items() if v[2] is not None}
         if not jobs:
             break
-        rows = ev.run(list(jobs.values()))
+        rows = ev.run(list(jobs.values()), verdict_only=slos)
         for k, j in jobs.items():
             state[k][1 if meets(rows[j], slos) else 2] = j[2]
     for lb, mp in plans.items():
@@ -232,6 +262,7 @@ def _max_rates(ev: Evaluator, plans: dict, entries: dict, rate: float, slos, see
 def to_json(res: PlanResult) -> dict:
     return {"schema_version": 1, "rate": res.rate, "slo": [str(s) for s in res.slos], "seeds": res.seeds,
             "verbosity": res.verbosity, "cost_source": res.cost_source, "simulations": res.runs,
+            "simulations_stopped_early": res.stopped_early,
             "methods": {mp.method: {"answer": mp.answer and {k: v for k, v in mp.answer.items() if k != "met"},
                                     "statement": mp.sentence(), "below": mp.below and {k: v for k, v in mp.below.items() if k != "met"},
                                     "per_seed_gpus": mp.per_seed_gpus, "max_rate": mp.max_rate,

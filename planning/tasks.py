@@ -44,11 +44,14 @@ def flatten_metrics(m: dict) -> dict:
     return out
 
 
-def run_task(base: dict, base_dir: str, overrides: dict, seed: int, point: int, key: str) -> list[dict]:
-    """Rows (one per compared set-up) of one point at one seed."""
+def run_task(base: dict, base_dir: str, overrides: dict, seed: int, point: int, key: str,
+             stop_on_miss: list | None = None) -> list[dict]:
+    """Rows (one per compared set-up) of one point at one seed. With `stop_on_miss` (MissRule
+    list) a simulation certain to miss one of them stops there: its row's status says so and
+    carries no metrics (planning/slo.py's meets() reads it as a miss, which it is)."""
     scn = build_scenario(base, overrides)
     bd = Path(base_dir)
-    res = run_scenario(scn, seed, bd, inflation=_inflation(scn, bd), keep_going=True)
+    res = run_scenario(scn, seed, bd, inflation=_inflation(scn, bd), keep_going=True, stop_on_miss=stop_on_miss)
     head = {"schema_version": ROW_SCHEMA_VERSION, "point": point, "point_key": key, "seed": seed}
     axes = {path: cell(value) for path, value in overrides.items()}
     runs = {r.label: r for r in res.runs}
@@ -60,6 +63,9 @@ def run_task(base: dict, base_dir: str, overrides: dict, seed: int, point: int, 
             rows.append({**head, **desc, **axes, "status": f"does not fit: {res.does_not_fit[v.label]}", "cost_source": ""})
             continue
         run = runs[v.label]
+        if run.stopped is not None:
+            rows.append({**head, **desc, **axes, "status": f"stopped: {run.stopped}", "cost_source": run.cost_source})
+            continue
         summary = build_summary(scn.name, seed, [run], {})
         rows.append({**head, **desc, **axes, "status": "ok", "cost_source": run.cost_source,
                      **flatten_metrics(summary["methods"][v.label])})

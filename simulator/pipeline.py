@@ -55,12 +55,14 @@ class ScenarioRun:
 
 def run_scenario(scn: Scenario, seed: int | None = None, base_dir: Path | str = ".", *,
                  workload: Workload | None = None, inflation=LOAD, labels: list[str] | None = None,
-                 keep_going: bool = False, on_variant: Callable[[Variant, int, int], None] | None = None) -> ScenarioRun:
+                 keep_going: bool = False, on_variant: Callable[[Variant, int, int], None] | None = None,
+                 stop_on_miss: list | None = None) -> ScenarioRun:
     """Simulate every set-up of `scn` (or those whose labels are listed) on one workload.
 
     A set-up whose model does not fit raises DoesNotFitError, or with keep_going is recorded in
     `does_not_fit` and skipped (a sweep reports it as a row). `on_variant(v, i, n)` is called
-    before the i-th of n set-ups (progress)."""
+    before the i-th of n set-ups (progress). `stop_on_miss`: simulation.simulate's (a run
+    stopped early says so in MethodRun.stopped; only its verdict is meaningful)."""
     base_dir = Path(base_dir)
     seed = scn.seed if seed is None else seed
     wl = workload if workload is not None else build_workload(scn, seed, base_dir)
@@ -76,7 +78,7 @@ def run_scenario(scn: Scenario, seed: int | None = None, base_dir: Path | str = 
         if on_variant:
             on_variant(v, i, len(todo))
         try:
-            res.runs.append(simulate(scn, v, wl, inflation=inflation, predictions=preds))
+            res.runs.append(simulate(scn, v, wl, inflation=inflation, predictions=preds, stop_on_miss=stop_on_miss))
         except DoesNotFitError as e:
             if not keep_going:
                 raise

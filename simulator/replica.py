@@ -42,6 +42,7 @@ class Replica:
     LAST, ITLMAX = range(2)
     # Event-skipping state (set in __init__; defaults here for replicas built without it in tests).
     preempted = 0
+    spread = 1
     _run: Run | None = None
 
     def __init__(self, env: simpy.Environment, index: int, layout: KVLayout, cost: CostModel,
@@ -79,7 +80,8 @@ class Replica:
         # cannot cost a run; `quiet` (set by the simulation) when a completion feeds nothing back.
         self.skip = hasattr(cost, "decode_run")
         self.quiet = False
-        self.horizon = None      # has .next_time: the next arrival anywhere (a run is cut there anyway)
+        self.horizon = None      # has .time_ahead(k): the k-th next arrival anywhere
+        self.spread = 1          # replicas sharing the arrivals (a run is cut by a request sent here)
         self._run: Run | None = None
         self.runs = self.run_steps = 0   # runs taken and the steps they covered (bench and tests)
         self.preempted = 0               # preemptions so far (a plan that preempted starts no run)
@@ -106,9 +108,9 @@ class Replica:
             self._wake.succeed()
 
     def _steps_to_horizon(self) -> int:
-        """About how many steps until the next arrival, from the last step's duration (a guess:
+        """About how many steps until the next arrival here, from the last step's duration (a guess:
         too few only means another run starts there, too many only wasted arrays)."""
-        h = self.horizon.next_time if self.horizon is not None else math.inf
+        h = self.horizon.time_ahead(self.spread) if self.horizon is not None else math.inf
         if h == math.inf or not len(self.steps):
             return 1 << 30
         return int((h - self.env.now) / max(self.steps.dt[-1], 1e-9) * 1.25) + 2

@@ -49,6 +49,7 @@ class MethodRun:
     route_decisions: int = 0      # predictive routing decisions made
     length_source: str = ""       # what the router believed response lengths to be
     configs: list = field(default_factory=list)
+    stopped: str | None = None    # why the run stopped early (an objective's miss was decided)
 
 
 def build_workload(scn: Scenario, seed: int, base_dir: Path) -> Workload:
@@ -76,6 +77,8 @@ class Arrivals:
         self.dispatch = None
         self.closed = wl.arrivals is None
         self.next_time = float("inf")     # the next open-loop arrival (a run need not reach past it)
+        self._times: list[float] = []     # open-loop arrival times, and the index of the next one
+        self._i = 0
         # Sessions: a turn is sent think_time_s after its previous turn left (simulator/content.py).
         st = wl.structure
         self.child = None
@@ -103,12 +106,21 @@ class Arrivals:
         env = self.env
         rids = range(len(times)) if self.child is None else np.flatnonzero(self.wl.structure.parent < 0).tolist()
         # Sessions: the arrival process gives the first turns, in order (the first len(heads) times).
-        for rid, t in zip(rids, times.tolist()):
-            self.next_time = t
+        self._times = times.tolist()
+        for i, (rid, t) in enumerate(zip(rids, self._times)):
+            self.next_time, self._i = t, i
             if t > env.now:
                 yield env.timeout(t - env.now)
             self.dispatch(rid)
         self.next_time = float("inf")
+        self._i = len(self._times)
+
+    def time_ahead(self, k: int) -> float:
+        """The k-th next open-loop arrival (1: next_time), inf past the last or in a closed loop."""
+        if k <= 1 or self.closed:
+            return self.next_time
+        j = self._i + k - 1
+        return self._times[j] if j < len(self._times) else float("inf")
 
     def start(self, dispatch) -> None:
         self.dispatch = dispatch
@@ -166,14 +178,17 @@ def make_cost_model(scn: Scenario, method: Method, tp: int, sc=None) -> CostMode
 
 
 def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, predictions: LengthPredictions | None = None,
-             cost: CostModel | None = None) -> MethodRun:
+             cost: CostModel | None = None, stop_on_miss: list | None = None) -> MethodRun:
     """One set-up on one workload: the simulation loop every run goes through.
 
     Each distinct (method, tp) of the set-up is one replica configuration with its own KV layout,
     cost model and output lengths (the method's verbosity). A request goes to a replica whose
     KV pool and context window hold it (the router picks among those); one no replica can hold
     is rejected, counted and never queued. `cost` replaces the cost model of a single-
-    configuration set-up (tests inject recorders)."""
+    configuration set-up (tests inject recorders). `stop_on_miss` (MissRule list,
+    simulator/slo_stop.py): stop as soon as one of them is certain to be missed, with
+    MethodRun.stopped saying why (a plan's bisection needs only the verdict); paged replicas of
+    one configuration only, elsewhere it runs to the end."""
     model, hw = resolve_model(scn.model), resolve_hardware(scn.hardware)
     sc = scheduler_with(scn.scheduler, v.scheduler, hw)
     slots = sc.kind == "slots"   # a llama.cpp server: fixed slots (simulator/slots.py)
@@ -218,6 +233,9 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
             r.skip = r.skip and not scn.step_by_step
             r.quiet = not feed.closed and feed.child is None
             r.horizon = feed
+            # Behind a router a replica's run is cut only by a request sent to it: size its run
+            # to about its share of the arrivals (the arrival len(replicas) ahead).
+            r.spread = len(replicas)
     runners = [] if slots else replicas
     reads_state = len(replicas) > 1 and v.router != "round_robin"
     router = Router(replicas, v.router, ctx)
@@ -249,10 +267,17 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
         r.submit(rid)
 
     feed.start(dispatch)
-    env.run()
+    stopped = None
+    if stop_on_miss and not slots and len(keys) == 1:
+        from rkvsim.simulator.slo_stop import watch
+        done = env.event()
+        env.process(watch(env, log, replicas, stop_on_miss, done))
+        stopped = env.run(until=done)
+    else:
+        env.run()
     return MethodRun(v.label, v.method, v.tp, layouts[compared], log, replicas, "; ".join(sorted({c.source for c in costs})),
                      variant=v, route_decisions=router.estimates, length_source=length_source,
-                     configs=[f"{m.label}@tp{t}" for m, t in keys])
+                     configs=[f"{m.label}@tp{t}" for m, t in keys], stopped=stopped)
 
 
 def simulate_method(scn: Scenario, method: Method, wl: Workload, tp: int | None = None,

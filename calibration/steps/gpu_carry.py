@@ -6,8 +6,9 @@ physics law's constant: launch and tail) kept (compile.carry_time). The donor is
 GPU of the same memory kind first (HBM or GDDR: element-wise kernels reach a different share of
 bandwidth on each), then the nearest by peak FLOP/s and bandwidth, both on a log scale.
 
-Measured on the GPUs that do have tables (`rkvsim validate-transfer`, dense part): every shape of
-the destination's tables predicted from the donor's fit. The cost notes carry that figure.
+How far it can be trusted is measured on the GPUs that do have tables (`rkvsim validate-transfer`,
+its dense table, validation/gpu_transfer.py): every shape of one measured GPU's tables predicted
+from another's fit carried this way; the README quotes the figures.
 """
 from __future__ import annotations
 
