@@ -53,10 +53,6 @@ def run_local(calls: Sequence[Call], on_done: Callable[[str, list], None], worke
                 nxt = next(it, None)
                 if nxt is not None:
                     inflight[ex.submit(run_task, *nxt[1])] = nxt[0]
-    except BaseException:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        raise
     finally:
         if pool is None:
             ex.shutdown(wait=False, cancel_futures=True)

@@ -30,21 +30,29 @@ def hist_stats(hist: np.ndarray) -> dict:
     return out
 
 
-def per_request_columns(log: RequestLog) -> dict[str, np.ndarray]:
+def latency_columns(log) -> dict[str, np.ndarray]:
+    """Per request: queueing, TTFT, TPOT and E2E seconds (NaN where not happened yet, and TPOT
+    where fewer than two tokens are generated)."""
     done = np.isfinite(log.finish)
     out = np.where(done, log.output, 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(out > 1, (log.finish - log.first_token) / (out - 1), np.nan)
+    return {"queue_s": log.first_sched - log.arrival, "ttft_s": log.first_token - log.arrival, "tpot_s": tpot,
+            "e2e_s": log.finish - log.arrival}
+
+
+def per_request_columns(log: RequestLog) -> dict[str, np.ndarray]:
+    lat = latency_columns(log)
     return {
         "request_id": np.arange(len(log.prompt)),
         "arrival_s": log.arrival,
         "prompt_tokens": log.prompt,
         "output_tokens": log.output,
-        "queue_s": log.first_sched - log.arrival,
-        "ttft_s": log.first_token - log.arrival,
-        "tpot_s": tpot,
+        "queue_s": lat["queue_s"],
+        "ttft_s": lat["ttft_s"],
+        "tpot_s": lat["tpot_s"],
         "itl_max_s": log.itl_max,
-        "e2e_s": log.finish - log.arrival,
+        "e2e_s": lat["e2e_s"],
         "preemptions": log.preemptions,
         "rejected": log.rejected,
         "replica": log.replica,

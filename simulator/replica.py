@@ -134,6 +134,14 @@ class Replica:
         if j > run.fin:
             self._apply_run(run, j)
 
+    def settled(self) -> float:
+        """The time up to which this replica's log is final: now, or inside a run the end of its
+        last applied step (the steps after it, completions included, end no earlier)."""
+        run = self._run
+        if run is None:
+            return self.env.now
+        return float(run.t[run.fin - 1]) if run.fin else float(run.t[0] - run.dt[0])
+
     # ---- the event loop --------------------------------------------------------------
     def run(self):
         env = self.env

@@ -76,7 +76,6 @@ class Arrivals:
         self.pending = iter(range(len(wl.prompt)))
         self.dispatch = None
         self.closed = wl.arrivals is None
-        self.next_time = float("inf")     # the next open-loop arrival (a run need not reach past it)
         self._times: list[float] = []     # open-loop arrival times, and the index of the next one
         self._i = 0
         # Sessions: a turn is sent think_time_s after its previous turn left (simulator/content.py).
@@ -108,18 +107,16 @@ class Arrivals:
         # Sessions: the arrival process gives the first turns, in order (the first len(heads) times).
         self._times = times.tolist()
         for i, (rid, t) in enumerate(zip(rids, self._times)):
-            self.next_time, self._i = t, i
+            self._i = i
             if t > env.now:
                 yield env.timeout(t - env.now)
             self.dispatch(rid)
-        self.next_time = float("inf")
         self._i = len(self._times)
 
-    def time_ahead(self, k: int) -> float:
-        """The k-th next open-loop arrival (1: next_time), inf past the last or in a closed loop."""
-        if k <= 1 or self.closed:
-            return self.next_time
-        j = self._i + k - 1
+    def time_ahead(self, k: int = 1) -> float:
+        """The k-th next open-loop arrival (a run need not reach past it); inf past the last one
+        or in a closed loop."""
+        j = self._i + max(k, 1) - 1
         return self._times[j] if j < len(self._times) else float("inf")
 
     def start(self, dispatch) -> None:

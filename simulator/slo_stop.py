@@ -12,7 +12,7 @@ decides it as well (a set-up that rejects requests meets no objective; planning/
 Only objectives with such a bound are watched (TTFT, TPOT, E2E, queueing; not the inter-token
 histogram). The watch only reads: a replica inside a skipped run (simulator/decode_run.py) has
 applied its steps up to some time, and no request of it can finish before that, so the bounds
-use the earliest such time (`settled`) instead of now. A run that is not stopped is therefore
+use the earliest such time (Replica.settled) instead of now. A run that is not stopped is therefore
 the run without the watch, number for number.
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from rkvsim.simulator.metrics import latency_columns
 
 BOUNDED = ("ttft_s", "tpot_s", "e2e_s", "queue_s")
 STATS = ("mean", "p50", "p90", "p99")
@@ -41,18 +43,14 @@ class MissRule:
 
 def lower_bounds(log, column: str, now: float) -> np.ndarray:
     """Per request, the least value `column` can still take, for the requests the finished
-    run's statistic will count (metrics.per_request_columns: TPOT only where output > 1)."""
-    arrived = np.isfinite(log.arrival)
-    waited = np.where(arrived, now - np.where(arrived, log.arrival, 0.0), 0.0)
+    run's statistic will count (metrics.latency_columns: TPOT only where output > 1)."""
+    final = latency_columns(log)[column]
     if column == "tpot_s":
-        keep = log.output > 1
-        ft, fin, out = log.first_token[keep], log.finish[keep], log.output[keep]
-        started = np.isfinite(ft)
-        end = np.where(np.isfinite(fin), fin, now)
-        return np.where(started, (end - np.where(started, ft, 0.0)) / (out - 1), 0.0)
-    at = {"ttft_s": log.first_token, "e2e_s": log.finish, "queue_s": log.first_sched}[column]
-    known = np.isfinite(at)
-    return np.where(known, at - np.where(arrived, log.arrival, 0.0), waited)
+        started = np.isfinite(log.first_token)
+        so_far = np.where(started, (now - np.where(started, log.first_token, 0.0)) / np.maximum(log.output - 1, 1), 0.0)
+        return np.where(np.isfinite(final), final, so_far)[log.output > 1]
+    arrived = np.isfinite(log.arrival)
+    return np.where(np.isfinite(final), final, np.where(arrived, now - np.where(arrived, log.arrival, 0.0), 0.0))
 
 
 def decided_miss(log, rules: list[MissRule], now: float) -> str | None:
@@ -75,17 +73,6 @@ def check_interval(rules: list[MissRule]) -> float:
     return max(min(r.limit_s for r in rules) / 2, 0.5)
 
 
-def settled(now: float, replicas) -> float:
-    """The time up to which every replica's log is final: inside a run, the end of its last
-    applied step (the steps after it, completions included, end no earlier)."""
-    t = now
-    for rep in replicas:
-        run = rep._run
-        if run is not None:
-            t = min(t, float(run.t[run.fin - 1]) if run.fin else float(run.t[0] - run.dt[0]))
-    return t
-
-
 def watch(env, log, replicas, rules: list[MissRule], stop) -> object:
     """SimPy process: every check_interval, check the log as settled by then; `stop`
     succeeds with the reason once a miss is decided, or with None once every request left or
@@ -94,7 +81,7 @@ def watch(env, log, replicas, rules: list[MissRule], stop) -> object:
     n = len(log.prompt)
     while True:
         yield env.timeout(dt)
-        why = decided_miss(log, rules, settled(env.now, replicas))
+        why = decided_miss(log, rules, min([env.now] + [rep.settled() for rep in replicas]))
         if why is not None:
             stop.succeed(why)
             return

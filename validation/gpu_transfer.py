@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-STEP_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
-            "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")
+from rkvsim.calibration.steps.features import PER_LAYER_OPS
+
+STEP_OPS = ("emb",) + tuple(sorted(PER_LAYER_OPS))     # a step's dense work: embedding + every layer's ops
 SHAPE = ["hidden", "intermediate", "num_q_heads", "num_kv_heads", "head_dim", "vocab", "tp"]
 
 
@@ -54,11 +55,11 @@ def step_dense(piv: pd.DataFrame, layers: int) -> np.ndarray:
 
 
 def _prior_s(work: dict, hw) -> np.ndarray:
-    """The roofline prior's time of dense work (simulator/roofline.Roofline.op, on arrays)."""
+    """The roofline prior's time of dense work, point by point (simulator/roofline.Roofline.op)."""
     from rkvsim.simulator.roofline import Roofline, default_efficiency
     r = Roofline(hw, default_efficiency(hw))
-    c = work["flops"] * r.inv_f + work["vflops"] * r.inv_fv
-    return np.maximum(c, work["bytes"] * r.inv_b) + r.launch
+    f, v, b = (np.broadcast_to(np.asarray(work[k], np.float64), np.shape(work["bytes"])) for k in ("flops", "vflops", "bytes"))
+    return np.array([r.op(x, y, z) for x, y, z in zip(f.tolist(), v.tolist(), b.tolist())])
 
 
 def score_pairs(tables: dict[str, pd.DataFrame], fits: dict) -> list[dict]:

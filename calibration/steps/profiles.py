@@ -51,23 +51,10 @@ def _usable(folder: Path, hardware: str) -> bool:
         and any(table_path(folder, t) for t in ("attention.csv", "operators.csv"))
 
 
-# A GPU profile without attention borrows the nearest measured one (calibration/steps/compile.py
-# carries it by the datasheet roofline); the order says which is nearest.
-DONOR_ORDER = ("a100-80g", "a100-40g", "h100-sxm", "a6000", "a40")
-
-
 def find_attention_donor(hardware: HardwareSpec) -> Path | None:
-    """A profile of another GPU that measured attention, for a GPU whose profile has none."""
-    for name in DONOR_ORDER:
-        if name == hardware.name:
-            continue
-        for root in (user_store(), packaged_store()):
-            hw_dir = root / name
-            if hw_dir.is_dir():
-                for other in sorted(hw_dir.iterdir()):
-                    if _usable(other, name) and table_path(other, "attention.csv"):
-                        return other
-    return None
+    """A profile of another GPU that measured attention, for a GPU whose profile has none (the
+    nearest one, as find_gpu_donor; calibration/steps/compile.py carries it by the roofline)."""
+    return _nearest_with(hardware, "attention.csv")
 
 
 def find_profile(hardware: HardwareSpec, model: ModelSpec, explicit: str | None = None,
@@ -128,13 +115,16 @@ def fit_for(folder: Path) -> StepFit:
 
 
 def find_gpu_donor(hardware: HardwareSpec) -> Path | None:
-    """For a GPU nobody profiled: the profile of the nearest GPU that was (same memory kind first,
-    then peak FLOP/s and bandwidth; calibration/steps/gpu_carry.py), whose operators are carried
-    here by the datasheet roofline. None on a CPU or when no GPU profile exists."""
+    """For a GPU nobody profiled: the profile of the nearest GPU that was, whose operators are
+    carried here by the datasheet roofline. None on a CPU or when no GPU profile exists."""
+    return None if hardware.memory == "dram" else _nearest_with(hardware, "operators.csv")
+
+
+def _nearest_with(hardware: HardwareSpec, table: str) -> Path | None:
+    """The usable profile holding `table` of the other GPU nearest `hardware` (same memory kind
+    first, then peak FLOP/s and bandwidth: gpu_carry.rank_donors); the user's store first."""
     from rkvsim.calibration.steps.gpu_carry import rank_donors
     from rkvsim.models import HARDWARE
-    if hardware.memory == "dram":
-        return None
     found: dict[str, Path] = {}
     for root in (user_store(), packaged_store()):
         if not root.is_dir():
@@ -143,7 +133,7 @@ def find_gpu_donor(hardware: HardwareSpec) -> Path | None:
             spec = HARDWARE.get(hw_dir.name)
             if spec is None or spec.memory == "dram" or spec.name in found or not hw_dir.is_dir():
                 continue
-            usable = [o for o in sorted(hw_dir.iterdir()) if _usable(o, spec.name) and table_path(o, "operators.csv")]
+            usable = [o for o in sorted(hw_dir.iterdir()) if _usable(o, spec.name) and table_path(o, table)]
             if usable:
                 found[spec.name] = usable[0]
     ranked = rank_donors(hardware, [HARDWARE[n] for n in found])
