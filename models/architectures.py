@@ -19,6 +19,9 @@ class ModelSpec:
     max_position: int
     tied_embeddings: bool = False
     gated_mlp: bool = True
+    # Attention and MLP read the same normed input and both join the residual in one sum (Phi, GPT-J,
+    # Falcon, GPT-NeoX's parallel residual): one norm per layer, and the residual sum is two adds.
+    parallel_block: bool = False
     weight_dtype_bytes: int = 2
     sliding_window: int | None = None    # attention (and the KV kept) spans the last N tokens
     # Mixture of experts (Mixtral's form): each layer's MLP is num_experts experts of
@@ -85,7 +88,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("internlm-20b", "internlm/internlm-20b", 60, 5120, 40, 40, 128, 13824, 103168, 4096),
         ModelSpec("qwen-72b", "Qwen/Qwen-72B", 80, 8192, 64, 64, 128, 24576, 152064, 32768),
         # Phi-2: GELU MLP without a gate (fc1 -> gelu -> fc2), untied LM head.
-        ModelSpec("phi-2", "microsoft/phi-2", 32, 2560, 32, 32, 80, 10240, 51200, 2048, gated_mlp=False),
+        ModelSpec("phi-2", "microsoft/phi-2", 32, 2560, 32, 32, 80, 10240, 51200, 2048, gated_mlp=False,
+                  parallel_block=True),
         ModelSpec("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", 32, 4096, 32, 8, 128, 14336, 32000, 32768,
                   num_experts=8, experts_per_token=2),
         ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", 30, 576, 9, 3, 64, 1536, 49152, 8192,

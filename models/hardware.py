@@ -35,6 +35,9 @@ class HardwareSpec:
     # kernels reach a different share of bandwidth on each (calibration/steps/gpu_carry.py picks a
     # donor GPU of the same kind first).
     memory: str = "gddr"
+    # Streaming multiprocessors (0: not a GPU). A GEMM runs its output tiles in waves of one tile per
+    # SM, so its time steps up where the tile count passes a multiple of this (calibration/steps/fit.py).
+    sm_count: int = 0
 
     def crosses_pcie(self, workers: int) -> bool:
         """Whether a ring over `workers` GPUs leaves the NVLink domain (group 1: the link is the only path)."""
@@ -51,20 +54,20 @@ HARDWARE: dict[str, HardwareSpec] = {
     h.name: h
     for h in [
         HardwareSpec("a6000", 48 * GB, 768 * GB, 154.8e12, "nvlink-bridge", 56.25 * GB, 5e-6, r"a6000",
-                     nvlink_group=2),
+                     nvlink_group=2, sm_count=84),
         HardwareSpec("a40", 48 * GB, 696 * GB, 149.7e12, "nvlink-bridge", 56.25 * GB, 5e-6, r"\ba40\b",
-                     nvlink_group=2, network="a40_pairwise_nvlink"),
+                     nvlink_group=2, network="a40_pairwise_nvlink", sm_count=84),
         HardwareSpec("a100-40g", 40 * GB, 1555 * GB, 312e12, "nvlink3", 300 * GB, 3e-6, r"a100.*(40|pcie)",
-                     nvlink_group=8, network="a100_dgx", memory="hbm"),
+                     nvlink_group=8, network="a100_dgx", memory="hbm", sm_count=108),
         HardwareSpec("a100-80g", 80 * GB, 2039 * GB, 312e12, "nvlink3", 300 * GB, 3e-6, r"a100.*80",
-                     nvlink_group=8, network="a100_dgx", memory="hbm"),
+                     nvlink_group=8, network="a100_dgx", memory="hbm", sm_count=108),
         HardwareSpec("h100-sxm", 80 * GB, 3350 * GB, 989.4e12, "nvlink4", 450 * GB, 2.5e-6, r"h100",
-                     nvlink_group=8, network="h100_dgx", memory="hbm"),
+                     nvlink_group=8, network="h100_dgx", memory="hbm", sm_count=132),
         HardwareSpec("h200", 141 * GB, 4800 * GB, 989.4e12, "nvlink4", 450 * GB, 2.5e-6, r"h200",
-                     nvlink_group=8, network="h100_dgx", memory="hbm"),
-        HardwareSpec("l40s", 48 * GB, 864 * GB, 362.05e12, "pcie4", 32 * GB, 10e-6, r"l40s"),
-        HardwareSpec("l4", 24 * GB, 300 * GB, 121e12, "pcie4", 32 * GB, 10e-6, r"\bl4\b"),
-        HardwareSpec("rtx-4090", 24 * GB, 1008 * GB, 82.6e12, "pcie4", 32 * GB, 10e-6, r"4090"),
+                     nvlink_group=8, network="h100_dgx", memory="hbm", sm_count=132),
+        HardwareSpec("l40s", 48 * GB, 864 * GB, 362.05e12, "pcie4", 32 * GB, 10e-6, r"l40s", sm_count=142),
+        HardwareSpec("l4", 24 * GB, 300 * GB, 121e12, "pcie4", 32 * GB, 10e-6, r"\bl4\b", sm_count=58),
+        HardwareSpec("rtx-4090", 24 * GB, 1008 * GB, 82.6e12, "pcie4", 32 * GB, 10e-6, r"4090", sm_count=128),
         # A nominal 2-core AVX2 host (fp32 FMA, 2 x 3 GHz x 32 FLOP/cycle) with DDR4 bandwidth;
         # CPU profiles measured by rkvprof replace these guesses.
         HardwareSpec("cpu", 24 * GiB, 20 * GB, 0.192e12, "shared-memory", 10 * GB, 1e-6, r"cpu", memory="dram"),

@@ -53,6 +53,8 @@ def spec_from_hf_config(cfg: dict, name: str | None = None) -> ModelSpec:
     max_pos = int(_first(cfg, "max_position_embeddings", "n_positions", "seq_length", default=4096))
     model_type = str(cfg.get("model_type", "")).lower()
     gated = model_type not in _UNGATED and str(cfg.get("hidden_act", "silu")).lower() not in ("gelu_new", "gelu_fast")
+    # Parallel attention + MLP: Phi and GPT-J always; Falcon and GPT-NeoX when their config says so.
+    parallel = model_type in ("phi", "gptj") or bool(cfg.get("parallel_attn") or cfg.get("use_parallel_residual"))
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     dtype = str(_first(cfg, "torch_dtype", "dtype", default="bfloat16")).replace("torch.", "")
     if n_experts and not top_k:
@@ -67,7 +69,7 @@ def spec_from_hf_config(cfg: dict, name: str | None = None) -> ModelSpec:
         name=label, hub_id=str(cfg.get("_name_or_path") or label), num_layers=layers, hidden_size=hidden,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=int(inter),
         vocab_size=vocab, max_position=max_pos, tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        gated_mlp=gated, weight_dtype_bytes=_DTYPE_BYTES.get(dtype, 2),
+        gated_mlp=gated, parallel_block=parallel, weight_dtype_bytes=_DTYPE_BYTES.get(dtype, 2),
         sliding_window=int(window) if window else None, num_experts=n_experts, experts_per_token=top_k)
 
 

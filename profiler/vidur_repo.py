@@ -38,6 +38,7 @@ def is_repo_layout(src: Path) -> bool:
 def model_shape(m) -> dict:
     return {"hidden": m.hidden_size, "intermediate": m.intermediate_size, "num_q_heads": m.num_heads,
             "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim, "gated_mlp": m.gated_mlp,
+            "parallel_block": m.parallel_block,
             "layers": m.num_layers, "hub_id": m.hub_id}
 
 

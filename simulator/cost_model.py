@@ -313,7 +313,9 @@ class RooflineCostModel:
                      dt * (ex * h * up + t * h + tk * up + h * m.num_experts))
         act = op(0, 5 * tk * inter, dt * (tk * up + tk * inter))    # SiLU(gate) * up, or the plain activation
         down = op(2 * tk * inter * h, 0, dt * (ex * inter * h + tk * inter + t * h))
-        per_layer = (2 * norm, qkv, rope, oproj, gate_up, act, down)
+        # A parallel block (Phi, GPT-J) normalises once and sums attention, MLP and residual in one pass.
+        norms = norm + op(0, 2 * t * h, 4 * t * h * dt) if m.parallel_block else 2 * norm
+        per_layer = (norms, qkv, rope, oproj, gate_up, act, down)
         embed = op(0, 0, 2 * t * h * dt)                        # row gather + write
         final_norm = op(0, 5 * t * h, 2 * t * h * dt + h * dt)
         parts = (embed, L * per_layer[0] + final_norm) + tuple(L * x for x in per_layer[1:])

@@ -39,14 +39,15 @@ def measured_tables(a6000: Path | None) -> dict[str, pd.DataFrame]:
     return out
 
 
-def _layers(shape: tuple) -> int:
-    """Layer count of the registered model with this shape (the tables hold the shape, not the depth)."""
+def _model_of(shape: tuple):
+    """The registered model with this shape (the tables hold the shape, not the depth or the block
+    structure); None when no registered model has it."""
     from rkvsim.models import MODELS
     hid, inter, hq, hkv = shape[:4]
     for m in MODELS.values():
         if (m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads) == (hid, inter, hq, hkv):
-            return m.num_layers
-    return 32
+            return m
+    return None
 
 
 def step_dense(piv: pd.DataFrame, layers: int) -> np.ndarray:
@@ -82,14 +83,16 @@ def score_pairs(tables: dict[str, pd.DataFrame], fits: dict) -> list[dict]:
             piv = piv[[o for o in STEP_OPS if o in piv.columns]].dropna()
             if piv.empty:
                 continue
-            L = _layers(shape)
+            m = _model_of(shape)
+            L = m.num_layers if m else 32
+            gated, parallel = (m.gated_mlp, m.parallel_block) if m else (True, False)
             y = step_dense(piv, L)
             t = piv.index.to_numpy(np.float64)
             dims, tp = shape[:6], shape[6]
             weight = {o: 1.0 if o == "emb" else float(L) for o in piv.columns}
 
-            def build(tokens, op):
-                return dense_work(op, tokens, *dims, tp, 2)
+            def build(tokens, op, gated=gated, parallel=parallel):
+                return dense_work(op, tokens, *dims, tp, 2, gated=gated, parallel=parallel)
             pr = sum(weight[o] * _prior_s(build(t, o), dh) for o in piv.columns)
             errs.setdefault("prior", []).append(np.abs(pr - y) / y)
             for src, fit in fits.items():

@@ -88,6 +88,14 @@ def leave_one_model_out_table(fit, hardware: str):
         if sh:
             t.add_row(op, "worst", f"{100 * max(sh.values()):.1f}", f"{100 * max(ph.values()):.1f}" if ph else "-",
                       end_section=True)
+    # A whole layer's dense time (the sum of its operators at each tokens x TP): what a step inherits.
+    layer = getattr(fit, "layer_heldout", None) or {}
+    sh, ph = layer.get(ShapeBoost.name, {}), layer.get("physics", {})
+    for m in sorted(sh):
+        t.add_row("layer (sum of ops)", m, f"{100 * sh[m]:.1f}", f"{100 * ph[m]:.1f}" if m in ph else "-")
+    if sh:
+        t.add_row("layer (sum of ops)", "worst", f"{100 * max(sh.values()):.1f}",
+                  f"{100 * max(ph.values()):.1f}" if ph else "-")
     return t
 
 

@@ -149,6 +149,47 @@ def _attention(f: OpFit, build, src_build, carry, transfer: bool, scale_hw, src_
 MOE_OPS = ("mlp_up_proj", "mlp_act", "mlp_down_proj")
 
 
+def dense_tables(fit: StepFit, model: ModelSpec, tp: int, t_hi: int, transfer: bool = False,
+                 fit_hw: HardwareSpec | None = None, to_hw: HardwareSpec | None = None):
+    """(dense seconds of a step by token count 0..t_hi: embedding + every layer's operators,
+    LM head + sampling by token count or None, the operators the fit lacks). Evaluated on a geometric
+    token grid and interpolated linearly to every integer."""
+    dt, L = model.weight_dtype_bytes, model.num_layers
+    dims = (model.hidden_size, model.intermediate_size, model.num_heads, model.num_kv_heads,
+            model.head_dim, model.vocab_size)
+    tg = _grid(t_hi, 64, 160)
+    dense_g = np.zeros(len(tg))
+    head_g = np.zeros(len(tg))
+    missing = []
+    for op in ("emb",) + tuple(sorted(PER_LAYER_OPS)) + HEAD_OPS:
+        if op == "post_attention_layernorm" and model.parallel_block:
+            continue    # one norm per layer: attention and MLP read the same normed input
+        f = fit.get("dense", "all", op)
+        if f is None:
+            missing.append(op)
+            continue
+        def build(tokens, op=op):
+            return dense_work(op, tokens, *dims, tp, dt, gated=model.gated_mlp, parallel=model.parallel_block)
+        def timed(tokens, f=f, build=build):
+            return dense_time(f, build, tokens, transfer, fit_hw, to_hw)
+        if model.is_moe and op in MOE_OPS:
+            ex = np.asarray(model.experts_touched(tg.astype(np.float64)))
+            per_expert = np.maximum(tg * model.experts_per_token / ex, 1.0)
+            y = ex * timed(per_expert)
+        else:
+            y = timed(tg)
+        if op in HEAD_OPS:
+            head_g += y
+        else:
+            dense_g += y * (L if op in PER_LAYER_OPS else 1)
+    t_all = np.arange(t_hi + 1)
+    dense = np.interp(t_all, np.concatenate([[0], tg]), np.concatenate([[0.0], dense_g]))
+    head = None
+    if not [op for op in HEAD_OPS if op in missing]:
+        head = np.interp(t_all, np.concatenate([[0], tg]), np.concatenate([[0.0], head_g]))
+    return dense, head, missing
+
+
 def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, max_tokens: int = 8192,
                   max_batch: int = 256, max_ctx: int = 4096, donor: tuple | None = None,
                   to_hw: HardwareSpec | None = None) -> CompiledCosts:
@@ -178,41 +219,10 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     if model.is_moe:
         notes.append(f"MoE: each expert's MLP costed at tokens x {model.experts_per_token} / experts touched, "
                      "times the experts touched (uniform routing)")
-    dims = (model.hidden_size, model.intermediate_size, model.num_heads, model.num_kv_heads,
-            model.head_dim, model.vocab_size)
-
-    # Dense: geometric grid over tokens, linear interpolation to every integer.
     t_hi = max(int(max_tokens) + int(max_batch), 2)
-    tg = _grid(t_hi, 64, 160)
-    dense_g = np.zeros(len(tg))
-    head_g = np.zeros(len(tg))
-    missing = []
-    for op in ("emb",) + tuple(sorted(PER_LAYER_OPS)) + HEAD_OPS:
-        f = fit.get("dense", "all", op)
-        if f is None:
-            missing.append(op)
-            continue
-        def build(tokens, op=op):
-            return dense_work(op, tokens, *dims, tp, dt, gated=model.gated_mlp)
-        def timed(tokens, f=f, build=build):
-            return dense_time(f, build, tokens, transfer, fit_hw, to_hw)
-        if model.is_moe and op in MOE_OPS:
-            ex = np.asarray(model.experts_touched(tg.astype(np.float64)))
-            per_expert = np.maximum(tg * model.experts_per_token / ex, 1.0)
-            y = ex * timed(per_expert)
-        else:
-            y = timed(tg)
-        if op in HEAD_OPS:
-            head_g += y
-        else:
-            dense_g += y * (L if op in PER_LAYER_OPS else 1)
+    dense, head, missing = dense_tables(fit, model, tp, t_hi, transfer, fit_hw, to_hw)
     if [op for op in missing if op not in HEAD_OPS]:
         notes.append(f"dense ops not profiled (left out): {', '.join(o for o in missing if o not in HEAD_OPS)}")
-    t_all = np.arange(t_hi + 1)
-    dense = np.interp(t_all, np.concatenate([[0], tg]), np.concatenate([[0.0], dense_g]))
-    head = None
-    if not [op for op in HEAD_OPS if op in missing]:
-        head = np.interp(t_all, np.concatenate([[0], tg]), np.concatenate([[0.0], head_g]))
 
     att_fit, scale_hw = fit, None
     if to_hw is not None and fit.has_attention():

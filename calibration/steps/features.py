@@ -40,10 +40,14 @@ def _f(x) -> np.ndarray:
 
 
 def dense_work(op: str, t, hidden, inter, q_heads, kv_heads, head_dim, vocab, tp=1,
-               dtype_bytes: int = 2, gated=True) -> dict[str, np.ndarray]:
+               dtype_bytes: int = 2, gated=True, parallel=False) -> dict[str, np.ndarray]:
     """Work of one dense operator over t tokens on one TP rank (weights sharded as Megatron).
     Besides FLOPs and bytes: the GEMM's output width `n_out` and reduction depth `k_in` per rank
-    (the element count per token for element-wise ops, k_in = 1), which shape-transfer fits read."""
+    (the element count per token for element-wise ops, k_in = 1; rotary: query width, KV width),
+    which shape-transfer fits read.
+    parallel: a parallel attention + MLP block (models.ModelSpec.parallel_block), whose timed residual
+    `add` sums three tensors, two element-wise adds (Vidur's profiler: attention + MLP + residual),
+    where a sequential block's sums two."""
     t, h, dt = _f(t), _f(hidden), float(dtype_bytes)
     g = 1.0 + _f(gated)            # gate and up fused (2 x intermediate) when the MLP is gated
     tp = _f(tp)
@@ -60,7 +64,10 @@ def dense_work(op: str, t, hidden, inter, q_heads, kv_heads, head_dim, vocab, tp
         out = qs + 2 * kvs
         fl, vf, by, n, k = 2 * t * h * out, z, dt * (h * out + t * h + t * out), out, h
     elif op == "attn_rope":
-        fl, vf, by, n, k = z, 3 * t * (qs + kvs), dt * 2 * t * (qs + kvs), qs + kvs, one
+        # n_out, k_in: query and KV widths apart, since the rotary kernel (one thread block per token)
+        # loops over the query heads and then the KV heads, so each width sets its own trip count
+        # (measured, A100 TP 8: 8 query + 1 KV heads take 27 us at 4096 tokens, 4 + 4 heads 18 us)
+        fl, vf, by, n, k = z, 3 * t * (qs + kvs), dt * 2 * t * (qs + kvs), qs, kvs
     elif op == "attn_post_proj":
         fl, vf, by, n, k = 2 * t * qs * h, z, dt * (qs * h + t * qs + t * h), h, qs
     elif op == "mlp_up_proj":
@@ -70,7 +77,8 @@ def dense_work(op: str, t, hidden, inter, q_heads, kv_heads, head_dim, vocab, tp
     elif op == "mlp_down_proj":
         fl, vf, by, n, k = 2 * t * i * h, z, dt * (i * h + t * i + t * h), h, i
     elif op == "add":
-        fl, vf, by, n, k = z, t * h, 3 * t * h * dt, h, one
+        a = 1.0 + _f(parallel)
+        fl, vf, by, n, k = z, a * t * h, a * 3 * t * h * dt, h, one
     elif op == "lm_head":
         fl, vf, by, n, k = 2 * t * h * v, z, dt * (h * v + t * h) + 4 * t * v, v, h
     elif op == "sample":
@@ -130,6 +138,30 @@ def prefill_work(method: Method, new, past, q_heads, kv_heads, head_dim,
     per_head = _kv_bytes_head(method, d, total, total, dtype_bytes)
     return {"tokens": n, "past": _f(pst), "flops": 4 * area * d * hq,
             "kv_bytes": hkv * per_head, "score_work": hq * area}
+
+
+# Output tiles cuBLAS-class GEMM kernels use (M x N); which one a shape gets is the library's choice,
+# so the fit is offered several and learns which matters where.
+GEMM_TILES = ((64, 64), (128, 128), (128, 256), (256, 128))
+
+
+def wave_features(work: dict[str, np.ndarray], sms: int) -> np.ndarray:
+    """Log columns of how a GPU with `sms` streaming multiprocessors runs the work in waves.
+    A GEMM of M x N outputs runs ceil(M/tm) * ceil(N/tn) tiles, one per SM at a time, so its time
+    steps up where the tile count passes a multiple of `sms`, not smoothly with FLOPs (measured:
+    InternLM-20B's up projection at TP 4 on an A100 takes 73-77 us for 184-256 tokens and 111-114 us
+    for 336-384, where 128 x 128 tiles go from 108 to 162 on 108 SMs). Per tile size: the share of the
+    waves' tile slots the work leaves idle (as the padded/used ratio) and the wave count. Row kernels
+    (norms, activations: one thread block per token) run ceil(tokens / sms) waves."""
+    m = np.maximum(np.asarray(work["tokens"], np.float64), 1.0)
+    n = np.maximum(np.asarray(work["n_out"], np.float64), 1.0)
+    cols = []
+    for tm, tn in GEMM_TILES:
+        tiles = np.ceil(m / tm) * np.ceil(n / tn)
+        waves = np.ceil(tiles / sms)
+        cols += [np.log(waves * sms * tm * tn / (m * n)), np.log(waves)]
+    cols += [np.log(np.ceil(m / sms)), np.log(m * n / sms)]
+    return np.column_stack(cols)
 
 
 def design(work: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:

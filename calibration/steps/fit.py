@@ -36,11 +36,13 @@ from rkvsim.models import parse_method
 from rkvsim.models.files import write_bytes
 from rkvsim.profiler.profile import table_path
 from rkvsim.calibration import legacy
-from rkvsim.calibration.steps.features import (DECODE_FEATURES, DENSE_FEATURES, DENSE_OPS, PREFILL_FEATURES,
+from rkvsim.calibration.steps.features import (DECODE_FEATURES, DENSE_FEATURES, DENSE_OPS, PER_LAYER_OPS, PREFILL_FEATURES,
                                                SHAPE_TREE_FEATURES, decode_work, dense_work, design, log_features,
-                                               prefill_work)
+                                               prefill_work, wave_features)
 
-FIT_VERSION = 2   # 2: attention fits record their head layout (shape), fits their attention_models
+FIT_VERSION = 3   # 2: attention fits record their head layout (shape), fits their attention_models;
+                 # 3: shape-transfer trees read the GPU's tile waves (features.wave_features), rotary its
+                 # query and KV widths apart
 FIT_DIR = "fit"
 FIT_PICKLE = "step_fit.pkl"
 FIT_JSON = "fit.json"
@@ -93,12 +95,22 @@ class PhysicsBoost:
 
 class ShapeBoost(PhysicsBoost):
     """The shape-transfer estimator for profiles of several models: physics law on the work, times
-    exp(boosted trees on the log of tokens, N, K and the work). Trained on many models at once, the
-    trees learn how efficiency moves with the GEMM's shape, so a model never profiled is predicted
-    from its shape; outside the shapes seen they are flat and the physics law carries the scale."""
+    exp(boosted trees on the log of tokens, N, K, the work and, on a GPU, its tile waves). Trained on
+    many models at once, the trees learn how efficiency moves with the GEMM's shape, so a model never
+    profiled is predicted from its shape; outside the shapes seen they are flat and the physics law
+    carries the scale. sms: the profiled GPU's SM count (features.wave_features); None on a CPU."""
     name = "shape+gbt"
     tree_features = SHAPE_TREE_FEATURES
     gbt_params = {"max_iter": 300, "learning_rate": 0.08, "min_samples_leaf": 20, "l2_regularization": 1.0}
+
+    def __init__(self, features: tuple[str, ...], seed: int = 0, sms: int | None = None):
+        super().__init__(features, seed)
+        self.sms = sms
+
+    def _trees_on(self, work: dict) -> np.ndarray:
+        base = log_features(work, self.tree_features)
+        sms = getattr(self, "sms", None)
+        return np.column_stack([base, wave_features(work, sms)]) if sms else base
 
 
 class LogForest:
@@ -173,16 +185,23 @@ def kfold_error(make, work: dict, y: np.ndarray, folds: int, seed: int) -> tuple
     return mape(oof, y), oof
 
 
-def group_error(make, work: dict, y: np.ndarray, groups: np.ndarray) -> dict[str, float]:
-    """Leave-one-group-out: each group (a model) predicted by a fit on all the others; the mean
-    absolute percentage error of each group."""
-    per = {}
+def group_predictions(make, work: dict, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Leave-one-group-out: each group's (a model's) rows predicted by a fit on all the others."""
+    pred = np.empty(len(y))
     for g in sorted(set(groups.tolist())):
         test = np.flatnonzero(groups == g)
         train = np.flatnonzero(groups != g)
-        pred = make().fit(_subset(work, train), y[train]).predict(_subset(work, test))
-        per[str(g)] = mape(pred, y[test])
-    return per
+        pred[test] = make().fit(_subset(work, train), y[train]).predict(_subset(work, test))
+    return pred
+
+
+def per_group_mape(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    return {str(g): mape(pred[groups == g], y[groups == g]) for g in sorted(set(groups.tolist()))}
+
+
+def group_error(make, work: dict, y: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """The mean absolute percentage error of each group under leave-one-group-out."""
+    return per_group_mape(group_predictions(make, work, y, groups), y, groups)
 
 
 # ---- one operator ---------------------------------------------------------------------------
@@ -238,15 +257,17 @@ def fit_op(family: str, method: str, op: str, work: dict, y: np.ndarray, feature
 
 
 def fit_dense_shapes(op: str, work: dict, y: np.ndarray, groups: np.ndarray, seed: int = 0,
-                     score: bool = True) -> OpFit:
+                     score: bool = True, sms: int | None = None) -> tuple[OpFit, dict]:
     """A dense operator of a profile holding several models: the physics law and the shape-transfer
     estimator, scored leave-one-model-out (the error a model never profiled would see); the
     shape-transfer estimator is refitted on every model and kept. score=False skips the scoring (the
-    simulator's first use of a shipped profile)."""
+    simulator's first use of a shipped profile). Also returns each candidate's leave-one-model-out
+    predictions per row (empty unscored), from which fit_profile scores whole layers."""
     y = np.asarray(y, np.float64)
     makers = {"physics": lambda: PhysicsRegressor(DENSE_FEATURES),
-              ShapeBoost.name: lambda: ShapeBoost(DENSE_FEATURES, seed)}
-    by_model = {name: group_error(make, work, y, groups) for name, make in makers.items()} if score else {}
+              ShapeBoost.name: lambda: ShapeBoost(DENSE_FEATURES, seed, sms)}
+    preds = {name: group_predictions(make, work, y, groups) for name, make in makers.items()} if score else {}
+    by_model = {name: per_group_mape(p, y, groups) for name, p in preds.items()}
     scores = {name: float(np.mean(list(per.values()))) for name, per in by_model.items()} or \
         {ShapeBoost.name: float("nan")}
     # Always the shape-transfer estimator (the physics law is scored beside it for comparison), so
@@ -254,7 +275,30 @@ def fit_dense_shapes(op: str, work: dict, y: np.ndarray, groups: np.ndarray, see
     est = makers[ShapeBoost.name]().fit(work, y)
     ranges = {"tokens": [float(np.min(work["tokens"])), float(np.max(work["tokens"]))]}
     return OpFit("dense", "all", op, DENSE_FEATURES, ShapeBoost.name, est, scores, len(y), ranges,
-                 PhysicsRegressor(DENSE_FEATURES).fit(work, y), est, by_model)
+                 PhysicsRegressor(DENSE_FEATURES).fit(work, y), est, by_model), preds
+
+
+def layer_error(rows: dict[str, tuple], preds: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Leave-one-model-out error of a whole transformer layer's dense time, per candidate and held-out
+    model: at every (tokens, TP) where the model measured each of its per-layer operators, the sum of
+    their predictions against the sum measured. This is the figure a step's time inherits: operators of
+    a few microseconds, where Vidur's timer resolution alone is several per cent, weigh what they cost."""
+    out: dict[str, dict[str, float]] = {}
+    for cand in sorted({c for p in preds.values() for c in p}):
+        frames = []
+        for op, (work, y, groups, tp) in rows.items():
+            if op in PER_LAYER_OPS and cand in preds.get(op, {}):
+                frames.append(pd.DataFrame({"op": op, "model": groups, "tokens": work["tokens"], "tp": tp,
+                                            "y": y, "p": preds[op][cand]}))
+        if not frames:
+            continue
+        df = pd.concat(frames, ignore_index=True)
+        ops_of = df.groupby("model")["op"].nunique()
+        cell = df.groupby(["model", "tokens", "tp"]).agg(y=("y", "sum"), p=("p", "sum"), n=("op", "nunique"))
+        cell = cell[cell["n"].to_numpy() == ops_of.reindex(cell.index.get_level_values("model")).to_numpy()]
+        err = (cell["p"] - cell["y"]).abs() / cell["y"]
+        out[cand] = {str(m): float(v) for m, v in err.groupby(level="model").mean().items()}
+    return out
 
 
 # ---- a whole profile ----------------------------------------------------------------------
@@ -272,6 +316,8 @@ class StepFit:
     versions: dict = field(default_factory=dict)
     models: list = field(default_factory=list)    # every model whose dense rows the fit saw
     attention_models: list = field(default_factory=list)   # the models whose attention was measured
+    layer_heldout: dict = field(default_factory=dict)      # candidate -> {held-out model: MAPE of a layer's
+                                                           # dense time} (fit.layer_error; scored fits)
 
     @property
     def model_names(self) -> list:
@@ -318,19 +364,25 @@ def tables_sha(folder: Path) -> str:
 SHAPE_COLS = ("hidden", "intermediate", "num_q_heads", "num_kv_heads", "vocab")
 
 
-def model_groups(ops: pd.DataFrame, meta: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(model name, gated MLP) per row: a row's shape columns matched against meta.json's `models`
-    (imported multi-model profiles), else the profile's one model, gated."""
+def model_groups(ops: pd.DataFrame, meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(model name, gated MLP, parallel block) per row: a row's shape columns matched against
+    meta.json's `models` (imported multi-model profiles), else the profile's one model, gated and
+    sequential. A `models` entry written before `parallel_block` existed takes the registered model's."""
+    from rkvsim.models import MODELS
     names = {}
     for name, sh in (meta.get("models") or {}).items():
-        names[(sh["hidden"], sh["intermediate"], sh["num_q_heads"], sh["num_kv_heads"])] = (name, sh.get("gated_mlp", True))
+        parallel = sh.get("parallel_block", getattr(MODELS.get(name), "parallel_block", False))
+        names[(sh["hidden"], sh["intermediate"], sh["num_q_heads"], sh["num_kv_heads"])] = \
+            (name, sh.get("gated_mlp", True), parallel)
     keys = list(zip(*(ops[c].astype(int).tolist() for c in SHAPE_COLS[:4])))
-    default = (meta.get("model", ""), True)
+    default = (meta.get("model", ""), True, False)
     hit = [names.get(k, default) for k in keys]
-    return np.array([h[0] for h in hit], dtype=object), np.array([h[1] for h in hit], dtype=bool)
+    return (np.array([h[0] for h in hit], dtype=object), np.array([h[1] for h in hit], dtype=bool),
+            np.array([h[2] for h in hit], dtype=bool))
 
 
-def _dense_rows(ops: pd.DataFrame, dt: int, meta: dict | None = None) -> dict[str, tuple[dict, np.ndarray, np.ndarray]]:
+def _dense_rows(ops: pd.DataFrame, dt: int, meta: dict | None = None) -> dict[str, tuple]:
+    """op -> (work, measured seconds, model per row, TP per row)."""
     out = {}
     # Dense ops are method-independent: Vidur ships a copy of the same mlp.csv per method, so
     # rows with the same shape are merged (median) before fitting, not counted five times.
@@ -339,10 +391,10 @@ def _dense_rows(ops: pd.DataFrame, dt: int, meta: dict | None = None) -> dict[st
     for op, g in ops.groupby("op"):
         if op not in DENSE_OPS:
             continue
-        groups, gated = model_groups(g, meta or {})
+        groups, gated, parallel = model_groups(g, meta or {})
         work = dense_work(op, g["num_tokens"], g["hidden"], g["intermediate"], g["num_q_heads"],
-                          g["num_kv_heads"], g["head_dim"], g["vocab"], g["tp"], dt, gated=gated)
-        out[op] = (work, g["time_s_median"].to_numpy(float), groups)
+                          g["num_kv_heads"], g["head_dim"], g["vocab"], g["tp"], dt, gated=gated, parallel=parallel)
+        out[op] = (work, g["time_s_median"].to_numpy(float), groups, g["tp"].to_numpy(np.int64))
     return out
 
 
@@ -380,9 +432,11 @@ def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | 
     models = set()
     shapes = {}     # (family, method) -> the one (q heads, kv heads, head dim) per rank its rows were timed at
     ops = profile.tables.get("operators")
+    dense_rows = {}
     if ops is not None and len(ops):
         ops = ops[ops["time_s_median"] > 0]
-        for op, (work, y, groups) in _dense_rows(ops, dt, meta).items():
+        dense_rows = _dense_rows(ops, dt, meta)
+        for op, (work, y, groups, _) in dense_rows.items():
             models |= set(groups.tolist())
             jobs.append(("dense", "all", op, work, y, DENSE_FEATURES,
                          groups if len(set(groups.tolist())) > 1 else None))
@@ -403,20 +457,33 @@ def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | 
                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=_versions(),
                   models=sorted(models) or [meta.get("model", "")],
                   attention_models=list(meta.get("attention_models") or []))
+    sms = _sm_count(profile.hardware)
+    lomo_preds = {}
     from threadpoolctl import threadpool_limits
     # One thread: the fits are small, and OpenMP workers spinning on a busy 2-core machine
     # made gradient boosting 8x slower than single-threaded.
     with threadpool_limits(1):
         for family, method, op, work, y, feats, groups in jobs:
             if groups is not None:     # several models' rows: scored leave-one-model-out
-                f = fit_dense_shapes(op, work, y, groups, seed, score)
+                f, lomo_preds[op] = fit_dense_shapes(op, work, y, groups, seed, score, sms)
             else:
                 f = fit_op(family, method, op, work, y, feats, folds, seed, only if score else only or ("physics+gbt",))
             f.shape = shapes.get((family, method))
             fit.ops[(family, method, op)] = f
             if progress:
                 progress(family, method, op)
+    if any(lomo_preds.values()):
+        fit.layer_heldout = layer_error(dense_rows, lomo_preds)
     return fit
+
+
+def _sm_count(hardware: str) -> int | None:
+    """The profiled GPU's SM count for the wave features; None for a CPU or a device without a spec."""
+    from rkvsim.models import resolve_hardware
+    try:
+        return resolve_hardware(hardware).sm_count or None
+    except KeyError:
+        return None
 
 
 def _versions() -> dict:
@@ -436,7 +503,8 @@ def save_fit(fit: StepFit, out_dir: str | Path) -> Path:
     doc = {"version": fit.version, "profile": fit.profile, "origin": fit.origin, "hardware": fit.hardware,
            "model": fit.model, "tables_sha256": fit.tables_sha256, "created": fit.created,
            "versions": fit.versions, "metric": "k-fold held-out mean absolute percentage error (fraction)",
-           "operators": fit.summary()}
+           "operators": fit.summary(),
+           "layer_leave_one_model_out": getattr(fit, "layer_heldout", {}) or {}}
     write_bytes(out / FIT_JSON, json.dumps(doc, indent=1, sort_keys=True).encode())
     return out
 
