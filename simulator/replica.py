@@ -44,6 +44,7 @@ class Replica:
     preempted = 0
     spread = 1
     _run: Run | None = None
+    _kv_seen: float | None = None
 
     def __init__(self, env: simpy.Environment, index: int, layout: KVLayout, cost: CostModel,
                  cfg: SchedulerConfig, log: RequestLog, on_done: Callable[[int], None], content=None):
@@ -92,6 +93,12 @@ class Replica:
     def kv_fraction(self) -> float:
         return self.blocks_used / self.layout.num_blocks
 
+    @property
+    def routed_kv(self) -> float:
+        """kv_fraction as a router sees it now: inside a run whose steps since the last applied one
+        were only counted (sync with `reads`), the count."""
+        return self.kv_fraction if self._kv_seen is None else self._kv_seen
+
     def submit(self, rid: int) -> None:
         run = self._run
         if run is not None:
@@ -124,15 +131,47 @@ class Replica:
             return 1 << 30
         return max(self.prefill_counter, 0) + 1
 
-    def sync(self) -> None:
+    def sync(self, reads: str | None = None) -> None:
         """Bring the state up to now inside a run: steps ended by now applied, the step in
-        progress planned (what a router reading this replica would see step by step)."""
+        progress planned (what a router reading this replica would see step by step).
+        reads: what the router reads, when it reads only load ("kv": routed_kv and the queue;
+        "outstanding"). If the steps since the last applied one finish nobody and (with the
+        prefix cache) free no block, none of that changes but the blocks the run's growth takes:
+        those are counted, and the steps are applied later (at the run's end, or a later sync),
+        the same as now. Applying part of a run costs most of what the whole run costs."""
         run = self._run
         if run is None:
             return
         j = min(int(np.searchsorted(run.t, self.env.now, "right")), run.end)
-        if j > run.fin:
-            self._apply_run(run, j)
+        if j <= run.fin:
+            return
+        if reads is not None:
+            seen = self._blocks_after(run, j)
+            if seen is not None:
+                self._kv_seen = seen / self.layout.num_blocks
+                return
+        self._apply_run(run, j)
+
+    def _blocks_after(self, run: Run, j: int) -> int | None:
+        """blocks_used once steps up to j are applied (and step j + 1 planned), when no request
+        finishes in steps fin+1..j; with the prefix cache, also none of the growth planned
+        meanwhile is a shrink (a freed block may be shared); else None."""
+        cols = np.flatnonzero(run.alive)
+        rem = run.rem[cols]
+        if ((rem > run.fin) & (rem <= j)).any():
+            return None
+        nxt = j < run.end
+        last_plan = j + 1 if nxt else j
+        if self.pool is None:
+            return int(run.used_plan[last_plan - 1] if nxt else run.used_fin[j - 1])
+        p0 = run.planned + 1
+        if last_plan < p0:
+            return self.pool.used
+        blk = run.blocks[p0 - 2:last_plan, cols]
+        grow = np.diff(blk, axis=0) * (rem[None, :] >= np.arange(p0, last_plan + 1)[:, None])
+        if (grow < 0).any():
+            return None
+        return self.pool.used + int(grow.sum())
 
     def settled(self) -> float:
         """The time up to which this replica's log is final: now, or inside a run the end of its
@@ -626,6 +665,7 @@ class Replica:
         """Apply steps fin+1..b of `run` as step by step would have (their plans and finishes in
         order), and the plan of step b + 1 if the run goes on."""
         D, F, log, lay = self.D, self.F, self.log, self.layout
+        self._kv_seen = None
         a = run.fin + 1
         nxt = b < run.end                                # plan step b + 1 too
         last_plan = b + 1 if nxt else b

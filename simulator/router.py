@@ -101,7 +101,7 @@ class Router:
         if self.policy == "least_kv":
             # The paper's baseline: the replica with the least KV memory in use; queued requests
             # break ties, since they will claim memory next.
-            return min(reps, key=lambda r: (r.kv_fraction, len(r.waiting), r.index))
+            return min(reps, key=lambda r: (r.routed_kv, len(r.waiting), r.index))
         self.estimates += 1
         return min(reps, key=lambda r: (self.estimate_e2e(r, rid), r.index))
 

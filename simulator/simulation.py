@@ -235,6 +235,8 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
             r.spread = len(replicas)
     runners = [] if slots else replicas
     reads_state = len(replicas) > 1 and v.router != "round_robin"
+    # Routers that read only load let a replica count a run's growth instead of applying its steps.
+    load_reads = {"least_kv": "kv", "least_outstanding": "outstanding"}.get(v.router)
     router = Router(replicas, v.router, ctx)
     lay0 = layouts[compared]
 
@@ -256,7 +258,7 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
         if reads_state:               # replicas inside a run catch up to now before the router reads them
             for rep in runners:
                 if rep._run is not None:
-                    rep.sync()
+                    rep.sync(load_reads)
         r = router.pick(rid) if ctx is not None else router.pick()
         assert r is not None and fits[config_of[r.index], rid], "the router sent a request where it cannot fit"
         if len(keys) > 1:

@@ -81,6 +81,8 @@ def watch(env, log, replicas, rules: list[MissRule], stop) -> object:
     n = len(log.prompt)
     while True:
         yield env.timeout(dt)
+        for rep in replicas:        # runs applied up to now, so that their finished requests count
+            rep.sync()
         why = decided_miss(log, rules, min([env.now] + [rep.settled() for rep in replicas]))
         if why is not None:
             stop.succeed(why)

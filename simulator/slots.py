@@ -64,7 +64,7 @@ class Slot:
 
 
 class SlotReplica:
-    """Same surface as replica.Replica (submit, waiting, outstanding, kv_fraction, steps)."""
+    """Same surface as replica.Replica (submit, waiting, outstanding, kv_fraction, routed_kv, steps)."""
 
     def __init__(self, env: simpy.Environment, index: int, layout: KVLayout, cost: CostModel,
                  cfg: SlotsSchedulerConfig, log: RequestLog, on_done: Callable[[int], None]):
@@ -86,6 +86,8 @@ class SlotReplica:
     @property
     def kv_fraction(self) -> float:
         return self.cells_used / self.layout.num_blocks
+
+    routed_kv = kv_fraction       # no runs here: the router always sees the state itself
 
     @property
     def active(self) -> int:
