@@ -22,6 +22,9 @@ class ModelSpec:
     # Attention and MLP read the same normed input and both join the residual in one sum (Phi, GPT-J,
     # Falcon, GPT-NeoX's parallel residual): one norm per layer, and the residual sum is two adds.
     parallel_block: bool = False
+    # LayerNorm (mean and variance, GPT-2/NeoX/Phi/Falcon) rather than RMSNorm: another norm kernel, so
+    # a profile of RMSNorm models says little about its time (calibration: kernel families)
+    layer_norm: bool = False
     weight_dtype_bytes: int = 2
     sliding_window: int | None = None    # attention (and the KV kept) spans the last N tokens
     # Mixture of experts (Mixtral's form): each layer's MLP is num_experts experts of
@@ -41,6 +44,13 @@ class ModelSpec:
             return 1.0 + 0 * tokens
         e, k = self.num_experts, self.experts_per_token
         return e * (1.0 - (1.0 - k / e) ** tokens)
+
+    @property
+    def kernel_kinds(self) -> dict[str, str]:
+        """The kernel each element-wise operator family runs, where models differ: a shape-transfer
+        fit only knows the kernels its profiled models ran."""
+        return {"norm": "layernorm" if self.layer_norm else "rmsnorm",
+                "mlp activation": "silu-and-mul (gated)" if self.gated_mlp else "gelu (plain)"}
 
     @property
     def mlp_params_per_expert(self) -> int:
@@ -89,7 +99,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("qwen-72b", "Qwen/Qwen-72B", 80, 8192, 64, 64, 128, 24576, 152064, 32768),
         # Phi-2: GELU MLP without a gate (fc1 -> gelu -> fc2), untied LM head.
         ModelSpec("phi-2", "microsoft/phi-2", 32, 2560, 32, 32, 80, 10240, 51200, 2048, gated_mlp=False,
-                  parallel_block=True),
+                  parallel_block=True, layer_norm=True),
         ModelSpec("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", 32, 4096, 32, 8, 128, 14336, 32000, 32768,
                   num_experts=8, experts_per_token=2),
         ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", 30, 576, 9, 3, 64, 1536, 49152, 8192,

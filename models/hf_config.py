@@ -16,6 +16,9 @@ from rkvsim.models.architectures import ModelSpec, registered_model
 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1}
 # Architectures whose MLP is a plain up -> activation -> down (no gate).
+# Model types whose blocks normalise with LayerNorm (the rest: RMSNorm, as Llama).
+_LAYERNORM = {"phi", "gpt2", "gpt_neox", "gptj", "opt", "falcon", "starcoder2", "gpt_bigcode", "bloom", "stablelm",
+              "cohere", "mpt", "olmo"}
 _UNGATED = {"phi", "gpt2", "gpt_neox", "gptj", "opt", "falcon", "starcoder2", "gpt_bigcode"}
 
 
@@ -69,7 +72,7 @@ def spec_from_hf_config(cfg: dict, name: str | None = None) -> ModelSpec:
         name=label, hub_id=str(cfg.get("_name_or_path") or label), num_layers=layers, hidden_size=hidden,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=int(inter),
         vocab_size=vocab, max_position=max_pos, tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        gated_mlp=gated, parallel_block=parallel, weight_dtype_bytes=_DTYPE_BYTES.get(dtype, 2),
+        gated_mlp=gated, parallel_block=parallel, layer_norm=model_type in _LAYERNORM, weight_dtype_bytes=_DTYPE_BYTES.get(dtype, 2),
         sliding_window=int(window) if window else None, num_experts=n_experts, experts_per_token=top_k)
 
 

@@ -170,9 +170,66 @@ def test_leave_one_model_out_cli_prints_every_model(tmp_path, capsys):
     import_vidur_repo(_vidur_tree(tmp_path / "vidur"), "a100", tmp_path / "out")
     rc = rkvprof(["fit", str(tmp_path / "out"), "--leave-one-model-out", "--candidates", "physics"])
     out = capsys.readouterr().out
-    assert rc == 0 and "leave-one-model-out" in out and "layer (sum of ops)" in out
+    assert rc == 0 and "leave-one-model-out" in out and "layer (sum of ops)" in out and "floor" in out
     for m in ("llama-2-7b", "llama-3-8b", "codellama-34b", "internlm-20b"):
         assert m in out
+
+
+def test_twin_floor_compares_runs_of_the_same_operator_shape():
+    """The reproducibility floor: a model's rows whose exact work another model's run also timed,
+    predicted by the other runs' mean. Three models, two sharing a shape at some token counts."""
+    from rkvsim.calibration.steps.features import dense_work
+    from rkvsim.calibration.steps.fit import twin_floor
+    t = np.array([64.0, 128.0, 256.0])
+    a = dense_work("input_layernorm", t, 4096, 11008, 32, 32, 128, 32000)
+    b = dense_work("input_layernorm", t, 4096, 14336, 32, 8, 128, 128256)   # the same norm (hidden 4096)
+    c = dense_work("input_layernorm", t, 5120, 13824, 40, 40, 128, 103168)  # no twin
+    work = {k: np.concatenate([a[k], b[k], c[k]]) for k in a}
+    ya = np.array([10.0, 20.0, 40.0])
+    y = np.concatenate([ya, ya * 1.1, ya * 3])
+    groups = np.array(["a"] * 3 + ["b"] * 3 + ["c"] * 3, dtype=object)
+    floor = twin_floor(work, y, groups)
+    assert set(floor) == {"a", "b"}
+    assert floor["a"] == (pytest.approx(0.1), 3)              # |1.1 - 1| / 1
+    assert floor["b"] == (pytest.approx(0.1 / 1.1), 3)        # |1 - 1.1| / 1.1
+    # A twin key the work does not show (rotary's head size) splits rows of equal work apart.
+    assert twin_floor(work, y, groups, {"head_dim": np.array([128] * 3 + [64] * 3 + [128] * 3)}) == {}
+
+
+def test_a_model_with_kernels_no_profiled_model_runs_says_so():
+    """Phi-2 (LayerNorm, plain GELU MLP) predicted from Llama-like profiles: the dense part and the notes
+    name the kernels the profile never timed; a Llama-like model gets no such caveat."""
+    from rkvsim.calibration.steps.compile import unprofiled_kernels
+    phi, neox = resolve_model("phi-2"), spec_from_hf_config(
+        {"model_type": "gpt_neox", "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16,
+         "intermediate_size": 8192, "vocab_size": 50304, "hidden_act": "gelu"})
+    assert phi.layer_norm and not phi.gated_mlp and neox.layer_norm and not neox.gated_mlp
+    assert unprofiled_kernels(phi, ["llama-2-7b", "qwen-72b"]) == ["norm layernorm", "mlp activation gelu (plain)"]
+    assert unprofiled_kernels(phi, ["llama-2-7b", "phi-2"]) == []
+    assert unprofiled_kernels(resolve_model("llama-3-8b"), ["llama-2-7b", "some-unregistered-model"]) == []
+    assert not resolve_model("mistral-7b").layer_norm
+
+
+def test_compiled_costs_name_the_kernels_the_profile_never_timed(tmp_path):
+    from rkvsim.calibration.steps.compile import compile_costs
+    from rkvsim.calibration.steps.fit import fit_profile
+    from rkvsim.models import parse_method
+    from rkvsim.profiler.profile import load_profile
+    from rkvsim.profiler.vidur_repo import import_vidur_repo
+    import_vidur_repo(_vidur_tree(tmp_path / "vidur"), "a100", tmp_path / "out")
+    from rkvsim.calibration.steps.profiles import find_attention_donor, fit_for
+    fit = fit_profile(load_profile(tmp_path / "out"), score=False)     # Llama-like models only, no attention
+    h100 = resolve_hardware("h100-sxm")
+    att = fit_for(find_attention_donor(h100))                         # the shipped A100 attention
+    donor = (att, resolve_hardware(att.hardware), h100)
+    neox = spec_from_hf_config({"model_type": "gpt_neox", "hidden_size": 2048, "num_hidden_layers": 16,
+                                "num_attention_heads": 16, "intermediate_size": 8192, "vocab_size": 50304})
+    kw = dict(max_tokens=512, max_batch=8, max_ctx=512, donor=donor)
+    c = compile_costs(fit, neox, parse_method("fp16"), **kw)
+    assert c.parts["dense"].endswith("[kernels not profiled: norm layernorm, mlp activation gelu (plain)]")
+    assert any("runs kernels none of the profiled models ran" in n for n in c.notes)
+    llama = compile_costs(fit, resolve_model("mistral-7b"), parse_method("fp16"), **kw)
+    assert "kernels not profiled" not in llama.parts["dense"]
 
 
 def test_comm_fit_keeps_one_node_and_interpolates_measured_sizes(tmp_path):
@@ -285,6 +342,7 @@ def test_cost_parts_say_where_each_part_comes_from(tmp_path):
     prior = run_scenario(_scenario(tmp_path, hardware="l40s", tp=2, profile="roofline")).summary()
     lp = next(iter(prior["methods"].values()))["cost_parts"]
     assert "dense:roofline-prior" in lp and "comm:ring-formula(pcie4)" in lp
+    assert "kernels not profiled" not in parts + cp
 
 
 def test_shipped_tables_are_what_the_importers_compute_from_shared(shared_dir, tmp_path):

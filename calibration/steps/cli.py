@@ -72,30 +72,33 @@ def cmd_fit(args) -> int:
 
 
 def leave_one_model_out_table(fit, hardware: str):
-    """Rich table, one row per (operator, held-out model): MAPE (%) of the shape-transfer fit and of
-    the physics law trained on the other models."""
+    """Rich table, one row per (operator, held-out model): MAPE (%) of the shape-transfer fit, of the
+    physics law trained on the other models, and the reproducibility floor (fit.twin_floor: the other
+    models' measurements of the very same operator shape, where any exist, as the prediction)."""
     from rich.table import Table
 
     from rkvsim.calibration.steps.fit import ShapeBoost
     t = Table(title=f"{hardware}: leave-one-model-out error (mean |pred - meas| / meas, %)")
-    for c in ("operator", "held-out model", "shape+gbt", "physics law"):
-        t.add_column(c, no_wrap=True)
+    for c in ("operator", "held-out model", "shape+gbt", "physics", "floor (rows)"):
+        t.add_column(c, overflow="fold")     # folded, never cut: a model's name is the row's key
     for (_, _, op), f in sorted(fit.ops.items()):
         per = getattr(f, "heldout_models", None) or {}
         sh, ph = per.get(ShapeBoost.name, {}), per.get("physics", {})
+        floor = getattr(f, "floor", None) or {}
         for m in sorted(sh):
-            t.add_row(op, m, f"{100 * sh[m]:.1f}", f"{100 * ph[m]:.1f}" if m in ph else "-")
+            fl = f"{100 * floor[m][0]:.1f} ({floor[m][1]})" if m in floor else "-"
+            t.add_row(op, m, f"{100 * sh[m]:.1f}", f"{100 * ph[m]:.1f}" if m in ph else "-", fl)
         if sh:
             t.add_row(op, "worst", f"{100 * max(sh.values()):.1f}", f"{100 * max(ph.values()):.1f}" if ph else "-",
-                      end_section=True)
+                      f"{100 * max(e for e, _ in floor.values()):.1f}" if floor else "-", end_section=True)
     # A whole layer's dense time (the sum of its operators at each tokens x TP): what a step inherits.
     layer = getattr(fit, "layer_heldout", None) or {}
     sh, ph = layer.get(ShapeBoost.name, {}), layer.get("physics", {})
     for m in sorted(sh):
-        t.add_row("layer (sum of ops)", m, f"{100 * sh[m]:.1f}", f"{100 * ph[m]:.1f}" if m in ph else "-")
+        t.add_row("layer (sum of ops)", m, f"{100 * sh[m]:.1f}", f"{100 * ph[m]:.1f}" if m in ph else "-", "-")
     if sh:
         t.add_row("layer (sum of ops)", "worst", f"{100 * max(sh.values()):.1f}",
-                  f"{100 * max(ph.values()):.1f}" if ph else "-")
+                  f"{100 * max(ph.values()):.1f}" if ph else "-", "-")
     return t
 
 

@@ -190,6 +190,17 @@ def dense_tables(fit: StepFit, model: ModelSpec, tp: int, t_hi: int, transfer: b
     return dense, head, missing
 
 
+def unprofiled_kernels(model: ModelSpec, profiled: list[str]) -> list[str]:
+    """The model's element-wise kernels (ModelSpec.kernel_kinds) that no profiled model runs; a name the
+    registry does not know counts as Llama-like (RMSNorm, gated MLP), as the Vidur import defaults."""
+    from rkvsim.models import MODELS
+    seen: dict[str, set] = {}
+    for name in profiled:
+        for op, kind in MODELS.get(name, MODELS["llama-2-7b"]).kernel_kinds.items():
+            seen.setdefault(op, set()).add(kind)
+    return [f"{op} {kind}" for op, kind in model.kernel_kinds.items() if kind not in seen.get(op, set())]
+
+
 def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, max_tokens: int = 8192,
                   max_batch: int = 256, max_ctx: int = 4096, donor: tuple | None = None,
                   to_hw: HardwareSpec | None = None) -> CompiledCosts:
@@ -216,6 +227,12 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     if transfer:
         notes.append(f"dense operators fitted on {', '.join(fit.model_names)}, applied to "
                      f"{model.name} through its shape (FLOP/byte and GEMM-shape features)")
+        unseen = unprofiled_kernels(model, fit.model_names)
+        if unseen:
+            parts["dense"] += f"[kernels not profiled: {', '.join(unseen)}]"
+            notes.append(f"{model.name} runs kernels none of the profiled models ran ({', '.join(unseen)}): those "
+                         "operators are predicted from other kernels' times (held out the same way, Phi-2's "
+                         "LayerNorm and GELU miss by 20-100% per operator, its whole layer by about 5%)")
     if model.is_moe:
         notes.append(f"MoE: each expert's MLP costed at tokens x {model.experts_per_token} / experts touched, "
                      "times the experts touched (uniform routing)")

@@ -199,6 +199,31 @@ def per_group_mape(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[
     return {str(g): mape(pred[groups == g], y[groups == g]) for g in sorted(set(groups.tolist()))}
 
 
+def twin_floor(work: dict, y: np.ndarray, groups: np.ndarray, twin_keys: dict | None = None) -> dict[str, tuple[float, int]]:
+    """The reproducibility floor of leave-one-model-out: where another model's profile timed the very
+    same operator (every work column equal, and every `twin_keys` column: a head width the work does not
+    show), each such row of a model is predicted by the mean of the other models' measurements of it.
+    Returns {model: (MAPE over its twin rows, twin rows)} for the models with any. No predictor that reads
+    only the shape can beat this on those rows: it is how far two profiling runs of one kernel disagree
+    (measured: 4-6% on the A100's norms, 1-2% on the A40's)."""
+    cols = {k: np.asarray(v, np.float64) for k, v in work.items()}
+    cols.update({f"_{k}": np.asarray(v, np.float64) for k, v in (twin_keys or {}).items()})
+    df = pd.DataFrame(cols)
+    keys = list(df.columns)
+    df["model"], df["y"] = np.asarray(groups).astype(str), np.asarray(y, np.float64)
+    g = df.groupby(keys, sort=False)
+    n_models = g["model"].transform("nunique").to_numpy()
+    total, count = g["y"].transform("sum").to_numpy(), g["y"].transform("count").to_numpy()
+    # the other models' mean: a model appears once per shape (rows are merged by shape in _dense_rows)
+    own = df.groupby(keys + ["model"], sort=False)["y"]
+    own_sum, own_n = own.transform("sum").to_numpy(), own.transform("count").to_numpy()
+    twin = (n_models > 1) & (count > own_n)
+    other = (total - own_sum)[twin] / (count - own_n)[twin]
+    err = np.abs(other - df["y"].to_numpy()[twin]) / df["y"].to_numpy()[twin]
+    models = df["model"].to_numpy()[twin]
+    return {str(m): (float(err[models == m].mean()), int((models == m).sum())) for m in sorted(set(models.tolist()))}
+
+
 def group_error(make, work: dict, y: np.ndarray, groups: np.ndarray) -> dict[str, float]:
     """The mean absolute percentage error of each group under leave-one-group-out."""
     return per_group_mape(group_predictions(make, work, y, groups), y, groups)
@@ -223,6 +248,7 @@ class OpFit:
     heldout_models: dict = field(default_factory=dict)   # candidate -> {held-out model: MAPE}
     shape: tuple | None = None      # attention: the (q heads, kv heads, head dim) per rank of its rows, when
                                     # one (the features of one shape cannot tell heads apart: see compile)
+    floor: dict | None = None       # dense, several models: {model: (twin MAPE, twin rows)} (fit.twin_floor)
 
     def predict(self, work: dict) -> np.ndarray:
         return self.estimator.predict(work)
@@ -257,7 +283,7 @@ def fit_op(family: str, method: str, op: str, work: dict, y: np.ndarray, feature
 
 
 def fit_dense_shapes(op: str, work: dict, y: np.ndarray, groups: np.ndarray, seed: int = 0,
-                     score: bool = True, sms: int | None = None) -> tuple[OpFit, dict]:
+                     score: bool = True, sms: int | None = None, twin_keys: dict | None = None) -> tuple[OpFit, dict]:
     """A dense operator of a profile holding several models: the physics law and the shape-transfer
     estimator, scored leave-one-model-out (the error a model never profiled would see); the
     shape-transfer estimator is refitted on every model and kept. score=False skips the scoring (the
@@ -274,8 +300,11 @@ def fit_dense_shapes(op: str, work: dict, y: np.ndarray, groups: np.ndarray, see
     # that a scored fit and the simulator's unscored one hold the same predictors.
     est = makers[ShapeBoost.name]().fit(work, y)
     ranges = {"tokens": [float(np.min(work["tokens"])), float(np.max(work["tokens"]))]}
-    return OpFit("dense", "all", op, DENSE_FEATURES, ShapeBoost.name, est, scores, len(y), ranges,
-                 PhysicsRegressor(DENSE_FEATURES).fit(work, y), est, by_model), preds
+    f = OpFit("dense", "all", op, DENSE_FEATURES, ShapeBoost.name, est, scores, len(y), ranges,
+              PhysicsRegressor(DENSE_FEATURES).fit(work, y), est, by_model)
+    if score:
+        f.floor = twin_floor(work, y, groups, twin_keys)
+    return f, preds
 
 
 def layer_error(rows: dict[str, tuple], preds: dict[str, dict]) -> dict[str, dict[str, float]]:
@@ -286,7 +315,7 @@ def layer_error(rows: dict[str, tuple], preds: dict[str, dict]) -> dict[str, dic
     out: dict[str, dict[str, float]] = {}
     for cand in sorted({c for p in preds.values() for c in p}):
         frames = []
-        for op, (work, y, groups, tp) in rows.items():
+        for op, (work, y, groups, tp, *_) in rows.items():
             if op in PER_LAYER_OPS and cand in preds.get(op, {}):
                 frames.append(pd.DataFrame({"op": op, "model": groups, "tokens": work["tokens"], "tp": tp,
                                             "y": y, "p": preds[op][cand]}))
@@ -347,6 +376,8 @@ class StepFit:
             row.update({f"heldout_mape_{k}": v for k, v in f.heldout.items()})
             for cand, per in (getattr(f, "heldout_models", None) or {}).items():
                 row[f"leave_one_model_out_{cand}"] = per
+            if getattr(f, "floor", None):
+                row["reproducibility_floor"] = {m: {"mape": e, "rows": n} for m, (e, n) in f.floor.items()}
             out.append(row)
         return out
 
@@ -382,7 +413,7 @@ def model_groups(ops: pd.DataFrame, meta: dict) -> tuple[np.ndarray, np.ndarray,
 
 
 def _dense_rows(ops: pd.DataFrame, dt: int, meta: dict | None = None) -> dict[str, tuple]:
-    """op -> (work, measured seconds, model per row, TP per row)."""
+    """op -> (work, measured seconds, model per row, TP per row, head dim per row)."""
     out = {}
     # Dense ops are method-independent: Vidur ships a copy of the same mlp.csv per method, so
     # rows with the same shape are merged (median) before fitting, not counted five times.
@@ -394,7 +425,8 @@ def _dense_rows(ops: pd.DataFrame, dt: int, meta: dict | None = None) -> dict[st
         groups, gated, parallel = model_groups(g, meta or {})
         work = dense_work(op, g["num_tokens"], g["hidden"], g["intermediate"], g["num_q_heads"],
                           g["num_kv_heads"], g["head_dim"], g["vocab"], g["tp"], dt, gated=gated, parallel=parallel)
-        out[op] = (work, g["time_s_median"].to_numpy(float), groups, g["tp"].to_numpy(np.int64))
+        out[op] = (work, g["time_s_median"].to_numpy(float), groups, g["tp"].to_numpy(np.int64),
+                   g["head_dim"].to_numpy(np.int64))
     return out
 
 
@@ -436,10 +468,12 @@ def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | 
     if ops is not None and len(ops):
         ops = ops[ops["time_s_median"] > 0]
         dense_rows = _dense_rows(ops, dt, meta)
-        for op, (work, y, groups, _) in dense_rows.items():
+        for op, (work, y, groups, _, head_dim) in dense_rows.items():
             models |= set(groups.tolist())
             jobs.append(("dense", "all", op, work, y, DENSE_FEATURES,
-                         groups if len(set(groups.tolist())) > 1 else None))
+                         # rotary: equal widths of other head sizes are other kernels (trip counts per head)
+                         (groups, {"head_dim": head_dim} if op == "attn_rope" else None)
+                         if len(set(groups.tolist())) > 1 else None))
     att = profile.tables.get("attention")
     if att is not None and len(att):
         att = att[att["time_s_median"] > 0]
@@ -465,7 +499,7 @@ def fit_profile(profile, folds: int = 5, seed: int = 0, only: tuple[str, ...] | 
     with threadpool_limits(1):
         for family, method, op, work, y, feats, groups in jobs:
             if groups is not None:     # several models' rows: scored leave-one-model-out
-                f, lomo_preds[op] = fit_dense_shapes(op, work, y, groups, seed, score, sms)
+                f, lomo_preds[op] = fit_dense_shapes(op, work, y, groups[0], seed, score, sms, groups[1])
             else:
                 f = fit_op(family, method, op, work, y, feats, folds, seed, only if score else only or ("physics+gbt",))
             f.shape = shapes.get((family, method))
