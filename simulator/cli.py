@@ -13,7 +13,7 @@ def cmd_run(args) -> int:
     from rkvsim.simulator.kv_memory import DoesNotFitError
     from rkvsim.simulator.outputs import write_results
     from rkvsim.simulator.pipeline import run_scenario
-    from rkvsim.simulator.table import method_table
+    from rkvsim.simulator.table import method_table, trust_line
 
     # Piped output would otherwise be cut to 80 columns, squeezing the table unreadably.
     console = Console(width=None if sys.stdout.isatty() else 150)
@@ -45,6 +45,9 @@ def cmd_run(args) -> int:
                       f"{sch['max_batch_size']} seqs, {sch['max_batched_tokens']} tokens per step; "
                       f"KV blocks {sch['kv_blocks']})", highlight=False)
     console.print(f"costs: {summary['cost_source']}   simulated in {res.wall_s:.1f} s wall")
+    line = trust_line(summary)
+    if line:
+        console.print(line, highlight=False, markup=False)
     console.print(f"results: {out}/summary.json   report: {out / 'report.html'}")
     return 0
 

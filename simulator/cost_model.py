@@ -147,6 +147,8 @@ class RooflineCostModel:
         self.cost_parts = {"dense": "roofline-prior", "attention": "roofline-prior",
                            "comm": "none (tp 1)" if tp == 1 else (comm[2] if comm else ring),
                            "cpu": self.overheads.cpu_source}
+        from rkvsim.calibration.steps.trust import prior_trust, roofline_attention_trust
+        self.cost_trust = [prior_trust(), roofline_attention_trust()]
         self._dense_cache: dict[int, tuple[float, tuple[float, ...]]] = {}
         self._head_cache: dict[int, tuple[float, float]] = {}
         self._build_tables(min(max(m.max_position, 4096), 32768) + 1)   # grows on demand

@@ -4,6 +4,7 @@ so a failed or interrupted run never leaves a half-written results folder."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,14 @@ def _cost_notes(r: MethodRun) -> dict:
                 parts.append(s)
     if parts:
         out["cost_parts"] = parts[0] if len(parts) == 1 else parts
+    trust = []
+    for rep in r.replicas:
+        for t in getattr(getattr(rep, "cost", None), "cost_trust", None) or []:
+            d = asdict(t) if is_dataclass(t) else dict(t)
+            if d not in trust:
+                trust.append(d)
+    if trust:
+        out["cost_trust"] = trust
     return out
 
 

@@ -64,9 +64,27 @@ th {{ background: #f2f2f2; }}
 <div>{_summary_table(methods)}</div>
 <div style="max-width: 46em"><h3>Verdict</h3><ul>{verdicts}</ul></div>
 </div>
+{_trust_table(summary)}
 {"".join(plots)}
 </body></html>
 """
+
+
+def _trust_table(summary: dict) -> str:
+    """How far to trust the costs: the measured error of each way a part was obtained (cost_trust)."""
+    from rkvsim.simulator.table import trust_rows
+    rows = trust_rows(summary)
+    if not rows:
+        return ""
+    esc = html.escape
+    body = "".join(
+        f"<tr><td>{esc(f['part'])}</td><td>{esc(ms)}</td><td style='text-align:left'>{esc(f['how'])}</td>"
+        f"<td>{_fmt(f.get('median_pct'))}</td><td>{_fmt(f.get('worst_pct'))}</td><td>{f.get('cases', 0)}</td>"
+        f"<td style='text-align:left'>{esc(f.get('measured_by', ''))}</td></tr>" for ms, f in rows)
+    return ("<h3>How far to trust these costs</h3><p>Where each part's error could be measured, the error that "
+            "way of obtaining it showed (MAPE, %); n/a: nothing measured it.</p><table><tr><th>part</th>"
+            "<th>methods</th><th>measured how</th><th>typical %</th><th>worst %</th><th>cases</th>"
+            f"<th>measured by</th></tr>{body}</table>")
 
 
 # ---------------------------------------------------------------- numbers

@@ -29,3 +29,33 @@ def method_table(summary: dict) -> Table:
             _f(m["mean_batch_size"], fmt="{:.1f}"), *hit,
         )
     return t
+
+
+def trust_rows(summary: dict) -> list[tuple[str, dict]]:
+    """Each distinct trust figure of the run (summary's cost_trust per method) with the methods it
+    applies to, in first-seen order: [(methods, figure)]."""
+    seen: dict[str, tuple[list[str], dict]] = {}
+    for label, m in summary.get("methods", {}).items():
+        for f in m.get("cost_trust") or []:
+            key = repr(sorted(f.items()))
+            seen.setdefault(key, ([], f))[0].append(label)
+    every = list(summary.get("methods", {}))
+    return [("all" if ms == every else ", ".join(ms), f) for ms, f in seen.values()]
+
+
+def trust_line(summary: dict) -> str | None:
+    """One line: the measured error of each way this run's costs were obtained."""
+    rows = trust_rows(summary)
+    if not rows:
+        return None
+    bits = []
+    for ms, f in rows:
+        who = "" if ms == "all" else f" [{ms}]"
+        if f.get("median_pct") is None:
+            bits.append(f"{f['part']}{who}: not measured")
+        elif f["cases"] == 1:
+            bits.append(f"{f['part']}{who} {f['median_pct']:.1f}% (1 case)")
+        else:
+            bits.append(f"{f['part']}{who} {f['median_pct']:.1f}% (median of {f['cases']} cases, worst "
+                        f"{f['worst_pct']:.1f}%)")
+    return "trust (measured error of how each part was obtained; cost_trust in summary.json): " + "; ".join(bits)

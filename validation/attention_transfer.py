@@ -107,6 +107,9 @@ def add_parser(sub) -> None:
     v.add_argument("--a6000", type=Path, default=DEFAULT_A6000, help="folder with Llama-2-7b-fp16/attention.csv")
     v.add_argument("--a100", type=Path, default=DEFAULT_A100, help="folder with Vidur's A100 attention.csv")
     v.add_argument("--out", type=Path, default=None, help="write attention_transfer.json here")
+    v.add_argument("--trust-out", type=Path, default=None,
+                   help="write the figures simulations quote as their trust (cost_trust) to this file, e.g. "
+                        "calibration/data/trust/transfer.json (the shipped one)")
     v.set_defaults(func=cmd)
 
 
@@ -140,4 +143,25 @@ def cmd(args) -> int:
     Console().print(t)
     if args.out:
         write_json(Path(args.out) / "attention_transfer.json", {**res, "dense_gpu_carry": dense})
+    if args.trust_out:
+        write_json(Path(args.trust_out), trust_document(res, dense, args.a6000, args.a100))
     return 0
+
+
+def trust_document(attention: dict, dense: list, a6000: Path, a100: Path) -> dict:
+    """What calibration/steps/trust.py reads: the checks, with where they came from."""
+    import time
+
+    from rkvsim.calibration.steps.trust import TRUST_SCHEMA
+    return {"schema_version": TRUST_SCHEMA,
+            "command": "rkvsim validate-transfer --trust-out calibration/data/trust/transfer.json",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "sources": {"a6000_attention": _rel(a6000), "a100_attention": _rel(a100),
+                        "dense": "the shipped profiler/data/*/vidur imports, and the A6000's LLaMA-2-7B table"},
+            "attention": attention, "dense_gpu_carry": dense}
+
+
+def _rel(p: Path) -> str:
+    """A source folder as the shared data names it (no machine's absolute path)."""
+    parts = Path(p).resolve().parts
+    return "/".join(parts[parts.index("shared"):]) if "shared" in parts else str(p)

@@ -41,6 +41,7 @@ class CompiledCosts:
     attention_from: str           # profile method whose attention fit is used
     notes: list[str] = field(default_factory=list)
     parts: dict = field(default_factory=dict)   # where each part comes from: dense, attention
+    trust: list = field(default_factory=list)   # how far each part can be trusted (steps/trust.py: measured)
 
 
 def _grid(hi: int, dense_upto: int, n_geo: int) -> np.ndarray:
@@ -203,11 +204,13 @@ def unprofiled_kernels(model: ModelSpec, profiled: list[str]) -> list[str]:
 
 def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, max_tokens: int = 8192,
                   max_batch: int = 256, max_ctx: int = 4096, donor: tuple | None = None,
-                  to_hw: HardwareSpec | None = None) -> CompiledCosts:
+                  to_hw: HardwareSpec | None = None, profile_dir: str | None = None) -> CompiledCosts:
     """donor: (StepFit, source HardwareSpec, this HardwareSpec) whose attention is carried here by
     hw_scale when `fit` has none (a GPU whose profile measured dense operators only).
     to_hw: a GPU other than the fit's, which nobody profiled: every operator is carried there by the
-    datasheet roofline of its work (calibration/steps/gpu_carry.py)."""
+    datasheet roofline of its work (calibration/steps/gpu_carry.py).
+    profile_dir: the profile folder the fit was made on (its fit.json scores the trust figures);
+    default: the folder the fit recorded."""
     dt = model.weight_dtype_bytes
     L = model.num_layers
     notes = []
@@ -264,6 +267,13 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
         parts["attention"] += f"[fp16 x a6000-ratio({ratio[0]})]"
     elif label != method.label:
         parts["attention"] += f"[{label} for {method.label}]"
+    from rkvsim.calibration.steps import trust as tr
+    trust = [tr.dense_trust(fit, profile_dir or fit.profile, model.name)]
+    if to_hw is not None:
+        trust.append(tr.carry_trust(fit_hw.name, to_hw.name))
+    trust.append(tr.attention_trust(kind, att_fit, profile_dir or fit.profile, label))
+    if ratio is not None:
+        trust.append(tr.ratio_trust())
     hq, hkv = max(1, model.num_heads // tp), max(1, model.num_kv_heads // tp)
     d = model.head_dim
     dec_f, pre_f = att_fit.get("decode", label, "attention"), att_fit.get("prefill", label, "attention")
@@ -323,4 +333,4 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     pre = L * pre.reshape(N.shape)
     origin = fit.origin if to_hw is None else f"{fit.origin} carried to {to_hw.name}"
     return CompiledCosts(origin, L, dense, head, bg.astype(np.float64), cg.astype(np.float64), dec,
-                         ng.astype(np.float64), pg.astype(np.float64), pre, label, notes, parts)
+                         ng.astype(np.float64), pg.astype(np.float64), pre, label, notes, parts, trust)

@@ -164,7 +164,7 @@ def _compiled(folder: str, sha: str, model: ModelSpec, method: Method, tp: int, 
     # One thread: OpenMP workers of the boosted trees spin against the simulator's own process
     # on a loaded machine (measured: 4.4 s instead of 0.4 s to compile one method).
     with threadpool_limits(1):
-        return compile_costs(fit, model, method, tp, max_tokens, max_batch, max_ctx, donor, target)
+        return compile_costs(fit, model, method, tp, max_tokens, max_batch, max_ctx, donor, target, folder)
 
 
 def compiled_costs(folder: Path, model: ModelSpec, method: Method, tp: int, max_tokens: int, max_batch: int,
