@@ -167,11 +167,17 @@ def make_cost_model(scn: Scenario, method: Method, tp: int, sc=None) -> CostMode
         if folder is None and scn.profile != FORCE_PRIOR:
             folder = find_gpu_donor(hw)     # a GPU nobody profiled: the nearest profiled one, carried
         if folder is None:
-            return RooflineCostModel(model, hw, method, tp, overheads=ov, comm=comm)
-        return calibrated_cost_model(folder, model, hw, method, tp, sc.max_batched_tokens, sc.max_batch_size,
-                                     sc.max_model_len or model.max_position, overheads=ov, comm=comm)
+            cm = RooflineCostModel(model, hw, method, tp, overheads=ov, comm=comm)
+        else:
+            cm = calibrated_cost_model(folder, model, hw, method, tp, sc.max_batched_tokens, sc.max_batch_size,
+                                       sc.max_model_len or model.max_position, overheads=ov, comm=comm)
     except (FitError, LookupError) as e:
         raise ScenarioError(f"profile: {' '.join(str(e).split())}") from None
+    if ov is not None and ov.cpu is not None:
+        from rkvsim.calibration.steps.trust import cpu_trust
+        extra = cpu_trust(hw.name, tp, POLICIES[sc.policy].cpu_table)
+        cm.cost_trust = [*cm.cost_trust, *([extra] if extra else [])]
+    return cm
 
 
 def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, predictions: LengthPredictions | None = None,

@@ -46,6 +46,9 @@ def test_carried_gpu_quotes_its_own_measured_pair_and_the_attention_checks():
     assert by["attention"]["median_pct"] == pytest.approx(round(100 * float(np.median(cells)), 2))
     assert by["attention"]["worst_pct"] == pytest.approx(round(100 * max(cells), 2)) and by["attention"]["cases"] == 4
     assert "method ratio" not in by
+    # The per-step CPU time: the measured A40 host's line for vLLM V1's parts, its error on the medians.
+    cpu = json.loads(packaged("cpu_overheads", "vidur.json").read_text())["hosts"]["a40"]["1"]["v1"]
+    assert by["cpu"]["median_pct"] == pytest.approx(round(100 * cpu["mape"], 2)) and "V1" in by["cpu"]["how"]
     ratio = [t for t in tr["kivi-4"] if t["part"] == "method ratio"]
     assert len(ratio) == 1 and ratio[0]["median_pct"] is None      # said, without a number
 

@@ -70,16 +70,25 @@ def _load(path: str) -> dict:
     return data_files.load(path, "CPU-overhead fits (calibration/data/cpu_overheads)")
 
 
-def lookup(hardware: str, tp: int, engine: str) -> tuple[float, float, str] | None:
-    """(fixed seconds, seconds per sequence, source label) per step for this GPU's host, TP degree
-    and engine generation ("v0" or "v1"), or None where no measured host stands for the GPU."""
+def line(hardware: str, tp: int, engine: str) -> tuple[dict, str, int] | None:
+    """The fitted line (fixed_ms, per_seq_ms, its MAPE on the medians, rows) standing for this GPU's
+    host, TP degree (the nearest measured) and engine generation, with the host and that TP."""
     host = HOST_OF.get(hardware)
     if host is None:
         return None
     fits = _load(str(packaged()))["hosts"][host]
     tps = sorted(int(t) for t in fits)
     t = min(tps, key=lambda x: (abs(x - tp), x))
-    f = fits[str(t)][engine]
+    return fits[str(t)][engine], host, t
+
+
+def lookup(hardware: str, tp: int, engine: str) -> tuple[float, float, str] | None:
+    """(fixed seconds, seconds per sequence, source label) per step for this GPU's host, TP degree
+    and engine generation ("v0" or "v1"), or None where no measured host stands for the GPU."""
+    hit = line(hardware, tp, engine)
+    if hit is None:
+        return None
+    f, host, t = hit
     return f["fixed_ms"] / 1e3, f["per_seq_ms"] / 1e3, f"measured(vidur {host} host, tp{t})"
 
 

@@ -190,3 +190,20 @@ def ratio_trust() -> Trust:
     return Trust("method ratio", "the compression method's attention over FP16's, measured on the A6000 and applied "
                                  "to this GPU's FP16 attention: the ratio's carry to another GPU is not measured",
                  None, None, 0, "calibration/data/method_ratios/a6000.json")
+
+
+def cpu_trust(hardware: str, tp: int, engine: str) -> Trust | None:
+    """Per-step CPU time from Vidur's measured vLLM V0 host tables (calibration/steps/cpu_overheads.py):
+    the fitted line's error on the measured medians. What it cannot say: V1's own CPU time (the parts V1
+    keeps in its step loop are taken from V0's measurements) was never measured."""
+    from rkvsim.calibration.steps.cpu_overheads import line
+    hit = line(hardware, tp, engine)
+    if hit is None:
+        return None
+    f, host, t = hit
+    v = round(100 * f["mape"], 2)
+    gen = "vLLM V0's step loop" if engine == "v0" else "the parts vLLM V1 keeps in its step loop (input preparation, " \
+                                                      "sampler), as V0 timed them"
+    return Trust("cpu", f"per-step CPU time, fixed + per-sequence line on Vidur's {host} host at TP {t}: {gen}; "
+                        f"error of the line on the {f['rows']} measured batch sizes", v, v, 1,
+                 "calibration/data/cpu_overheads/vidur.json (python -m rkvsim.calibration.steps.cpu_overheads)")
