@@ -13,6 +13,12 @@ def packaged(*parts: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]).joinpath("data", *parts)
 
 
+def profiler_data() -> Path:
+    """Where the profiles shipped with the package live (profiler/data)."""
+    spec = importlib.util.find_spec("rkvsim.profiler")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
 @lru_cache(maxsize=8)
 def load(path: str, what: str) -> dict:
     return read_json(Path(path), what)

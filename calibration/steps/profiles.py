@@ -10,7 +10,6 @@ is fitted once and cached under ~/.cache/rkvsim/fits/<tables sha256>/.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from functools import lru_cache
@@ -20,6 +19,7 @@ from rkvsim.models import HardwareSpec, Method, ModelSpec
 from rkvsim.models.files import UnreadableFile, cache_dir, read_json
 from rkvsim.profiler.profile import table_path
 
+from rkvsim.calibration.steps.data_files import profiler_data
 from rkvsim.calibration.steps.fit import FIT_PICKLE, FitError, StepFit, tables_sha, fit_folder, load_fit, save_fit
 
 PROFILES_ENV = "RKVSIM_PROFILES"
@@ -31,8 +31,7 @@ def user_store() -> Path:
 
 
 def packaged_store() -> Path:
-    spec = importlib.util.find_spec("rkvsim.profiler")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
+    return profiler_data()
 
 
 def _meta(folder: Path) -> dict | None:

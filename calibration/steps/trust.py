@@ -20,7 +20,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rkvsim.calibration.steps.data_files import load, packaged
+from rkvsim.calibration.steps.data_files import load, packaged, profiler_data
 
 TRUST_FILE = ("trust", "transfer.json")
 TRUST_SCHEMA = 1
@@ -68,8 +68,7 @@ def _fit_json(profile_dir: str) -> tuple[dict | None, str]:
 def _shown(path: str) -> str:
     """A shipped profile's path as the source tree names it (profiler/data/...): the same in every
     checkout and install; a user's own profile keeps its path."""
-    from rkvsim.calibration.steps.profiles import packaged_store
-    root = packaged_store().resolve().parent.parent
+    root = profiler_data().resolve().parent.parent
     try:
         return str(Path(path).resolve().relative_to(root))
     except ValueError:
