@@ -91,7 +91,7 @@ class CalibratedCostModel:
         self.cost_parts = {**roofline.cost_parts, **(getattr(compiled, "parts", None) or {})}
         if compiled.head is None:
             self.cost_parts["dense"] += "+head:roofline-prior"
-        self.cost_trust = list(getattr(compiled, "trust", None) or [])
+        self.cost_trust = [*(getattr(compiled, "trust", None) or []), *roofline.overheads.trust()]
         self._pre_terms, self._dec_terms = self.engine.for_method(roofline.method.label)
         # Plain lists and arrays for the per-step lookups.
         self._dec_b, self._dec_c = compiled.dec_b.tolist(), compiled.dec_c.tolist()

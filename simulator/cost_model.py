@@ -84,6 +84,10 @@ class StepOverheads:
     capture_tokens: int = 512
     cpu: tuple[float, float] | None = None
     cpu_source: str = "prior"
+    cpu_trust: object = None    # calibration.steps.trust.Trust of the measured CPU line (None: the prior's)
+
+    def trust(self) -> list:
+        return [self.cpu_trust] if self.cpu_trust is not None else []
 
     def label(self) -> str:
         return f"graphs:{self.graphs} cpu:{self.cpu_source}"
@@ -148,7 +152,7 @@ class RooflineCostModel:
                            "comm": "none (tp 1)" if tp == 1 else (comm[2] if comm else ring),
                            "cpu": self.overheads.cpu_source}
         from rkvsim.calibration.steps.trust import prior_trust, roofline_attention_trust
-        self.cost_trust = [prior_trust(), roofline_attention_trust()]
+        self.cost_trust = [prior_trust(), roofline_attention_trust(), *self.overheads.trust()]
         self._dense_cache: dict[int, tuple[float, tuple[float, ...]]] = {}
         self._head_cache: dict[int, tuple[float, float]] = {}
         self._build_tables(min(max(m.max_position, 4096), 32768) + 1)   # grows on demand

@@ -4,7 +4,7 @@ so a failed or interrupted run never leaves a half-written results folder."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +81,7 @@ def _cost_notes(r: MethodRun) -> dict:
     trust = []
     for rep in r.replicas:
         for t in getattr(getattr(rep, "cost", None), "cost_trust", None) or []:
-            d = asdict(t) if is_dataclass(t) else dict(t)
+            d = asdict(t)
             if d not in trust:
                 trust.append(d)
     if trust:

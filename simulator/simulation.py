@@ -141,13 +141,15 @@ def step_overheads(sc, hardware: str, tp: int) -> StepOverheads | None:
         graphs, capture = d.graphs, min(2 * sc.max_batch_size, 512, sc.max_batched_tokens)
     else:
         graphs, capture = d.graphs, sc.max_batch_size    # decode-only batches up to the largest captured
-    cpu, src = None, "prior"
+    cpu, src, trust = None, "prior", None
     if sc.cpu_overhead == "measured":
-        from rkvsim.calibration.steps.cpu_overheads import lookup
+        from rkvsim.calibration.steps.cpu_overheads import line, lookup
+        from rkvsim.calibration.steps.trust import cpu_trust
         hit = lookup(hardware, tp, d.cpu_table)
         if hit is not None:
             cpu, src = hit[:2], hit[2]
-    return StepOverheads(graphs, capture, cpu, src)
+            trust = cpu_trust(*line(hardware, tp, d.cpu_table), d.cpu_table)
+    return StepOverheads(graphs, capture, cpu, src, trust)
 
 
 def make_cost_model(scn: Scenario, method: Method, tp: int, sc=None) -> CostModel:
@@ -167,17 +169,11 @@ def make_cost_model(scn: Scenario, method: Method, tp: int, sc=None) -> CostMode
         if folder is None and scn.profile != FORCE_PRIOR:
             folder = find_gpu_donor(hw)     # a GPU nobody profiled: the nearest profiled one, carried
         if folder is None:
-            cm = RooflineCostModel(model, hw, method, tp, overheads=ov, comm=comm)
-        else:
-            cm = calibrated_cost_model(folder, model, hw, method, tp, sc.max_batched_tokens, sc.max_batch_size,
-                                       sc.max_model_len or model.max_position, overheads=ov, comm=comm)
+            return RooflineCostModel(model, hw, method, tp, overheads=ov, comm=comm)
+        return calibrated_cost_model(folder, model, hw, method, tp, sc.max_batched_tokens, sc.max_batch_size,
+                                     sc.max_model_len or model.max_position, overheads=ov, comm=comm)
     except (FitError, LookupError) as e:
         raise ScenarioError(f"profile: {' '.join(str(e).split())}") from None
-    if ov is not None and ov.cpu is not None:
-        from rkvsim.calibration.steps.trust import cpu_trust
-        extra = cpu_trust(hw.name, tp, POLICIES[sc.policy].cpu_table)
-        cm.cost_trust = [*cm.cost_trust, *([extra] if extra else [])]
-    return cm
 
 
 def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, predictions: LengthPredictions | None = None,

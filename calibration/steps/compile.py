@@ -268,10 +268,11 @@ def compile_costs(fit: StepFit, model: ModelSpec, method: Method, tp: int = 1, m
     elif label != method.label:
         parts["attention"] += f"[{label} for {method.label}]"
     from rkvsim.calibration.steps import trust as tr
-    trust = [tr.dense_trust(fit, profile_dir or fit.profile, model.name)]
+    profile_dir = profile_dir or fit.profile
+    trust = [tr.dense_trust(fit, profile_dir, model.name)]
     if to_hw is not None:
         trust.append(tr.carry_trust(fit_hw.name, to_hw.name))
-    trust.append(tr.attention_trust(kind, att_fit, profile_dir or fit.profile, label))
+    trust.append(tr.attention_trust(kind, att_fit, profile_dir, label))
     if ratio is not None:
         trust.append(tr.ratio_trust())
     hq, hkv = max(1, model.num_heads // tp), max(1, model.num_kv_heads // tp)

@@ -15,15 +15,17 @@ nobody scored), the figure says so and carries no number.
 """
 from __future__ import annotations
 
-import json
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+from rkvsim.models.files import UnreadableFile
 
 from rkvsim.calibration.steps.data_files import load, packaged, profiler_data
 
 TRUST_FILE = ("trust", "transfer.json")
 TRUST_SCHEMA = 1
+CHECKS_BY = "calibration/data/trust/transfer.json (rkvsim validate-transfer)"
 
 
 @dataclass(frozen=True)
@@ -35,14 +37,6 @@ class Trust:
     cases: int                    # held-out models, GPU pairs or table directions summarised
     measured_by: str              # the file and command the figures come from
 
-    def short(self) -> str:
-        if self.median_pct is None:
-            return f"{self.part}: not measured"
-        return f"{self.part} ~{self.median_pct:.1f}% (worst {self.worst_pct:.1f}%, {self.cases} cases)"
-
-
-def as_dicts(figures: list[Trust]) -> list[dict]:
-    return [asdict(f) for f in figures]
 
 
 def _pct(values: list[float]) -> tuple[float, float]:
@@ -56,13 +50,18 @@ def transfer_checks() -> dict | None:
 
 
 def _fit_json(profile_dir: str) -> tuple[dict | None, str]:
+    """fit.json beside a profile (read once per process), or None where it is missing or unreadable."""
     p = Path(profile_dir) / "fit" / "fit.json"
-    if not p.exists():
-        return None, str(p)
     try:
-        return json.loads(p.read_text()), str(p)
-    except (OSError, ValueError):
+        return (load(str(p), "fit report (rkvprof fit)") if p.exists() else None), str(p)
+    except UnreadableFile:
         return None, str(p)
+
+
+def _doc_scores(doc: dict | None, keep) -> list[float]:
+    """The held-out error of the kept estimator of each fit.json operator row `keep(row)` accepts."""
+    errs = [op.get(f"heldout_mape_{op.get('chosen')}") for op in (doc or {}).get("operators", []) if keep(op)]
+    return [e for e in errs if isinstance(e, (int, float)) and e == e]
 
 
 def _shown(path: str) -> str:
@@ -105,9 +104,7 @@ def dense_trust(fit, profile_dir: str, model_name: str) -> Trust:
             for e in [_scored(f)] if e is not None]
     by = f"the fit of {shown} (k-fold)"
     if not errs and doc is not None:
-        errs = [op.get(f"heldout_mape_{op.get('chosen')}") for op in doc.get("operators", [])
-                if op.get("family") == "dense"]
-        errs, by = [e for e in errs if isinstance(e, (int, float)) and e == e], by_doc
+        errs, by = _doc_scores(doc, lambda op: op.get("family") == "dense"), by_doc
     if not errs:
         return Trust("dense", f"not scored: run rkvprof fit {shown}", None, None, 0, by_doc)
     how = f"k-fold held-out error of each dense operator of {', '.join(fit.model_names)}"
@@ -117,36 +114,39 @@ def dense_trust(fit, profile_dir: str, model_name: str) -> Trust:
     return Trust("dense", how, med, worst, len(errs), by)
 
 
+def _carry_rows(source: str) -> list[dict]:
+    """The shipped dense-carry checks from `source` (a GPU, or 'prior' for the roofline prior)."""
+    return [r for r in (transfer_checks() or {}).get("dense_gpu_carry", []) if r.get("from") == source]
+
+
 def carry_trust(donor: str, to: str | None = None) -> Trust:
     """Dense operators carried from `donor` to a GPU nobody profiled: the donor's fit carried to each
     other GPU that was measured, step dense time (rkvsim validate-transfer); where the destination
     itself was measured apart (the paper's A6000 table), that very pair."""
-    checks = transfer_checks()
-    rows = [r for r in (checks or {}).get("dense_gpu_carry", []) if r.get("from") == donor]
-    by = "calibration/data/trust/transfer.json (rkvsim validate-transfer)"
+    rows = _carry_rows(donor)
     pair = [r for r in rows if r.get("to") == to]
     if pair:
         v = round(100 * pair[0]["mape"], 2)
         return Trust("dense carry", f"{donor}'s dense fit carried by the datasheet roofline to {to}, scored on "
-                                    f"{to}'s own measured dense step time ({pair[0]['points']} points)", v, v, 1, by)
+                                    f"{to}'s own measured dense step time ({pair[0]['points']} points)", v, v, 1,
+                     CHECKS_BY)
     if not rows:
         return Trust("dense carry", f"{donor}'s operators carried by the datasheet roofline: not measured", None,
-                     None, 0, by)
+                     None, 0, CHECKS_BY)
     med, worst = _pct([r["mape"] for r in rows])
     return Trust("dense carry", f"{donor}'s dense fit carried by the datasheet roofline to each other measured GPU "
-                                f"({', '.join(r['to'] for r in rows)}), step dense time", med, worst, len(rows), by)
+                                f"({', '.join(r['to'] for r in rows)}), step dense time", med, worst, len(rows),
+                 CHECKS_BY)
 
 
 def prior_trust() -> Trust:
     """The roofline prior's dense time against every measured GPU's."""
-    checks = transfer_checks()
-    rows = [r for r in (checks or {}).get("dense_gpu_carry", []) if r.get("from") == "prior"]
-    by = "calibration/data/trust/transfer.json (rkvsim validate-transfer)"
+    rows = _carry_rows("prior")
     if not rows:
-        return Trust("dense", "roofline prior: not measured", None, None, 0, by)
+        return Trust("dense", "roofline prior: not measured", None, None, 0, CHECKS_BY)
     med, worst = _pct([r["mape"] for r in rows])
     return Trust("dense", f"roofline prior against each measured GPU's dense step time "
-                          f"({', '.join(r['to'] for r in rows)})", med, worst, len(rows), by)
+                          f"({', '.join(r['to'] for r in rows)})", med, worst, len(rows), CHECKS_BY)
 
 
 def roofline_attention_trust() -> Trust:
@@ -165,23 +165,20 @@ def attention_trust(kind: str, fit, profile_dir: str, method: str) -> Trust:
         by = f"the fit of {_shown(profile_dir)} (k-fold)"
         if not errs:
             doc, path = _fit_json(profile_dir)
-            errs = [op.get(f"heldout_mape_{op.get('chosen')}") for op in (doc or {}).get("operators", [])
-                    if op.get("op") == "attention" and op.get("method") == method]
-            errs = [e for e in errs if isinstance(e, (int, float)) and e == e]
+            errs = _doc_scores(doc, lambda op: op.get("op") == "attention" and op.get("method") == method)
             by = f"{_shown(path)} (rkvprof fit {_shown(profile_dir)})"
         if not errs:
             return Trust("attention", "measured table of this shape; its fit not scored", None, None, 0, by)
         med, worst = _pct(errs)
         return Trust("attention", f"k-fold held-out error of the {method} attention fit (decode, prefill)", med, worst,
                      len(errs), by)
-    checks = transfer_checks()
-    cells = [st["mape"] for d in (checks or {}).get("attention", {}).values() for st in d.values()]
-    by = "calibration/data/trust/transfer.json (rkvsim validate-transfer)"
+    cells = [st["mape"] for d in (transfer_checks() or {}).get("attention", {}).values() for st in d.values()]
     if not cells:
-        return Trust("attention", "carried across shape or GPU: not measured", None, None, 0, by)
+        return Trust("attention", "carried across shape or GPU: not measured", None, None, 0, CHECKS_BY)
     med, worst = _pct(cells)
     return Trust("attention", "FP16 attention carried across shape and GPU by the roofline (A6000 LLaMA-2-7B TP 1 "
-                              "<-> A100 LLaMA-2-70B TP 2, decode and prefill, both ways)", med, worst, len(cells), by)
+                              "<-> A100 LLaMA-2-70B TP 2, decode and prefill, both ways)", med, worst, len(cells),
+                 CHECKS_BY)
 
 
 def ratio_trust() -> Trust:
@@ -191,18 +188,13 @@ def ratio_trust() -> Trust:
                  None, None, 0, "calibration/data/method_ratios/a6000.json")
 
 
-def cpu_trust(hardware: str, tp: int, engine: str) -> Trust | None:
-    """Per-step CPU time from Vidur's measured vLLM V0 host tables (calibration/steps/cpu_overheads.py):
-    the fitted line's error on the measured medians. What it cannot say: V1's own CPU time (the parts V1
-    keeps in its step loop are taken from V0's measurements) was never measured."""
-    from rkvsim.calibration.steps.cpu_overheads import line
-    hit = line(hardware, tp, engine)
-    if hit is None:
-        return None
-    f, host, t = hit
-    v = round(100 * f["mape"], 2)
+def cpu_trust(fit: dict, host: str, tp: int, engine: str) -> Trust:
+    """Per-step CPU time from Vidur's measured vLLM V0 host tables: the fitted line `fit`
+    (calibration/steps/cpu_overheads.line) and its error on the measured medians. What it cannot say:
+    V1's own CPU time (the parts V1 keeps in its step loop are taken from V0's measurements)."""
+    v = round(100 * fit["mape"], 2)
     gen = "vLLM V0's step loop" if engine == "v0" else "the parts vLLM V1 keeps in its step loop (input preparation, " \
                                                       "sampler), as V0 timed them"
-    return Trust("cpu", f"per-step CPU time, fixed + per-sequence line on Vidur's {host} host at TP {t}: {gen}; "
-                        f"error of the line on the {f['rows']} measured batch sizes", v, v, 1,
+    return Trust("cpu", f"per-step CPU time, fixed + per-sequence line on Vidur's {host} host at TP {tp}: {gen}; "
+                        f"error of the line on the {fit['rows']} measured batch sizes", v, v, 1,
                  "calibration/data/cpu_overheads/vidur.json (python -m rkvsim.calibration.steps.cpu_overheads)")
