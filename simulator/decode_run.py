@@ -57,11 +57,14 @@ class Run:
 
 
 def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting: bool, quiet: bool,
-             pooled: bool, now: float, horizon_steps: int = 1 << 30) -> Run | None:
+             pooled: bool, now: float, horizon_steps: int = 1 << 30, until: float = np.inf) -> Run | None:
     """The longest exact run from a planned decode-only step (need1: its blocks), or None when
     it would be a single step. used: blocks in use after that plan. quiet: completions change
     nothing outside the replica (open-loop arrivals). horizon_steps: about how many steps
-    until the next arrival (a run is cut there; computing further would be wasted)."""
+    until the next arrival (a run is cut there; computing further would be wasted). until: the
+    time of the next request known to come here (a lone replica's next open-loop arrival): the
+    run ends with the step in progress then, where its submit would cut it (Replica.submit), so
+    that the arrival needs no interrupt."""
     n = len(rid)
     rem = out - gen
     calm = quiet and not waiting
@@ -105,6 +108,12 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     if dt is None:
         return None
     t = np.cumsum(np.concatenate(([now], dt)))[1:]   # sequential sums: SimPy's now + delay, step by step
+    if until < t[-1]:
+        cut = int(np.searchsorted(t, until, "right")) + 1   # the same cut Replica.submit makes
+        if cut < k:
+            if cut < 2:
+                return None
+            k, t, dt = cut, t[:cut], dt[:cut]
     nd = np.full(k, n) if full else live[:k].sum(axis=1)
     return Run(rid, ctx, gen, rem, blocks[:k], t, dt, nd, k,
                used_plan[:k] if used_plan is not None else None, used_fin[:k] if used_fin is not None else None)

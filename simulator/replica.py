@@ -122,6 +122,13 @@ class Replica:
             return 1 << 30
         return int((h - self.env.now) / max(self.steps.dt[-1], 1e-9) * 1.25) + 2
 
+    def _next_here(self) -> float:
+        """When the next request known in advance comes to this replica: alone, the next
+        open-loop arrival (every request comes here); behind a router it is not known."""
+        if self.spread != 1 or self.horizon is None:
+            return math.inf
+        return self.horizon.time_ahead(1)
+
     def _steps_to_admission(self) -> int:
         """Steps a run may take before the scheduler next tries to admit the queue head with
         what may have changed: every step for vLLM (the admission check is monotone within a
@@ -211,7 +218,7 @@ class Replica:
                 run = plan_run(D[self.RID, :n].copy(), D[self.CTX, :n].copy(), D[self.GEN, :n].copy(),
                                D[self.OUT, :n].copy(), D[self.PLEN, :n].copy(), dec_need, self.layout, self.cost,
                                self.blocks_used, bool(self.waiting), self.quiet, self.pool is not None, env.now,
-                               min(self._steps_to_horizon(), self._steps_to_admission()))
+                               min(self._steps_to_horizon(), self._steps_to_admission()), self._next_here())
                 if run is not None:
                     self._run = run
                     while True:
