@@ -8,8 +8,10 @@
   fast     the default: skipping, and the rate bisection's simulations stop once their miss is
            decided (simulator/slo_stop.py)
 
-Each mode is one `rkvsim plan` process (its start-up, imports and cost compile included, as a
-user waits for them). The plans must be identical (plan.json, less the count of simulations
+Each mode is one `rkvsim plan` process (its start-up, imports and cost tables included, as a
+user waits for them). The cost tables come from the compiled store (~/.cache/rkvsim/compiled,
+calibration/steps/compiled_store.py) as a user's second plan finds it; `--cold` gives every mode
+an empty store (the fits are shared), so each compiles its tables as a first plan does. The plans must be identical (plan.json, less the count of simulations
 stopped early); the script says so, and prints each mode's time and its ratio to `step`.
 Goal (issue 18): <= 10 s.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,11 +33,19 @@ EXAMPLE = ["scenarios/sharegpt_poisson.yaml", "--rate", "10", "--slo", "ttft_p99
 MODES = {"step": ["--set", "step_by_step=true", "--no-early-stop"], "skip": ["--no-early-stop"], "fast": []}
 
 
-def run_mode(extra: list[str], out: Path, workers: int | None) -> tuple[float, dict]:
+def run_mode(extra: list[str], out: Path, workers: int | None, cold: bool = False) -> tuple[float, dict]:
     w = ["--workers", str(workers)] if workers else []
+    env = dict(os.environ)
+    if cold:
+        from rkvsim.models.files import cache_dir
+        cache = out.parent / f"cache-{out.name}"
+        cache.mkdir(parents=True)
+        (cache_dir() / "fits").mkdir(parents=True, exist_ok=True)
+        (cache / "fits").symlink_to(cache_dir() / "fits")      # the fits are not what is timed
+        env["RKVSIM_CACHE"] = str(cache)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "rkvsim.cli", "plan", *EXAMPLE, *extra, *w, "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True)
+                       cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         sys.exit(f"bench_plan: rkvsim plan exited {r.returncode}: {r.stderr[-1500:]}")
@@ -45,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="step,skip,fast", help="comma-separated: step, skip, fast")
     ap.add_argument("--workers", type=int, help="plan's --workers (default: its own, every core)")
+    ap.add_argument("--cold", action="store_true", help="every mode starts from an empty compiled store")
     a = ap.parse_args()
     modes = [m for m in a.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
@@ -53,10 +65,11 @@ def main() -> None:
     walls, plans = {}, {}
     with tempfile.TemporaryDirectory() as t:
         for m in modes:
-            walls[m], plans[m] = run_mode(MODES[m], Path(t) / m, a.workers)
+            walls[m], plans[m] = run_mode(MODES[m], Path(t) / m, a.workers, a.cold)
             p = plans[m]
             print(f"{m:5s} {walls[m]:7.1f} s   {p['simulations']} simulations, "
-                  f"{p.get('simulations_stopped_early', 0)} stopped early", flush=True)
+                  f"{p.get('simulations_stopped_early', 0)} stopped early, "
+                  f"{'empty' if a.cold else 'user'} compiled store", flush=True)
     ref = modes[0]
     for m in modes[1:]:
         print(f"{m} / {ref}: x{walls[ref] / walls[m]:.2f} faster")

@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
-
 from rkvsim.models import resolve_hardware, resolve_model
 
 from rkvsim.profiler.device import ProfilerError
@@ -54,6 +52,8 @@ def load_profile(folder: Path | str, hardware: str | None = None, model: str | N
         raise ProfilerError(f"{folder} profiles {meta.get('model')!r}, not {resolve_model(model).name!r}")
     if meta.get("status", "complete") != "complete":
         raise ProfilerError(f"{folder} is an unfinished collection (status {meta.get('status')!r}); rerun it to finish")
+    import pandas as pd     # here: the simulator imports this module for table_path alone
+
     tables = {}
     for name, schema in TABLES.items():
         path = table_path(folder, schema.filename)

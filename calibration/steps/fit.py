@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from rkvsim.models import parse_method
 
@@ -206,6 +205,8 @@ def twin_floor(work: dict, y: np.ndarray, groups: np.ndarray, twin_keys: dict | 
     Returns {model: (MAPE over its twin rows, twin rows)} for the models with any. No predictor that reads
     only the shape can beat this on those rows: it is how far two profiling runs of one kernel disagree
     (measured: 4-6% on the A100's norms, 1-2% on the A40's)."""
+    import pandas as pd     # here, not at the top: a process that only loads compiled tables never needs it
+
     cols = {k: np.asarray(v, np.float64) for k, v in work.items()}
     cols.update({f"_{k}": np.asarray(v, np.float64) for k, v in (twin_keys or {}).items()})
     df = pd.DataFrame(cols)
@@ -312,6 +313,8 @@ def layer_error(rows: dict[str, tuple], preds: dict[str, dict]) -> dict[str, dic
     model: at every (tokens, TP) where the model measured each of its per-layer operators, the sum of
     their predictions against the sum measured. This is the figure a step's time inherits: operators of
     a few microseconds, where Vidur's timer resolution alone is several per cent, weigh what they cost."""
+    import pandas as pd
+
     out: dict[str, dict[str, float]] = {}
     for cand in sorted({c for p in preds.values() for c in p}):
         frames = []
@@ -437,6 +440,7 @@ def attention_work(stage: str, method_label: str, g: pd.DataFrame, dt: int) -> d
         # eviction); Vidur's rows were timed at a cache of kv_len tokens, evicted or not.
         held = g["kv_len"].to_numpy(np.int64)
         if "cache_tokens" in g:
+            import pandas as pd
             ct = pd.to_numeric(g["cache_tokens"], errors="coerce").to_numpy(float)
             held = np.where(np.isnan(ct), held, ct).astype(np.int64)
         return decode_work(m, g["batch_size"], held, g["num_q_heads"], g["num_kv_heads"],

@@ -149,21 +149,39 @@ def _compiled(folder: str, sha: str, model: ModelSpec, method: Method, tp: int, 
               max_batch: int, max_ctx: int, to_hw: str | None = None):
     from threadpoolctl import threadpool_limits
 
+    from rkvsim.calibration.steps import compiled_store
     from rkvsim.calibration.steps.compile import compile_costs
+    from rkvsim.calibration.steps.fit import FIT_VERSION
     from rkvsim.models import resolve_hardware
+    # Another process may have compiled these already (calibration/steps/compiled_store.py).
+    k = compiled_store.key(folder, sha, fit_folder(Path(folder)), FIT_VERSION, model, method, tp, max_tokens,
+                           max_batch, max_ctx, to_hw)
+    hit = compiled_store.load(k, _attention_donor_of)
+    if hit is not None:
+        return hit
     fit = _fit_for(folder, sha)
     target = resolve_hardware(to_hw) if to_hw else None
-    donor = None
+    here = target or resolve_hardware(fit.hardware)
+    donor = donor_id = None
     if not fit.has_attention():
-        here = target or resolve_hardware(fit.hardware)
         d = find_attention_donor(here)
         if d is not None:
             dfit = fit_for(d)
             donor = (dfit, resolve_hardware(dfit.hardware), here)
+            donor_id = _attention_donor_of(here.name)
     # One thread: OpenMP workers of the boosted trees spin against the simulator's own process
     # on a loaded machine (measured: 4.4 s instead of 0.4 s to compile one method).
     with threadpool_limits(1):
-        return compile_costs(fit, model, method, tp, max_tokens, max_batch, max_ctx, donor, target, folder)
+        comp = compile_costs(fit, model, method, tp, max_tokens, max_batch, max_ctx, donor, target, folder)
+    compiled_store.save(k, comp, not fit.has_attention(), here.name, donor_id)
+    return comp
+
+
+def _attention_donor_of(hardware: str) -> tuple[str, str] | None:
+    """(folder, tables sha) of the attention donor find_attention_donor picks for `hardware` now."""
+    from rkvsim.models import resolve_hardware
+    d = find_attention_donor(resolve_hardware(hardware))
+    return None if d is None else (str(d.resolve()), tables_sha(d))
 
 
 def compiled_costs(folder: Path, model: ModelSpec, method: Method, tp: int, max_tokens: int, max_batch: int,
