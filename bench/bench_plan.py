@@ -11,7 +11,7 @@
 Each mode is one `rkvsim plan` process (its start-up, imports and cost tables included, as a
 user waits for them). The cost tables come from the compiled store (~/.cache/rkvsim/compiled,
 calibration/steps/compiled_store.py) as a user's second plan finds it; `--cold` gives every mode
-an empty store (the fits are shared), so each compiles its tables as a first plan does. The plans must be identical (plan.json, less the count of simulations
+an empty store (the rest of the cache, fits included, is shared), so each compiles its tables as a first plan does. The plans must be identical (plan.json, less the count of simulations
 stopped early); the script says so, and prints each mode's time and its ratio to `step`.
 Goal (issue 18): <= 10 s.
 """
@@ -41,7 +41,9 @@ def run_mode(extra: list[str], out: Path, workers: int | None, cold: bool = Fals
         cache = out.parent / f"cache-{out.name}"
         cache.mkdir(parents=True)
         (cache_dir() / "fits").mkdir(parents=True, exist_ok=True)
-        (cache / "fits").symlink_to(cache_dir() / "fits")      # the fits are not what is timed
+        for p in cache_dir().iterdir():     # fits, length tables...: not what is timed
+            if p.name != "compiled":
+                (cache / p.name).symlink_to(p)
         env["RKVSIM_CACHE"] = str(cache)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "rkvsim.cli", "plan", *EXAMPLE, *extra, *w, "--out", str(out)],

@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_A6000 = SHARED / "rethink-kv" / "profiles" / "a6000"
@@ -30,6 +29,8 @@ def load_table(folder: Path, model: str, suffix: str | None) -> pd.DataFrame:
     """One Vidur attention.csv as rkvprof attention rows (fp16)."""
     from rkvsim.models import resolve_model
     from rkvsim.profiler.vidur_import import Folder, convert_attention
+    import pandas as pd     # here: `rkvsim` mounts this module's parser at every start
+
     path = folder / f"{suffix}" / "attention.csv" if suffix else folder / "attention.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no attention table; pass the folder with --a6000 / --a100")

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from rkvsim.validation.steps import (STAGES, ValidationError, fit_engine_terms, heldout_kfold_shapes,
-                    heldout_leave_one_method_out, operator_seconds, read_measured, score_table)
 
 MODES = (
     ("engine_kfold", "calibrated + per-method engine terms, 5-fold over step shapes (held out)"),
@@ -39,6 +37,9 @@ def add_parser(sub) -> None:
 def cmd_validate(args) -> int:
     from rich.console import Console
     from rich.table import Table
+
+    from rkvsim.validation.steps import (ValidationError, fit_engine_terms, heldout_kfold_shapes,
+                                         heldout_leave_one_method_out, operator_seconds, read_measured, score_table)
 
     from rkvsim.models.files import write_bytes
     from rkvsim.calibration.steps.profiles import fit_for
@@ -149,6 +150,8 @@ def _fmt(x) -> str:
 def _parity_html(table, scores) -> str:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
+
+    from rkvsim.validation.steps import STAGES
     fig = make_subplots(rows=1, cols=len(MODES), subplot_titles=[f"{d} ({scores[k]['overall']:.1f}%)"
                                                                  for k, d in MODES])
     for j, (k, _) in enumerate(MODES, start=1):
