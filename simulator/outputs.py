@@ -46,9 +46,9 @@ def _scheduler(runs: list[MethodRun]) -> dict:
 
 def _prefix_cache(r: MethodRun) -> dict:
     """Prefix-cache figures where the replicas ran one (vllm-v1 with enable_prefix_caching)."""
-    pools = [rep.pool for rep in r.replicas if getattr(rep, "pool", None) is not None]
-    if not pools:
+    if not any(getattr(rep, "caching", False) for rep in r.replicas):
         return {}
+    pools = [rep.pool for rep in r.replicas if rep.pool is not None]   # none when the method shares nothing
     log, spec = r.log, r.method.spec
     return {"prefix_cache": {
         "hit_rate": log.prefix_hit_tokens / log.prefix_query_tokens if log.prefix_query_tokens else 0.0,

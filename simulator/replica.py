@@ -71,7 +71,12 @@ class Replica:
         self.seq = 0
         self.prefill_counter = 0      # lmdeploy: decode steps left before prefill is tried again
         # Prefix caching: real block ids; `content(rid)` -> the request's segments [(id, tokens)].
-        self.pool = BlockPool(layout.num_blocks) if self.policy == "vllm-v1" and cfg.enable_prefix_caching else None
+        # A method whose blocks are never shared (spec.prefix_sharing None: GEAR, H2O, SnapKV)
+        # publishes no key, so no admission hits and no cached block is evicted: block ids would
+        # only count, which the counted path does with the same numbers at a fraction of the work.
+        self.caching = self.policy == "vllm-v1" and cfg.enable_prefix_caching
+        self.pool = BlockPool(layout.num_blocks) if self.caching and layout.method.spec.prefix_sharing is not None \
+            else None
         self.content = content
         self.held: dict[int, list[int]] = {}
         self._keys: dict[int, list[int]] = {}
@@ -488,6 +493,8 @@ class Replica:
                     log.cached_prompt[rid] = computed
             else:
                 self.blocks_used += need
+                if self.caching:
+                    log.prefix_query_tokens += total      # looked up, never found (nothing is shared)
             self._start(rid, computed, total, need, take, chunks)
             budget -= take
 

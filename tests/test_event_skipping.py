@@ -135,3 +135,51 @@ def test_decode_run_costs_equal_step_time_bit_for_bit(method):
                     break
                 e = np.zeros(0, np.int64)
                 assert dts[j - 1] == cm.step_time(StepBatch(e, e, c[live] + j, p[live])), (type(cm).__name__, j)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(method=st.sampled_from(["gear-4", "h2o-512", "snapkv-1024"]), arrival=arrival_st,
+       bs=st.integers(1, 96), chunked=st.booleans(), replicas=st.integers(1, 3), plo=st.integers(1, 3000),
+       pspan=st.integers(0, 1500), omax=st.integers(1, 700), seed=st.integers(0, 99), structure=structure_st,
+       whole=st.booleans(), mem=st.sampled_from([0.9, 0.5]), step=st.booleans())
+def test_property_unshared_methods_count_blocks_as_the_pool_would(method, arrival, bs, chunked, replicas, plo, pspan,
+                                                                   omax, seed, structure, whole, mem, step):
+    """vllm-v1's prefix cache over a method that shares no block (GEAR, H2O, SnapKV) counts blocks
+    instead of keeping block ids (Replica.caching without a pool): every figure, the summary's
+    prefix_cache block included, equals what the block pool gives."""
+    from rkvsim.simulator import replica as rep_mod
+    from rkvsim.simulator.outputs import build_summary
+    from rkvsim.simulator.prefix_cache import BlockPool
+    if "sessions" in structure and arrival["process"] in ("closed_loop", "offline"):
+        structure = {}
+    raw = {"name": "p", "model": "llama-2-7b", "hardware": "a6000", "methods": [method], "replicas": replicas,
+           "router": "least_kv", "step_by_step": step,
+           "scheduler": {"policy": "vllm-v1", "enable_prefix_caching": True, "max_batch_size": bs,
+                         "chunked_prefill": chunked, "max_batched_tokens": 512 if chunked else 4096,
+                         "eviction_blocks": "whole" if whole else "compacted", "gpu_memory_utilization": mem},
+           "workload": {"num_requests": 40, "arrival": arrival, **structure,
+                        "prompt": {"dist": "uniform", "low": plo, "high": plo + pspan},
+                        "output": {"dist": "uniform", "low": 1, "high": omax}}}
+    scn = Scenario.model_validate(raw)
+    wl = build_workload(scn, seed, ".")
+    counted = run_scenario(scn, seed, ".", workload=wl, inflation=None).runs
+    assert all(r.pool is None and r.caching for run in counted for r in run.replicas)
+    init = rep_mod.Replica.__init__
+
+    def with_pool(self, *a, **k):
+        init(self, *a, **k)
+        self.pool = BlockPool(self.layout.num_blocks)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rep_mod.Replica, "__init__", with_pool)
+        pooled = run_scenario(scn, seed, ".", workload=wl, inflation=None).runs
+    assert all(r.pool is not None for run in pooled for r in run.replicas)
+    for a, b in zip(pooled, counted):
+        for f in LOG_FIELDS + ("itl_hist",):
+            x, y = getattr(a.log, f), getattr(b.log, f)
+            assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"log.{f} differs"
+        for ra, rb in zip(a.replicas, b.replicas):
+            for f in STEP_FIELDS:
+                assert getattr(ra.steps, f) == getattr(rb.steps, f), f"steps.{f} differs"
+        sa, sb = (build_summary("p", seed, [r], {})["methods"][r.label]["prefix_cache"] for r in (a, b))
+        assert sa == sb and sa["evicted_blocks"] == 0
+        assert (sa["looked_up_tokens"] > 0) == bool(np.isfinite(a.log.first_sched).any())
