@@ -50,6 +50,9 @@ class MethodSpec:
                                                   #   files for this setting (negative samples)
     # --- KV cache ---
     bytes_per_head: Callable | None = None        # (m, head_dim, prompt, total, dtype_bytes) -> bytes
+    # (m, head_dim, total, dtype_bytes) -> F, (m, head_dim, prompt, dtype_bytes) -> P with bytes_per_head = F + P
+    # exactly (integers): lets the simulator tabulate a request's bytes by context (kv_memory.KVLayout).
+    bytes_parts: tuple[Callable, Callable] | None = None
     token_bytes: Callable | None = None           # (m, model, tp, dtype_bytes) -> marginal bytes per
                                                   #   cached token on one rank (a paged block's slot)
     fixed_bytes: Callable | None = None           # (m, model, tp, dtype_bytes) -> worst extra per request

@@ -52,6 +52,12 @@ class KVLayout:
         object.__setattr__(self, "sink_blocks", -(-win[0] // self.block_size) if win else 0)
         object.__setattr__(self, "_plain", win is None and spec.quantized_tokens is None
                            and spec.token_cap is None and spec.prompt_budget is None)
+        # A quantizer whose bytes split into a part of the context and a part of the prompt
+        # (spec.bytes_parts) is looked up in tables of both, grown on demand: one step asks for
+        # every decode's blocks, and the formula is a dozen array operations.
+        object.__setattr__(self, "_parts", spec.bytes_parts if win is None and spec.quantized_tokens is not None
+                           else None)
+        object.__setattr__(self, "_tabs", {})
 
     def blocks_for(self, cached_tokens: int) -> int:
         if cached_tokens <= 0:
@@ -80,11 +86,26 @@ class KVLayout:
             return -(-np.minimum(ctx, sink + recent) // B)
         if spec.quantized_tokens is not None:
             p = ctx if prefill else prompt
-            b = self.bytes_scale * spec.bytes_per_head(m, self.head_dim, p, ctx, self.dtype_bytes)
+            if self._parts is not None:
+                # The same integers as bytes_per_head (F + P exactly), so the same blocks.
+                b = self.bytes_scale * (self._table(0, ctx)[ctx] + self._table(1, p)[p])
+            else:
+                b = self.bytes_scale * spec.bytes_per_head(m, self.head_dim, p, ctx, self.dtype_bytes)
             return np.ceil(b / self.block_bytes).astype(np.int64)
         if prefill:
             return -(-ctx // B)         # H2O and SnapKV select when the prompt ends
         return -(-cached_tokens_vec(m, prompt, ctx) // B)
+
+    def _table(self, which: int, at) -> np.ndarray:
+        """spec.bytes_parts[which] over 0..n-1, n past the largest of `at` (doubling)."""
+        tab = self._tabs.get(which)
+        hi = int(np.max(at)) if np.ndim(at) else int(at)
+        if tab is None or hi >= len(tab):
+            n = max(1024, 1 << hi.bit_length())
+            tab = np.asarray(self._parts[which](self.method, self.head_dim, np.arange(n, dtype=np.int64),
+                                                self.dtype_bytes), np.int64)
+            self._tabs[which] = tab
+        return tab
 
     def prefill_blocks(self, tokens: int) -> int:
         """Blocks a request holds once `tokens` of its prompt (or recomputed context) are in."""

@@ -136,3 +136,41 @@ def test_h2o_split_keeps_heavy_hitters_at_an_eighth():
     m = parse_method("h2o-1024")
     assert (m.heavy, m.recent, m.token_cap) == (64, 960, 1024)
     assert math.isclose(parse_method("streamingllm-256").sink, 32)
+
+
+@pytest.mark.parametrize("label", ["kivi-2", "kivi-4", "kivi-8", "gear-2", "gear-4"])
+def test_bytes_parts_add_up_to_bytes_per_head_exactly(label):
+    """spec.bytes_parts (a function of the context plus one of the prompt) must give the very
+    integers bytes_per_head gives: the simulator's block tables are built from it."""
+    import numpy as np
+    from rkvsim.models import parse_method
+    from rkvsim.models.methods import method_from_entry
+    kind, bits = label.split("-")
+    for m in (parse_method(label), method_from_entry({"kind": kind, "bits": int(bits), "group_size": 64, "residual": 32})):
+        f_total, f_prompt = m.spec.bytes_parts
+        p = np.arange(0, 2500, 3)[:, None]
+        t = p + np.arange(0, 2500, 7)[None, :]
+        for hd in (64, 128):
+            want = m.spec.bytes_per_head(m, hd, p, t, 2)
+            got = f_total(m, hd, t, 2) + f_prompt(m, hd, p, 2)
+            assert got.dtype == np.int64 and np.array_equal(got, want), (m.label, hd)
+
+
+@pytest.mark.parametrize("label", ["kivi-2", "kivi-4", "gear-4"])
+def test_kv_layout_tables_give_the_formula_blocks(label):
+    import numpy as np
+    from dataclasses import replace
+    from rkvsim.models import parse_method, resolve_hardware, resolve_model
+    from rkvsim.simulator.kv_memory import kv_layout
+    lay = kv_layout(resolve_model("llama-2-7b"), resolve_hardware("a6000"), parse_method(label), 1, 16, 0.9, 4096, 64,
+                    exact=True)
+    formula = replace(lay)
+    object.__setattr__(formula, "_parts", None)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, 3000, 500)
+    ctx = prompt + rng.integers(0, 6000, 500)         # past the first table's size: it grows
+    assert lay._parts is not None
+    np.testing.assert_array_equal(lay.decode_blocks_vec(prompt, ctx), formula.decode_blocks_vec(prompt, ctx))
+    np.testing.assert_array_equal(lay.prefill_blocks_vec(ctx), formula.prefill_blocks_vec(ctx))
+    assert all(lay.decode_blocks(int(a), int(b)) == formula.decode_blocks(int(a), int(b)) for a, b in zip(prompt[:50], ctx[:50]))
+    assert all(lay.prefill_blocks(int(a)) == formula.prefill_blocks(int(a)) for a in ctx[:50])

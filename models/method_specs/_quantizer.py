@@ -50,6 +50,17 @@ def group_bytes_per_head(m, head_dim: int, prompt, total, dtype_bytes: int):
     return (total - n_q) * full + payload + params
 
 
+def group_bytes_parts():
+    """bytes_per_head split as (a function of total, a function of prompt): KIVI's bytes do not
+    depend on the prompt."""
+    def of_total(m, head_dim, total, dtype_bytes):
+        return group_bytes_per_head(m, head_dim, total, total, dtype_bytes)
+
+    def of_prompt(m, head_dim, prompt, dtype_bytes):
+        return np.zeros_like(np.asarray(prompt, np.int64))
+    return of_total, of_prompt
+
+
 def _request_bytes(model, m, prompt: int, total: int, tp: int, dtype_bytes: int) -> int:
     """models.kv_bytes.kv_bytes, spelled here so that the spec modules import nothing above them."""
     heads = max(1, model.num_kv_heads // tp)
