@@ -158,16 +158,20 @@ class Replica:
         if j <= run.fin:
             return
         if reads is not None:
-            seen = self._blocks_after(run, j)
+            seen = self._blocks_after(run, j, reads)
             if seen is not None:
                 self._kv_seen = seen / self.layout.num_blocks
                 return
         self._apply_run(run, j)
 
-    def _blocks_after(self, run: Run, j: int) -> int | None:
+    def _blocks_after(self, run: Run, j: int, reads: str = "outstanding") -> int | None:
         """blocks_used once steps up to j are applied (and step j + 1 planned), when no request
         finishes in steps fin+1..j; with the prefix cache, also none of the growth planned
-        meanwhile is a shrink (a freed block may be shared); else None."""
+        meanwhile is a shrink (a freed block may be shared); else None. Counted blocks are in the
+        run's sums, finishes included: a router reading only "kv" (blocks and the queue, which a
+        run leaves alone) gets them whoever finished."""
+        if self.pool is None and reads == "kv":
+            return int(run.used_plan[j] if j < run.end else run.used_fin[j - 1])
         cols = np.flatnonzero(run.alive)
         rem = run.rem[cols]
         if ((rem > run.fin) & (rem <= j)).any():
