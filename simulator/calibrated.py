@@ -98,6 +98,9 @@ class CalibratedCostModel:
         self._pre_n, self._pre_p = compiled.pre_n.tolist(), compiled.pre_p.tolist()
         self._dec_tab, self._pre_tab = compiled.dec.tolist(), compiled.pre.tolist()
         self._dec_tab_a = np.asarray(compiled.dec, np.float64)
+        # decode_run's grid as arrays, with each cell's width (the same subtraction _grid_at makes).
+        self._dec_grid = tuple((a, a[1:] - a[:-1]) for a in (np.asarray(self._dec_b, np.float64),
+                                                          np.asarray(self._dec_c, np.float64)))
         self._dense = compiled.dense
         self._slope = float(compiled.dense[-1] - compiled.dense[-2])
 
@@ -168,20 +171,21 @@ class CalibratedCostModel:
             nd = np.full(k, len(ctx))
             tot = cached.sum(axis=1)
         key = tot / nd
-        attn = self._grid_vec(self._dec_b, self._dec_c, self._dec_tab_a, nd.astype(np.float64), key)
+        attn = self._grid_vec(self._dec_grid, self._dec_tab_a, nd.astype(np.float64), key)
         u, inv = (nd[:1], np.zeros(k, np.int64)) if nd[0] == nd[-1] else np.unique(nd, return_inverse=True)
         dense = np.array([self._dense_t(int(x)) + self._head_t(int(x)) + self.rl._comm(int(x)) for x in u])[inv]
         st = self._dec_terms
         return st.scale * dense + st.attn_scale * attn + st.fixed_s + st.per_seq_s * nd
 
     @staticmethod
-    def _grid_vec(xg: list, yg: list, tab: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """_grid_at over arrays of points: the same operations element by element."""
-        xa, ya = np.asarray(xg), np.asarray(yg)
-        i = np.minimum(np.maximum(np.searchsorted(xa, x, "left") - 1, 0), len(xg) - 2)
-        j = np.minimum(np.maximum(np.searchsorted(ya, y, "left") - 1, 0), len(yg) - 2)
-        tx = (x - xa[i]) / (xa[i + 1] - xa[i])
-        ty = (y - ya[j]) / (ya[j + 1] - ya[j])
+    def _grid_vec(grid: tuple, tab: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """_grid_at over arrays of points: the same operations element by element. grid: the
+        two axes, each (points, widths)."""
+        (xa, dx), (ya, dy) = grid
+        i = np.minimum(np.maximum(np.searchsorted(xa, x, "left") - 1, 0), len(xa) - 2)
+        j = np.minimum(np.maximum(np.searchsorted(ya, y, "left") - 1, 0), len(ya) - 2)
+        tx = (x - xa[i]) / dx[i]
+        ty = (y - ya[j]) / dy[j]
         a, b, c, d = tab[i, j], tab[i + 1, j], tab[i, j + 1], tab[i + 1, j + 1]
         v = (a + (b - a) * tx) * (1 - ty) + (c + (d - c) * tx) * ty
         return np.where(v > 0.0, v, 0.0)
