@@ -71,6 +71,8 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     k = min(max(2, RUN_ELEMENTS // n), int(rem.max()) if calm else int(rem.min()), horizon_steps)
     if k < 2:
         return None
+    if waiting and (layout.decode_blocks_vec(prompt, ctx + 2) < need1).any():
+        return None             # step 2 frees blocks (a group folds, a window moves): see below
     steps = np.arange(1, k + 1)
     blocks = layout.decode_blocks_vec(prompt[None, :], ctx[None, :] + steps[:, None])
     assert np.array_equal(blocks[0], need1), "the run's first step disagrees with the scheduler's plan"
@@ -84,6 +86,8 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
         shrink = np.flatnonzero((grow < 0).any(axis=1))
         if len(shrink):
             k = min(k, int(shrink[0]) + 1)
+            if k < 2:
+                return None
     used_plan = used_fin = None
     k0 = len(steps)                                   # the arrays' length; k is cut below
     if pooled:
