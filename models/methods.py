@@ -51,7 +51,8 @@ class MethodSpec:
     # --- KV cache ---
     bytes_per_head: Callable | None = None        # (m, head_dim, prompt, total, dtype_bytes) -> bytes
     # (m, head_dim, total, dtype_bytes) -> F, (m, head_dim, prompt, dtype_bytes) -> P with bytes_per_head = F + P
-    # exactly (integers): lets the simulator tabulate a request's bytes by context (kv_memory.KVLayout).
+    # exactly (integers), P None when the bytes do not depend on the prompt: lets the simulator
+    # tabulate a request's bytes by context (kv_memory.KVLayout).
     bytes_parts: tuple[Callable, Callable] | None = None
     token_bytes: Callable | None = None           # (m, model, tp, dtype_bytes) -> marginal bytes per
                                                   #   cached token on one rank (a paged block's slot)

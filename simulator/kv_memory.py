@@ -54,9 +54,12 @@ class KVLayout:
                            and spec.token_cap is None and spec.prompt_budget is None)
         # A quantizer whose bytes split into a part of the context and a part of the prompt
         # (spec.bytes_parts) is looked up in tables of both, grown on demand: one step asks for
-        # every decode's blocks, and the formula is a dozen array operations.
-        object.__setattr__(self, "_parts", spec.bytes_parts if win is None and spec.quantized_tokens is not None
-                           else None)
+        # every decode's blocks, and the formula is a dozen array operations. Where the blocks
+        # depend on the context alone (no eviction by prompt; a window; a quantizer without a
+        # prompt part), the blocks themselves are tabulated by context.
+        parts = spec.bytes_parts if win is None and spec.quantized_tokens is not None else None
+        object.__setattr__(self, "_parts", parts)
+        object.__setattr__(self, "_by_ctx", self._plain or win is not None or (parts is not None and parts[1] is None))
         object.__setattr__(self, "_tabs", {})
 
     def blocks_for(self, cached_tokens: int) -> int:
@@ -69,6 +72,19 @@ class KVLayout:
 
     # ---- what a request holds, by policy ------------------------------------------------
     def _exact_vec(self, prompt, ctx, prefill: bool) -> np.ndarray:
+        if self._by_ctx:
+            tab = self._tabs.get("blocks")
+            try:
+                return tab[ctx]
+            except (TypeError, IndexError):       # no table yet, or a context past its end
+                hi = int(np.max(ctx))
+                n = max(1024, 1 << hi.bit_length())
+                at = np.arange(n, dtype=np.int64)
+                self._tabs["blocks"] = self._formula(at, at, False)   # the same either way here
+                return self._tabs["blocks"][ctx]
+        return self._formula(prompt, ctx, prefill)
+
+    def _formula(self, prompt, ctx, prefill: bool) -> np.ndarray:
         B = self.block_size
         if self._plain:
             return -(-np.asarray(ctx, np.int64) // B)
@@ -88,7 +104,8 @@ class KVLayout:
             p = ctx if prefill else prompt
             if self._parts is not None:
                 # The same integers as bytes_per_head (F + P exactly), so the same blocks.
-                b = self.bytes_scale * (self._table(0, ctx)[ctx] + self._table(1, p)[p])
+                f = self._table(0, ctx)[ctx]
+                b = self.bytes_scale * (f if self._parts[1] is None else f + self._table(1, p)[p])
             else:
                 b = self.bytes_scale * spec.bytes_per_head(m, self.head_dim, p, ctx, self.dtype_bytes)
             return np.ceil(b / self.block_bytes).astype(np.int64)

@@ -152,24 +152,25 @@ def test_bytes_parts_add_up_to_bytes_per_head_exactly(label):
         t = p + np.arange(0, 2500, 7)[None, :]
         for hd in (64, 128):
             want = m.spec.bytes_per_head(m, hd, p, t, 2)
-            got = f_total(m, hd, t, 2) + f_prompt(m, hd, p, 2)
+            got = f_total(m, hd, t, 2) + (0 if f_prompt is None else f_prompt(m, hd, p, 2))
             assert got.dtype == np.int64 and np.array_equal(got, want), (m.label, hd)
 
 
-@pytest.mark.parametrize("label", ["kivi-2", "kivi-4", "gear-4"])
-def test_kv_layout_tables_give_the_formula_blocks(label):
+@pytest.mark.parametrize("label", ["kivi-2", "kivi-4", "gear-4", "fp16", "streamingllm-512", "h2o-512", "snapkv-1024"])
+@pytest.mark.parametrize("whole", [True, False])
+def test_kv_layout_tables_give_the_formula_blocks(label, whole):
     import numpy as np
     from dataclasses import replace
     from rkvsim.models import parse_method, resolve_hardware, resolve_model
     from rkvsim.simulator.kv_memory import kv_layout
     lay = kv_layout(resolve_model("llama-2-7b"), resolve_hardware("a6000"), parse_method(label), 1, 16, 0.9, 4096, 64,
-                    exact=True)
+                    exact=True, whole_windows=whole)
     formula = replace(lay)
     object.__setattr__(formula, "_parts", None)
+    object.__setattr__(formula, "_by_ctx", False)
     rng = np.random.default_rng(0)
     prompt = rng.integers(1, 3000, 500)
     ctx = prompt + rng.integers(0, 6000, 500)         # past the first table's size: it grows
-    assert lay._parts is not None
     np.testing.assert_array_equal(lay.decode_blocks_vec(prompt, ctx), formula.decode_blocks_vec(prompt, ctx))
     np.testing.assert_array_equal(lay.prefill_blocks_vec(ctx), formula.prefill_blocks_vec(ctx))
     assert all(lay.decode_blocks(int(a), int(b)) == formula.decode_blocks(int(a), int(b)) for a, b in zip(prompt[:50], ctx[:50]))

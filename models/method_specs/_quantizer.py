@@ -50,15 +50,9 @@ def group_bytes_per_head(m, head_dim: int, prompt, total, dtype_bytes: int):
     return (total - n_q) * full + payload + params
 
 
-def group_bytes_parts():
-    """bytes_per_head split as (a function of total, a function of prompt): KIVI's bytes do not
-    depend on the prompt."""
-    def of_total(m, head_dim, total, dtype_bytes):
-        return group_bytes_per_head(m, head_dim, total, total, dtype_bytes)
-
-    def of_prompt(m, head_dim, prompt, dtype_bytes):
-        return np.zeros_like(np.asarray(prompt, np.int64))
-    return of_total, of_prompt
+def group_bytes_of_total(m, head_dim, total, dtype_bytes):
+    """group_bytes_per_head, which does not read the prompt: KIVI's bytes_parts are (this, None)."""
+    return group_bytes_per_head(m, head_dim, total, total, dtype_bytes)
 
 
 def _request_bytes(model, m, prompt: int, total: int, tp: int, dtype_bytes: int) -> int:
