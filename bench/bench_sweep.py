@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--cpu-sample", type=int, default=0, help="also time this many points in-process (CPU s)")
     ap.add_argument("--step-by-step", action="store_true", help="no event skipping (the reference mode)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also run the same points step by step on the local backend: both wall times, the ratio, "
+                         "and whether the rows are identical")
     args = ap.parse_args()
 
     import pandas as pd
@@ -99,6 +102,17 @@ def main() -> None:
             a, b = rows.values()
             pd.testing.assert_frame_equal(a, b)
             print("local and ray rows identical:", len(a), "rows")
+        if args.compare and not args.step_by_step:
+            ref = load_sweep(write_sweep(tmp, args.points, args.requests, step_by_step=True))
+            t0 = time.perf_counter()
+            res = run_sweep(ref, tmp / "out-step", backend="local", workers=workers)
+            step_wall = time.perf_counter() - t0
+            skip_wall = out["local"]["wall_s"] if "local" in out else None
+            pd.testing.assert_frame_equal(res.rows, rows.get("local", next(iter(rows.values()))))
+            out["step_by_step"] = {"wall_s": round(step_wall, 1), "ratio": round(step_wall / skip_wall, 2) if skip_wall else None}
+            print(f"step by step (local): {step_wall:.1f} s wall"
+                  + (f"; skipping is x{step_wall / skip_wall:.2f} faster" if skip_wall else "")
+                  + f"; rows identical: {len(res.rows)} rows")
         if args.json:
             Path(args.json).write_text(json.dumps({"cpus": os.cpu_count(), **out}, indent=2) + "\n")
     finally:
