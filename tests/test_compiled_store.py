@@ -80,18 +80,40 @@ def test_a_damaged_entry_is_a_miss_and_is_rewritten(store):
     assert compiled_store.load(p.stem, profiles._attention_donor_of) is not None
 
 
-def test_the_key_holds_the_code_and_the_fit_folder(store, tmp_path):
-    fit_dir = tmp_path / "fit"
+def test_the_key_holds_the_fit_the_compile_reads(store, tmp_path):
+    """The profile's fit/ folder, the fit cached under its tables' sha256 (shipped profiles have no
+    fit/ pickle: a change of the cached fit must miss too), its meta.json, and FIT_VERSION."""
+    fit_dir, cached, meta = tmp_path / "fit", tmp_path / "cache-fit", tmp_path / "meta.json"
+
+    def k(version=3):
+        return compiled_store.key("folder", "sha", compiled_store.fit_id(fit_dir, cached, meta), version, "m", 1)
+    seen = {k()}
     fit_dir.mkdir()
-    args = ("folder", "sha", fit_dir, 3, "model", "method", 1)
-    k0 = compiled_store.key(*args)
-    assert compiled_store.key(*args) == k0
     (fit_dir / "fit.json").write_text("{}")
-    k1 = compiled_store.key(*args)
-    assert k1 != k0
+    seen.add(k())
     (fit_dir / "fit.json").write_text('{"a": 1}')
-    assert compiled_store.key(*args) not in (k0, k1)
-    assert compiled_store.key("folder", "sha", fit_dir, 4, "model", "method", 1) != compiled_store.key(*args)
+    seen.add(k())
+    cached.mkdir()
+    (cached / "step_fit.pkl").write_bytes(b"x")
+    seen.add(k())
+    (cached / "step_fit.pkl").write_bytes(b"xy")           # refitted: another size
+    seen.add(k())
+    meta.write_text("{}")
+    seen.add(k())
+    seen.add(k(version=4))
+    assert len(seen) == 7
+    assert k() == k()
+
+
+def test_a_refitted_donor_is_a_miss(store, monkeypatch):
+    """The donor is named with its fit: `rkvprof fit` on the donor's profile changes what it lends."""
+    _costs()
+    profiles._compiled.cache_clear()
+    (k,) = [p.stem for p in store.glob("*.pkl")]
+    now = profiles._attention_donor_of("a6000")
+    assert now is not None and len(now) == 3
+    assert compiled_store.load(k, lambda hw: (*now[:2], now[2] + ("fit/step_fit.pkl:1:1",))) is None
+    assert compiled_store.load(k, profiles._attention_donor_of) is not None
 
 
 def test_a_warm_process_never_imports_scikit_learn(tmp_path):

@@ -9,10 +9,12 @@ function of what the key below names, so a process loads them instead (no scikit
 The key holds every input the compile reads: the profile folder and its tables' sha256, the
 model and method specs, tp and the limits, the GPU carried to, FIT_VERSION, the source of the
 packages the compile runs (calibration, models, profiler), the versions of numpy, scikit-learn,
-scipy and xgboost, the JSON data it reads beside them (method ratios, trust checks, the
-profile's fit.json), and the fit pickle a `rkvprof fit` left in the profile (size and mtime). Only the attention donor (another GPU's profile, for a profile
-that timed no attention) is found by scanning the profile stores, which the key cannot hold: the
-entry records the donor it used, and a load whose donor would now differ is a miss.
+scipy and xgboost, the JSON data it reads beside them (method ratios, trust checks), and the
+fit the compile reads (fit_id: the profile's fit/ folder, the fit cached under its tables'
+sha256, pickles by size and mtime, and its meta.json). Only the attention donor (another GPU's
+profile, for a profile that timed no attention) is found by scanning the profile stores, which the key cannot hold: the
+entry records the donor it used (its folder, tables and fit_id), and a load whose donor would now
+differ is a miss.
 A file that cannot be read is a miss; writes go through a temp file and a rename.
 """
 from __future__ import annotations
@@ -61,21 +63,31 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def _fit_files(fit_dir: Path) -> list[str]:
+def _files(folder: Path, tag: str) -> list[str]:
     out = []
-    if fit_dir.is_dir():
-        for p in sorted(fit_dir.iterdir()):
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
             if p.suffix == ".json":
-                out.append(f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}")
+                out.append(f"{tag}{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}")
             elif p.is_file():
                 st = p.stat()       # a fit pickle: large, so named by size and time
-                out.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+                out.append(f"{tag}{p.name}:{st.st_size}:{st.st_mtime_ns}")
     return out
 
 
-def key(folder: str, sha: str, fit_dir: Path, fit_version: int, *args) -> str:
-    """The entry's name: every input of the compile but the attention donor (see the module doc)."""
-    parts = [STORE_VERSION, fit_version, folder, sha, code_fingerprint(), _fit_files(fit_dir), *map(repr, args)]
+def fit_id(fit_dir: Path, cached_fit_dir: Path, meta: Path) -> tuple[str, ...]:
+    """What decides the fit a profile's compile reads: the profile's fit/ folder (`rkvprof fit`
+    writes it), else the fit cached under its tables' sha256, and the meta.json a fit reads."""
+    out = _files(fit_dir, "fit/") + _files(cached_fit_dir, "cache/")
+    if meta.is_file():
+        out.append(f"meta:{hashlib.sha256(meta.read_bytes()).hexdigest()}")
+    return tuple(out)
+
+
+def key(folder: str, sha: str, fit: tuple[str, ...], fit_version: int, *args) -> str:
+    """The entry's name: every input of the compile but the attention donor (see the module doc).
+    fit: fit_id of the profile."""
+    parts = [STORE_VERSION, fit_version, folder, sha, code_fingerprint(), list(fit), *map(repr, args)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 

@@ -154,9 +154,10 @@ def _compiled(folder: str, sha: str, model: ModelSpec, method: Method, tp: int, 
     from rkvsim.calibration.steps.fit import FIT_VERSION
     from rkvsim.models import resolve_hardware
     # Another process may have compiled these already (calibration/steps/compiled_store.py).
-    k = compiled_store.key(folder, sha, fit_folder(Path(folder)), FIT_VERSION, model, method, tp, max_tokens,
-                           max_batch, max_ctx, to_hw)
-    hit = compiled_store.load(k, _attention_donor_of)
+    def key() -> str:
+        return compiled_store.key(folder, sha, _fit_id(folder, sha), FIT_VERSION, model, method, tp, max_tokens,
+                                  max_batch, max_ctx, to_hw)
+    hit = compiled_store.load(key(), _attention_donor_of)
     if hit is not None:
         return hit
     fit = _fit_for(folder, sha)
@@ -173,15 +174,25 @@ def _compiled(folder: str, sha: str, model: ModelSpec, method: Method, tp: int, 
     # on a loaded machine (measured: 4.4 s instead of 0.4 s to compile one method).
     with threadpool_limits(1):
         comp = compile_costs(fit, model, method, tp, max_tokens, max_batch, max_ctx, donor, target, folder)
-    compiled_store.save(k, comp, not fit.has_attention(), here.name, donor_id)
+    # The key again: the fit may have been made (and cached) just now, which the next process sees.
+    compiled_store.save(key(), comp, not fit.has_attention(), here.name, donor_id)
     return comp
 
 
-def _attention_donor_of(hardware: str) -> tuple[str, str] | None:
-    """(folder, tables sha) of the attention donor find_attention_donor picks for `hardware` now."""
+def _fit_id(folder: str, sha: str) -> tuple[str, ...]:
+    from rkvsim.calibration.steps import compiled_store
+    f = Path(folder)
+    return compiled_store.fit_id(fit_folder(f), cache_dir() / "fits" / sha, f / "meta.json")
+
+
+def _attention_donor_of(hardware: str) -> tuple | None:
+    """(folder, tables sha, fit_id) of the attention donor find_attention_donor picks for `hardware` now."""
     from rkvsim.models import resolve_hardware
     d = find_attention_donor(resolve_hardware(hardware))
-    return None if d is None else (str(d.resolve()), tables_sha(d))
+    if d is None:
+        return None
+    folder, sha = str(d.resolve()), tables_sha(d)
+    return folder, sha, _fit_id(folder, sha)
 
 
 def compiled_costs(folder: Path, model: ModelSpec, method: Method, tp: int, max_tokens: int, max_batch: int,
