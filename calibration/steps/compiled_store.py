@@ -8,8 +8,8 @@ function of what the key below names, so a process loads them instead (no scikit
 
 The key holds every input the compile reads: the profile folder and its tables' sha256, the
 model and method specs, tp and the limits, the GPU carried to, FIT_VERSION, the source of the
-packages the compile runs (calibration, models, profiler), the versions of numpy, scikit-learn,
-scipy and xgboost, the JSON data it reads beside them (method ratios, trust checks), and the
+packages the compile runs (calibration, models, profiler), the Python version and CPU, the versions of numpy,
+scikit-learn, scipy and xgboost, the JSON data it reads beside them (method ratios, trust checks), and the
 fit the compile reads (fit_id: the profile's fit/ folder, the fit cached under its tables'
 sha256, pickles by size and mtime, and its meta.json). Only the attention donor (another GPU's
 profile, for a profile that timed no attention) is found by scanning the profile stores, which the key cannot hold: the
@@ -44,8 +44,11 @@ _LIBS = ("numpy", "scikit-learn", "scipy", "xgboost")   # the estimators' predic
 def code_fingerprint() -> str:
     """sha256 of the source and small data files the compile depends on, and of the versions of
     the libraries that predict (read from their metadata, not imported); a few ms, once per process."""
+    import platform
     from importlib.metadata import PackageNotFoundError, version
     h = hashlib.sha256()
+    # A cache shared between machines: another interpreter or CPU may round the predictions apart.
+    h.update(f"{platform.python_version()} {platform.machine()} {platform.processor()}".encode())
     for lib in _LIBS:
         try:
             h.update(f"{lib}={version(lib)}".encode())
