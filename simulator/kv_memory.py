@@ -73,16 +73,17 @@ class KVLayout:
     # ---- what a request holds, by policy ------------------------------------------------
     def _exact_vec(self, prompt, ctx, prefill: bool) -> np.ndarray:
         if self._by_ctx:
-            tab = self._tabs.get("blocks")
-            try:
-                return tab[ctx]
-            except (TypeError, IndexError):       # no table yet, or a context past its end
-                hi = int(np.max(ctx))
-                n = max(1024, 1 << hi.bit_length())
-                at = np.arange(n, dtype=np.int64)
-                self._tabs["blocks"] = self._formula(at, at, False)   # the same either way here
-                return self._tabs["blocks"][ctx]
+            return self._tabled("blocks", ctx, lambda at: self._formula(at, at, False))  # prefill: the same here
         return self._formula(prompt, ctx, prefill)
+
+    def _tabled(self, name: str, at, make) -> np.ndarray:
+        """make(0..n-1)[at]: tabulated once, and again (doubling n) when `at` reaches past the table."""
+        try:
+            return self._tabs[name][at]
+        except (KeyError, IndexError):
+            n = max(1024, 1 << int(np.max(at)).bit_length())
+            self._tabs[name] = np.asarray(make(np.arange(n, dtype=np.int64)), np.int64)
+            return self._tabs[name][at]
 
     def _formula(self, prompt, ctx, prefill: bool) -> np.ndarray:
         B = self.block_size
@@ -104,25 +105,17 @@ class KVLayout:
             p = ctx if prefill else prompt
             if self._parts is not None:
                 # The same integers as bytes_per_head (F + P exactly), so the same blocks.
-                f = self._table(0, ctx)[ctx]
-                b = self.bytes_scale * (f if self._parts[1] is None else f + self._table(1, p)[p])
+                of_total, of_prompt = self._parts
+                f = self._tabled("of_total", ctx, lambda at: of_total(m, self.head_dim, at, self.dtype_bytes))
+                if of_prompt is not None:
+                    f = f + self._tabled("of_prompt", p, lambda at: of_prompt(m, self.head_dim, at, self.dtype_bytes))
+                b = self.bytes_scale * f
             else:
                 b = self.bytes_scale * spec.bytes_per_head(m, self.head_dim, p, ctx, self.dtype_bytes)
             return np.ceil(b / self.block_bytes).astype(np.int64)
         if prefill:
             return -(-ctx // B)         # H2O and SnapKV select when the prompt ends
         return -(-cached_tokens_vec(m, prompt, ctx) // B)
-
-    def _table(self, which: int, at) -> np.ndarray:
-        """spec.bytes_parts[which] over 0..n-1, n past the largest of `at` (doubling)."""
-        tab = self._tabs.get(which)
-        hi = int(np.max(at)) if np.ndim(at) else int(at)
-        if tab is None or hi >= len(tab):
-            n = max(1024, 1 << hi.bit_length())
-            tab = np.asarray(self._parts[which](self.method, self.head_dim, np.arange(n, dtype=np.int64),
-                                                self.dtype_bytes), np.int64)
-            self._tabs[which] = tab
-        return tab
 
     def prefill_blocks(self, tokens: int) -> int:
         """Blocks a request holds once `tokens` of its prompt (or recomputed context) are in."""

@@ -94,24 +94,21 @@ def key(folder: str, sha: str, fit: tuple[str, ...], fit_version: int, *args) ->
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
-def load(k: str, donor_now: Callable[[str], tuple[str, str] | None]):
+def load(k: str, donor_now: Callable[[str], tuple | None]):
     """The compiled costs stored under k, or None. donor_now(here): the attention donor the
-    compile would use today on GPU `here`, as (folder, tables sha)."""
-    p = store_dir() / f"{k}.pkl"
+    compile would use today on GPU `here`, named as save's `donor` is (folder, tables sha, fit_id)."""
     try:
-        entry = pickle.loads(p.read_bytes())
+        entry = pickle.loads((store_dir() / f"{k}.pkl").read_bytes())
         if entry.get("version") != STORE_VERSION:
             return None
         if entry["needs_donor"] and donor_now(entry["here"]) != entry["donor"]:
             return None
         return entry["costs"]
-    except FileNotFoundError:
-        return None
-    except Exception:   # noqa: BLE001 - a truncated or foreign file is only a miss; it is rewritten
+    except Exception:   # noqa: BLE001 - absent, truncated or foreign: only a miss (and rewritten)
         return None
 
 
-def save(k: str, costs, needs_donor: bool, here: str, donor: tuple[str, str] | None) -> None:
+def save(k: str, costs, needs_donor: bool, here: str, donor: tuple | None) -> None:
     entry = {"version": STORE_VERSION, "costs": costs, "needs_donor": needs_donor, "here": here, "donor": donor}
     try:
         write_bytes(store_dir() / f"{k}.pkl", pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL))

@@ -169,7 +169,7 @@ def _compiled(folder: str, sha: str, model: ModelSpec, method: Method, tp: int, 
         if d is not None:
             dfit = fit_for(d)
             donor = (dfit, resolve_hardware(dfit.hardware), here)
-            donor_id = _attention_donor_of(here.name)
+            donor_id = _donor_id(d)
     # One thread: OpenMP workers of the boosted trees spin against the simulator's own process
     # on a loaded machine (measured: 4.4 s instead of 0.4 s to compile one method).
     with threadpool_limits(1):
@@ -185,14 +185,17 @@ def _fit_id(folder: str, sha: str) -> tuple[str, ...]:
     return compiled_store.fit_id(fit_folder(f), cache_dir() / "fits" / sha, f / "meta.json")
 
 
-def _attention_donor_of(hardware: str) -> tuple | None:
-    """(folder, tables sha, fit_id) of the attention donor find_attention_donor picks for `hardware` now."""
-    from rkvsim.models import resolve_hardware
-    d = find_attention_donor(resolve_hardware(hardware))
-    if d is None:
-        return None
+def _donor_id(d: Path) -> tuple:
+    """An attention donor as the compiled store names it: (folder, tables sha, fit_id)."""
     folder, sha = str(d.resolve()), tables_sha(d)
     return folder, sha, _fit_id(folder, sha)
+
+
+def _attention_donor_of(hardware: str) -> tuple | None:
+    """_donor_id of the attention donor find_attention_donor picks for `hardware` now."""
+    from rkvsim.models import resolve_hardware
+    d = find_attention_donor(resolve_hardware(hardware))
+    return None if d is None else _donor_id(d)
 
 
 def compiled_costs(folder: Path, model: ModelSpec, method: Method, tp: int, max_tokens: int, max_batch: int,

@@ -38,7 +38,6 @@ class Trust:
     measured_by: str              # the file and command the figures come from
 
 
-
 def _pct(values: list[float]) -> tuple[float, float]:
     return round(100 * statistics.median(values), 2), round(100 * max(values), 2)
 
@@ -51,7 +50,8 @@ def transfer_checks() -> dict | None:
 
 def _fit_json(profile_dir: str) -> tuple[dict | None, str]:
     """fit.json beside a profile (read once per process), or None where it is missing or unreadable."""
-    p = Path(profile_dir) / "fit" / "fit.json"
+    from rkvsim.calibration.steps.fit import FIT_JSON, fit_folder
+    p = fit_folder(profile_dir) / FIT_JSON
     try:
         return (load(str(p), "fit report (rkvprof fit)") if p.exists() else None), str(p)
     except UnreadableFile:

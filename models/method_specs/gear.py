@@ -38,11 +38,16 @@ def segments(m, prompt_len: int, total_len: int) -> list[int]:
     return ([first] if first else []) + [m.group_size] * later
 
 
+def _seg_g(m, head_dim, dtype_bytes) -> int:
+    """Correction bytes of one G-token segment (every quantization event after the prefill)."""
+    return int(segment_bytes(m, m.group_size, head_dim, dtype_bytes))
+
+
 def _bytes(m, head_dim, prompt, total, dtype_bytes):
     g = m.group_size
     first = q.quantized_tokens(m, prompt)
     later = (q.quantized_tokens(m, total) - first) // g
-    seg_g = int(segment_bytes(m, g, head_dim, dtype_bytes))
+    seg_g = _seg_g(m, head_dim, dtype_bytes)
     return q.group_bytes_per_head(m, head_dim, prompt, total, dtype_bytes) \
         + segment_bytes(m, first, head_dim, dtype_bytes) + later * seg_g
 
@@ -50,15 +55,13 @@ def _bytes(m, head_dim, prompt, total, dtype_bytes):
 def _bytes_of_total(m, head_dim, total, dtype_bytes):
     # The segments after the prefill are G tokens each, and quantized counts are multiples of G, so
     # `later` splits into qt(total) / G - qt(prompt) / G: _bytes = this + _bytes_of_prompt, exactly.
-    seg_g = int(segment_bytes(m, m.group_size, head_dim, dtype_bytes))
     return q.group_bytes_per_head(m, head_dim, total, total, dtype_bytes) + \
-        q.quantized_tokens(m, total) // m.group_size * seg_g
+        q.quantized_tokens(m, total) // m.group_size * _seg_g(m, head_dim, dtype_bytes)
 
 
 def _bytes_of_prompt(m, head_dim, prompt, dtype_bytes):
     first = q.quantized_tokens(m, prompt)
-    seg_g = int(segment_bytes(m, m.group_size, head_dim, dtype_bytes))
-    return segment_bytes(m, first, head_dim, dtype_bytes) - first // m.group_size * seg_g
+    return segment_bytes(m, first, head_dim, dtype_bytes) - first // m.group_size * _seg_g(m, head_dim, dtype_bytes)
 
 
 def _check(m) -> None:
@@ -75,7 +78,8 @@ SPEC = MethodSpec(
     engine_names=("GEAR",),
     kernel="gear",
     paper_scores=lambda m: rf"^gear_.*_{m.bits}bits$",
-    bytes_per_head=_bytes, bytes_parts=(_bytes_of_total, _bytes_of_prompt), token_bytes=q.marginal_token_bytes, fixed_bytes=q.window_overhead,
+    bytes_per_head=_bytes, bytes_parts=(_bytes_of_total, _bytes_of_prompt),
+    token_bytes=q.marginal_token_bytes, fixed_bytes=q.window_overhead,
     quantized_tokens=q.quantized_tokens, quant_bytes_per_token=q.quant_bytes_per_token,
     corrections=SimpleNamespace(segment_bytes=segment_bytes, rank=rank, outliers=outliers),
     prefix_why="the prompt is quantized as one segment whose low-rank error factors and outliers are fitted "

@@ -12,7 +12,8 @@ SPEC = MethodSpec(
     engine_names=("KIVI",),
     kernel="kivi",
     paper_scores=lambda m: rf"^kivi_.*_{m.bits}bits_group{m.group_size}_residual{m.residual}$",
-    bytes_per_head=q.group_bytes_per_head, bytes_parts=(q.group_bytes_of_total, None), token_bytes=q.marginal_token_bytes, fixed_bytes=q.window_overhead,
+    bytes_per_head=q.group_bytes_per_head, bytes_parts=(q.group_bytes_of_total, None),
+    token_bytes=q.marginal_token_bytes, fixed_bytes=q.window_overhead,
     quantized_tokens=q.quantized_tokens, quant_bytes_per_token=q.quant_bytes_per_token,
     prefix_sharing=lambda m, length, n: np.minimum(n, q.quantized_tokens(m, length)),
     prefix_why="a group of G tokens is quantized from those tokens alone (keys per channel within the group, "
