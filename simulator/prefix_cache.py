@@ -20,27 +20,34 @@ from collections import OrderedDict
 
 
 def block_keys(segments, n_blocks: int, block_size: int) -> list[int]:
-    """Keys of the first n_blocks full blocks of a request made of `segments` [(id, tokens)]."""
+    """Keys of the first n_blocks full blocks of a request made of `segments` [(id, tokens)]: a
+    block's key chains the ids of the segments up to the one holding its last token."""
     keys: list[int] = []
     node, seg_end = 0, 0
-    it = iter(segments)
-    for i in range(n_blocks):
-        last = (i + 1) * block_size - 1
-        while last >= seg_end:
-            sid, n = next(it)
-            node = hash((node, sid))
-            seg_end += n
-        keys.append(hash((node, i)))
+    for sid, n in segments:
+        if len(keys) >= n_blocks:
+            break
+        node = hash((node, sid))
+        seg_end += n
+        hi = min(seg_end // block_size, n_blocks)        # blocks whose last token is in this segment
+        keys.extend([hash((node, i)) for i in range(len(keys), hi)])
     return keys
 
 
 class BlockPool:
     """Physical KV blocks: reference counts, the free queue (LRU eviction of cached blocks) and
-    the key -> block map of cached full blocks."""
+    the key -> block map of cached full blocks.
+
+    vLLM's one free queue always reads [blocks without a key ..., cached blocks, least recently
+    freed first]: a block without a key is put at the head and a cached one at the tail, and a
+    block gets a key only while held. So it is kept as those two parts: `bare`, a stack whose
+    end is the head of the queue (allocation slices it instead of popping block by block), and
+    `cached`, in queue order. Both pop the same blocks, in the same order, as the single queue."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.bare: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.cached: OrderedDict[int, None] = OrderedDict()
         self.ref = [0] * num_blocks
         self.key_of: dict[int, int] = {}
         self.block_of: dict[int, int] = {}
@@ -49,7 +56,12 @@ class BlockPool:
 
     @property
     def used(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.num_blocks - len(self.bare) - len(self.cached)
+
+    @property
+    def free(self) -> list[int]:
+        """The free queue, head first (tests and checks; the pool never builds it)."""
+        return self.bare[::-1] + list(self.cached)
 
     def lookup(self, keys: list[int]) -> list[int]:
         """Blocks holding the longest cached run of `keys` from the start."""
@@ -68,38 +80,44 @@ class BlockPool:
     def touch(self, blocks: list[int]) -> None:
         for b in blocks:
             if self.ref[b] == 0:
-                del self.free[b]
+                del self.cached[b]             # a hit is cached: it is never in `bare`
             self.ref[b] += 1
         self.refs += len(blocks)
 
     def allocate(self, n: int) -> list[int]:
-        free, key_of, ref = self.free, self.key_of, self.ref
-        assert n <= len(free), f"allocating {n} blocks with {len(free)} free"
-        out = []
-        for _ in range(n):
-            b = free.popitem(last=False)[0]
-            if key_of:
-                k = key_of.pop(b, None)
-                if k is not None:
-                    del self.block_of[k]
-                    self.evictions += 1
+        bare, ref = self.bare, self.ref
+        assert n <= len(bare) + len(self.cached), f"allocating {n} blocks with {self.num_blocks - self.used} free"
+        m = min(n, len(bare))
+        cut = len(bare) - m
+        out = bare[cut:]
+        out.reverse()                                  # the head of the queue first
+        del bare[cut:]
+        if m < n:
+            cached, key_of, block_of = self.cached, self.key_of, self.block_of
+            for _ in range(n - m):
+                b = cached.popitem(last=False)[0]
+                del block_of[key_of.pop(b)]
+                self.evictions += 1
+                out.append(b)
+        for b in out:
             assert ref[b] == 0, f"block {b} reused while referenced"
             ref[b] = 1
-            out.append(b)
         self.refs += n
         return out
 
     def release(self, blocks: list[int]) -> None:
         # Tail first; a block with no key goes to the head of the queue (nothing to keep), a
         # cached one to the tail (block_pool.free_blocks, as upstream since it split the two).
+        ref, key_of = self.ref, self.key_of
         self.refs -= len(blocks)
         for b in reversed(blocks):
-            self.ref[b] -= 1
-            assert self.ref[b] >= 0, f"block {b} freed more often than referenced"
-            if self.ref[b] == 0:
-                self.free[b] = None
-                if b not in self.key_of:
-                    self.free.move_to_end(b, last=False)
+            ref[b] -= 1
+            assert ref[b] >= 0, f"block {b} freed more often than referenced"
+            if ref[b] == 0:
+                if b in key_of:
+                    self.cached[b] = None
+                else:
+                    self.bare.append(b)
 
     def publish(self, blocks: list[int], keys: list[int]) -> None:
         """Cache full blocks under their keys (a key already cached keeps its first block)."""
@@ -112,5 +130,6 @@ class BlockPool:
     def check(self) -> None:
         """Invariants (tests): free blocks are exactly those with no reference; maps agree."""
         assert all(r >= 0 for r in self.ref) and sum(self.ref) == self.refs
-        assert set(self.free) == {b for b, r in enumerate(self.ref) if r == 0}
+        assert set(self.free) == {b for b, r in enumerate(self.ref) if r == 0} and len(self.free) == len(set(self.free))
+        assert all(b in self.key_of for b in self.cached) and not any(b in self.key_of for b in self.bare)
         assert all(self.block_of[k] == b for b, k in self.key_of.items())

@@ -149,7 +149,7 @@ def test_prefix_cache_evicts_the_least_recently_freed_block():
     with pytest.raises(AssertionError):
         pool.release([b, b])        # freed more often than referenced
     pool.ref[b] = 1
-    pool.free.pop(b, None)
+    pool.cached.pop(b, None)
 
 
 def _shared_prefix_scenario(methods, caching=True, groups=2):
