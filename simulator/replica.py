@@ -320,9 +320,20 @@ class Replica:
             return
         nz = np.flatnonzero(extra_dec)
         grows = list(zip(extra_dec[nz].tolist(), self.D[self.RID, nz].tolist())) + extra_pre
-        grows.sort(key=lambda g: g[0] > 0)      # shrinks first, order kept otherwise
+        if not grows:
+            return
+        if min(grows)[0] < 0:
+            grows.sort(key=lambda g: g[0] > 0)  # shrinks first, order kept otherwise
+            while grows and grows[0][0] < 0:
+                x, rid = grows.pop(0)
+                self._grow(rid, x)
+        # The growth in one allocation, handed out in order (the free queue pops the same blocks).
+        got = self.pool.allocate(sum(x for x, _rid in grows))
+        at, held = 0, self.held
         for x, rid in grows:
-            self._grow(rid, x)
+            held[rid].extend(got[at:at + x])
+            at += x
+        self.blocks_used = self.pool.used
 
     def _release(self, rid: int, blocks: int, ctx: int) -> None:
         """Free everything `rid` holds (it finished or was preempted); cached blocks keep their keys."""
