@@ -172,8 +172,10 @@ class CalibratedCostModel:
             tot = cached.sum(axis=1)
         key = tot / nd
         attn = self._grid_vec(self._dec_grid, self._dec_tab_a, nd.astype(np.float64), key)
-        u, inv = (nd[:1], np.zeros(k, np.int64)) if nd[0] == nd[-1] else np.unique(nd, return_inverse=True)
-        dense = np.array([self._dense_t(int(x)) + self._head_t(int(x)) + self.rl._comm(int(x)) for x in u])[inv]
+        # nd only falls (requests leave a run, none join): one dense cost per stretch of equal nd.
+        starts = np.flatnonzero(np.diff(nd, prepend=-1))
+        dense = np.repeat([self._dense_t(x) + self._head_t(x) + self.rl._comm(x) for x in nd[starts].tolist()],
+                          np.diff(starts, append=k))
         st = self._dec_terms
         return st.scale * dense + st.attn_scale * attn + st.fixed_s + st.per_seq_s * nd
 

@@ -53,6 +53,7 @@ class Run:
     end: int              # steps in the run (a submit can cut it down)
     used_plan: np.ndarray | None = None  # (K,) counted blocks in use once step k is planned
     used_fin: np.ndarray | None = None   # (K,) ... once step k has finished
+    grow: np.ndarray | None = None       # (K - 1, n) blocks planned at step k + 2 (0 once finished)
     fin: int = 0          # steps applied (finished) so far
     planned: int = 1      # steps planned so far (the scheduler planned step 1)
     alive: np.ndarray = field(default=None)  # (n,) not yet finished (applied)
@@ -126,7 +127,8 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
             k, t, dt = cut, t[:cut], dt[:cut]
     nd = np.full(k, n) if full else live[:k].sum(axis=1)
     return Run(rid, ctx, gen, rem, blocks[:k], t, dt, nd, k,
-               used_plan[:k] if used_plan is not None else None, used_fin[:k] if used_fin is not None else None)
+               used_plan[:k] if used_plan is not None else None, used_fin[:k] if used_fin is not None else None,
+               grow[:k - 1])
 
 
 def timeout_at(env, target: float):

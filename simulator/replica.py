@@ -183,8 +183,7 @@ class Replica:
         p0 = run.planned + 1
         if last_plan < p0:
             return self.pool.used
-        blk = run.blocks[p0 - 2:last_plan, cols]
-        grow = np.diff(blk, axis=0) * (rem[None, :] >= np.arange(p0, last_plan + 1)[:, None])
+        grow = run.grow[p0 - 2:last_plan - 1, cols]
         if (grow < 0).any():
             return None
         return self.pool.used + int(grow.sum())
@@ -761,8 +760,7 @@ class Replica:
         pool, held, rem = self.pool, self.held, run.rem[cols]
         rids = run.rid[cols].tolist()
         p0 = run.planned + 1                              # first step whose plan is still to apply
-        blk = run.blocks[p0 - 2:last_plan, cols] if last_plan >= p0 else run.blocks[:0, cols]
-        grow = np.diff(blk, axis=0) * (rem[None, :] >= np.arange(p0, last_plan + 1)[:, None])
+        grow = run.grow[p0 - 2:max(last_plan - 1, p0 - 2), cols]
         ks, ci = np.nonzero(grow)                         # step-major, column order within a step
         vals = grow[ks, ci]
         ks = ks + p0
@@ -770,7 +768,7 @@ class Replica:
         per_step = np.bincount(ks - a, weights=vals, minlength=last_plan - a + 2).astype(np.int64)
         ksl, cil, vl = ks.tolist(), ci.tolist(), vals.tolist()
         shrink_steps = {k for k, x in zip(ksl, vl) if x < 0} if len(vl) and min(vl) < 0 else set()
-        fin_steps = {r for r in rem.tolist() if a <= r <= b}
+        fin_steps = set(rem[(rem >= a) & (rem <= b)].tolist())
         breaks = sorted(shrink_steps | fin_steps)
         pending_total, pending = 0, []
         e = 0                                             # next growth event to queue
