@@ -18,6 +18,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+# The key of a cached block no request can look up (see BlockPool.release_unreachable). CPython
+# never hashes anything to -1, so no block key equals it.
+UNREACHABLE = -1
+
 
 def block_keys(segments, n_blocks: int, block_size: int) -> list[int]:
     """Keys of the first n_blocks full blocks of a request made of `segments` [(id, tokens)]: a
@@ -96,7 +100,9 @@ class BlockPool:
             cached, key_of, block_of = self.cached, self.key_of, self.block_of
             for _ in range(n - m):
                 b = cached.popitem(last=False)[0]
-                del block_of[key_of.pop(b)]
+                k = key_of.pop(b)
+                if k != UNREACHABLE:
+                    del block_of[k]
                 self.evictions += 1
                 out.append(b)
         for b in out:
@@ -119,6 +125,23 @@ class BlockPool:
                 else:
                     self.bare.append(b)
 
+    def release_unreachable(self, blocks: list[int], n: int) -> None:
+        """publish(blocks[:n], their keys) then release(blocks) for a request held alone (every
+        reference count 1) whose first n blocks get keys nobody can ever look up (a request
+        that has finished, with text of its own): the blocks take the same places in the free
+        queue (cached ones to the tail, last block first; the others to the head) and are
+        evicted and counted the same, with no key computed or mapped."""
+        ref = self.ref
+        for b in blocks:
+            assert ref[b] == 1, f"block {b} shared or free at an unreachable release"
+            ref[b] = 0
+        self.refs -= len(blocks)
+        key_of = self.key_of
+        assert not any(b in key_of for b in blocks[:n]), "an unreachable release of published blocks"
+        key_of.update(dict.fromkeys(blocks[:n], UNREACHABLE))
+        self.bare.extend(reversed(blocks[n:]))
+        self.cached.update(dict.fromkeys(reversed(blocks[:n])))
+
     def publish(self, blocks: list[int], keys: list[int]) -> None:
         """Cache full blocks under their keys (a key already cached keeps its first block)."""
         for b, k in zip(blocks, keys):
@@ -132,4 +155,5 @@ class BlockPool:
         assert all(r >= 0 for r in self.ref) and sum(self.ref) == self.refs
         assert set(self.free) == {b for b, r in enumerate(self.ref) if r == 0} and len(self.free) == len(set(self.free))
         assert all(b in self.key_of for b in self.cached) and not any(b in self.key_of for b in self.bare)
-        assert all(self.block_of[k] == b for b, k in self.key_of.items())
+        assert all(self.block_of[k] == b for b, k in self.key_of.items() if k != UNREACHABLE)
+        assert all(self.key_of.get(b) == k for k, b in self.block_of.items())

@@ -78,6 +78,14 @@ class Replica:
         self.pool = BlockPool(layout.num_blocks) if self.caching and layout.method.spec.prefix_sharing is not None \
             else None
         self.content = content
+        # Text of its own (no content description) on a layout that never frees a block before
+        # the request leaves: a request's keys can then be looked up by its own recompute alone,
+        # so they are published only when it is preempted (as _release would publish them then;
+        # until then no lookup could find them), and a finished request's blocks are cached under
+        # keys nobody can reach (BlockPool.release_unreachable). `_eager`: requests preempted
+        # once, published as they go from then on.
+        self._own_text = self.pool is not None and content is None and layout._plain
+        self._eager: set[int] = set()
         self.held: dict[int, list[int]] = {}
         self._keys: dict[int, list[int]] = {}
         self._pub: dict[int, int] = {}          # blocks of each request already published
@@ -334,12 +342,22 @@ class Replica:
             at += x
         self.blocks_used = self.pool.used
 
-    def _release(self, rid: int, blocks: int, ctx: int) -> None:
-        """Free everything `rid` holds (it finished or was preempted); cached blocks keep their keys."""
+    def _release(self, rid: int, blocks: int, ctx: int, done: bool = False) -> None:
+        """Free everything `rid` holds (it finished: done, or was preempted); cached blocks keep their keys."""
         if self.pool is None:
             self.blocks_used -= blocks
         else:
+            if self._own_text and rid not in self._eager:
+                if done:
+                    bl = self.held.pop(rid)
+                    self.pool.release_unreachable(bl, min(self._shareable_blocks(ctx, ctx), len(bl)))
+                    self._pub.pop(rid, None)
+                    self.blocks_used = self.pool.used
+                    return
+                self._eager.add(rid)
             self._publish(rid, ctx)
+            if done:
+                self._eager.discard(rid)
             self.pool.release(self.held.pop(rid))
             self._keys.pop(rid, None)
             self._pub.pop(rid, None)
@@ -369,6 +387,8 @@ class Replica:
         # Prompt blocks are published when their chunk is scheduled; generated ones when the
         # request leaves (only its own recompute or its session's next turn can reuse them, and
         # both come later), which keeps the decode step free of per-request work.
+        if self._own_text and rid not in self._eager:
+            return                              # published when preempted (see __init__)
         n = self._shareable_blocks(ctx, ctx)
         bl = self.held.get(rid)
         start = self._pub.get(rid, 0)
@@ -477,7 +497,7 @@ class Replica:
             rid = self.waiting[0]
             total = int(log.prompt[rid] + log.generated[rid])
             hit_blocks: list[int] = []
-            if self.pool is not None:
+            if self.pool is not None and (not self._own_text or rid in self._eager):
                 n_hit = self._shareable_blocks(total, total - 1)
                 if n_hit:
                     hit_blocks = self.pool.lookup(self._block_keys(rid, n_hit))
@@ -812,7 +832,7 @@ class Replica:
                 if fin:
                     flush()
                     for i in fin:
-                        self._release(rids[i], int(run.blocks[k - 1, cols[i]]), int(run.ctx[cols[i]] + k))
+                        self._release(rids[i], int(run.blocks[k - 1, cols[i]]), int(run.ctx[cols[i]] + k), True)
                 cur = pool.used + pending_total
                 kvf[k - a] = cur / nb
             else:
@@ -836,7 +856,7 @@ class Replica:
             for i in np.flatnonzero(done):
                 rid = int(D[self.RID, i])
                 log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
-                self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]))
+                self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]), True)
                 self._complete(rid, int(D[self.GEN, i]), now)
             total = self.n_dec
             keep = np.ones(total, bool)
@@ -863,7 +883,7 @@ class Replica:
                 log.add_itls(np.array([itl]))
                 log.itl_max[rid] = np.fmax(log.itl_max[rid], itl)
             if gen >= log.output[rid]:
-                self._release(rid, blocks, total)
+                self._release(rid, blocks, total, True)
                 self._complete(rid, gen, now)
                 continue
             # Eviction and SnapKV selection shrink the cache once the prompt is attended.

@@ -183,3 +183,76 @@ def test_property_unshared_methods_count_blocks_as_the_pool_would(method, arriva
         sa, sb = (build_summary("p", seed, [r], {})["methods"][r.label]["prefix_cache"] for r in (a, b))
         assert sa == sb and sa["evicted_blocks"] == 0
         assert (sa["looked_up_tokens"] > 0) == bool(np.isfinite(a.log.first_sched).any())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrival=arrival_st, bs=st.integers(2, 64), chunked=st.booleans(),
+       replicas=st.integers(1, 2), plo=st.integers(1, 400), pspan=st.integers(0, 600), omax=st.integers(1, 300),
+       seed=st.integers(0, 1000), mem=st.sampled_from([0.5, 0.9]), step=st.booleans())
+def test_property_own_text_publishes_late_as_the_pool_would(arrival, bs, chunked, replicas, plo, pspan, omax,
+                                                            seed, mem, step):
+    """Requests with text of their own on a plain layout publish their blocks when preempted and
+    leave unreachable keys when they finish (Replica._own_text): every figure, the pool's evictions
+    and the summary's prefix_cache block equal what publishing as they go gives."""
+    from rkvsim.simulator import replica as rep_mod
+    from rkvsim.simulator.outputs import build_summary
+    raw = {"name": "p", "model": "llama-2-7b", "hardware": "a6000", "methods": ["fp16"], "replicas": replicas,
+           "router": "least_kv", "step_by_step": step,
+           "scheduler": {"policy": "vllm-v1", "enable_prefix_caching": True, "max_batch_size": bs,
+                         "chunked_prefill": chunked, "max_batched_tokens": 512 if chunked else 4096,
+                         "gpu_memory_utilization": mem},
+           "workload": {"num_requests": 60, "arrival": arrival,
+                        "prompt": {"dist": "uniform", "low": plo, "high": plo + pspan},
+                        "output": {"dist": "uniform", "low": 1, "high": omax}}}
+    scn = Scenario.model_validate(raw)
+    wl = build_workload(scn, seed, ".")
+    late = run_scenario(scn, seed, ".", workload=wl, inflation=None).runs
+    assert all(r._own_text for run in late for r in run.replicas)
+    init = rep_mod.Replica.__init__
+
+    def eager(self, *a, **k):
+        init(self, *a, **k)
+        self._own_text = False
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rep_mod.Replica, "__init__", eager)
+        ref = run_scenario(scn, seed, ".", workload=wl, inflation=None).runs
+    for a, b in zip(ref, late):
+        for f in LOG_FIELDS + ("itl_hist",):
+            x, y = getattr(a.log, f), getattr(b.log, f)
+            assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"log.{f} differs"
+        for ra, rb in zip(a.replicas, b.replicas):
+            for f in STEP_FIELDS:
+                assert getattr(ra.steps, f) == getattr(rb.steps, f), f"steps.{f} differs"
+            assert ra.pool.evictions == rb.pool.evictions and ra.pool.used == rb.pool.used
+            rb.pool.check()
+        sa, sb = (build_summary("p", seed, [r], {})["methods"][r.label]["prefix_cache"] for r in (a, b))
+        assert sa == sb
+
+
+def test_own_text_recompute_hits_what_it_published_when_preempted():
+    """A crowded replica (preemptions, recompute hits, evictions) gives the same figures whether
+    requests with text of their own publish as they go or when preempted."""
+    from rkvsim.simulator import replica as rep_mod
+    raw = {"name": "p", "model": "llama-2-7b", "hardware": "a6000", "methods": ["fp16"],
+           "scheduler": {"policy": "vllm-v1", "max_batch_size": 256, "max_batched_tokens": 2048,
+                         "gpu_memory_utilization": 0.55},
+           "workload": {"num_requests": 800, "arrival": {"process": "poisson", "rate": 12.0},
+                        "lengths": {"source": "sharegpt", "max_prompt": 2048, "max_output": 2048}}}
+    scn = Scenario.model_validate(raw)
+    wl = build_workload(scn, 0, ".")
+    (late,) = run_scenario(scn, 0, ".", workload=wl, inflation=None).runs
+    init = rep_mod.Replica.__init__
+
+    def eager(self, *a, **k):
+        init(self, *a, **k)
+        self._own_text = False
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rep_mod.Replica, "__init__", eager)
+        (ref,) = run_scenario(scn, 0, ".", workload=wl, inflation=None).runs
+    assert ref.log.preemptions.sum() > 0 and ref.log.prefix_hit_tokens > 0 and ref.replicas[0].pool.evictions > 0
+    for f in LOG_FIELDS + ("itl_hist",):
+        x, y = getattr(ref.log, f), getattr(late.log, f)
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"log.{f} differs"
+    assert ref.log.prefix_hit_tokens == late.log.prefix_hit_tokens
+    assert ref.replicas[0].pool.evictions == late.replicas[0].pool.evictions
+    assert ref.replicas[0].steps.t_end == late.replicas[0].steps.t_end
