@@ -50,6 +50,17 @@ def assert_identical(step_runs, skip_runs) -> int:
     return covered
 
 
+def assert_same_figures(a, b) -> None:
+    """Two runs of one scenario by two implementations: every log figure, the inter-token
+    histogram and every step row equal (floats bit for bit)."""
+    for f in LOG_FIELDS + ("itl_hist",):
+        x, y = getattr(a.log, f), getattr(b.log, f)
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"log.{f} differs"
+    for ra, rb in zip(a.replicas, b.replicas):
+        for f in STEP_FIELDS:
+            assert getattr(ra.steps, f) == getattr(rb.steps, f), f"steps.{f} differs"
+
+
 arrival_st = st.one_of(
     st.builds(lambda r: {"process": "poisson", "rate": r}, st.floats(0.2, 40)),
     st.builds(lambda r, cv: {"process": "gamma", "rate": r, "cv": cv}, st.floats(0.2, 40), st.floats(0.2, 4)),
@@ -174,15 +185,24 @@ def test_property_unshared_methods_count_blocks_as_the_pool_would(method, arriva
         pooled = run_scenario(scn, seed, ".", workload=wl, inflation=None).runs
     assert all(r.pool is not None for run in pooled for r in run.replicas)
     for a, b in zip(pooled, counted):
-        for f in LOG_FIELDS + ("itl_hist",):
-            x, y = getattr(a.log, f), getattr(b.log, f)
-            assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"log.{f} differs"
-        for ra, rb in zip(a.replicas, b.replicas):
-            for f in STEP_FIELDS:
-                assert getattr(ra.steps, f) == getattr(rb.steps, f), f"steps.{f} differs"
+        assert_same_figures(a, b)
         sa, sb = (build_summary("p", seed, [r], {})["methods"][r.label]["prefix_cache"] for r in (a, b))
         assert sa == sb and sa["evicted_blocks"] == 0
         assert (sa["looked_up_tokens"] > 0) == bool(np.isfinite(a.log.first_sched).any())
+
+
+def _publishing_as_they_go(scn, seed, wl):
+    """The scenario's runs with every request publishing its blocks as they are scheduled (no
+    Replica._own_text shortcut): the reference the shortcut must equal."""
+    from rkvsim.simulator import replica as rep_mod
+    init = rep_mod.Replica.__init__
+
+    def eager(self, *a, **k):
+        init(self, *a, **k)
+        self._own_text = False
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rep_mod.Replica, "__init__", eager)
+        return run_scenario(scn, seed, ".", workload=wl, inflation=None).runs
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -194,7 +214,6 @@ def test_property_own_text_publishes_late_as_the_pool_would(arrival, bs, chunked
     """Requests with text of their own on a plain layout publish their blocks when preempted and
     leave unreachable keys when they finish (Replica._own_text): every figure, the pool's evictions
     and the summary's prefix_cache block equal what publishing as they go gives."""
-    from rkvsim.simulator import replica as rep_mod
     from rkvsim.simulator.outputs import build_summary
     raw = {"name": "p", "model": "llama-2-7b", "hardware": "a6000", "methods": ["fp16"], "replicas": replicas,
            "router": "least_kv", "step_by_step": step,
@@ -208,21 +227,10 @@ def test_property_own_text_publishes_late_as_the_pool_would(arrival, bs, chunked
     wl = build_workload(scn, seed, ".")
     late = run_scenario(scn, seed, ".", workload=wl, inflation=None).runs
     assert all(r._own_text for run in late for r in run.replicas)
-    init = rep_mod.Replica.__init__
-
-    def eager(self, *a, **k):
-        init(self, *a, **k)
-        self._own_text = False
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rep_mod.Replica, "__init__", eager)
-        ref = run_scenario(scn, seed, ".", workload=wl, inflation=None).runs
+    ref = _publishing_as_they_go(scn, seed, wl)
     for a, b in zip(ref, late):
-        for f in LOG_FIELDS + ("itl_hist",):
-            x, y = getattr(a.log, f), getattr(b.log, f)
-            assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"log.{f} differs"
+        assert_same_figures(a, b)
         for ra, rb in zip(a.replicas, b.replicas):
-            for f in STEP_FIELDS:
-                assert getattr(ra.steps, f) == getattr(rb.steps, f), f"steps.{f} differs"
             assert ra.pool.evictions == rb.pool.evictions and ra.pool.used == rb.pool.used
             rb.pool.check()
         sa, sb = (build_summary("p", seed, [r], {})["methods"][r.label]["prefix_cache"] for r in (a, b))
@@ -232,7 +240,6 @@ def test_property_own_text_publishes_late_as_the_pool_would(arrival, bs, chunked
 def test_own_text_recompute_hits_what_it_published_when_preempted():
     """A crowded replica (preemptions, recompute hits, evictions) gives the same figures whether
     requests with text of their own publish as they go or when preempted."""
-    from rkvsim.simulator import replica as rep_mod
     raw = {"name": "p", "model": "llama-2-7b", "hardware": "a6000", "methods": ["fp16"],
            "scheduler": {"policy": "vllm-v1", "max_batch_size": 256, "max_batched_tokens": 2048,
                          "gpu_memory_utilization": 0.55},
@@ -241,18 +248,8 @@ def test_own_text_recompute_hits_what_it_published_when_preempted():
     scn = Scenario.model_validate(raw)
     wl = build_workload(scn, 0, ".")
     (late,) = run_scenario(scn, 0, ".", workload=wl, inflation=None).runs
-    init = rep_mod.Replica.__init__
-
-    def eager(self, *a, **k):
-        init(self, *a, **k)
-        self._own_text = False
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rep_mod.Replica, "__init__", eager)
-        (ref,) = run_scenario(scn, 0, ".", workload=wl, inflation=None).runs
+    (ref,) = _publishing_as_they_go(scn, 0, wl)
     assert ref.log.preemptions.sum() > 0 and ref.log.prefix_hit_tokens > 0 and ref.replicas[0].pool.evictions > 0
-    for f in LOG_FIELDS + ("itl_hist",):
-        x, y = getattr(ref.log, f), getattr(late.log, f)
-        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"log.{f} differs"
+    assert_same_figures(ref, late)
     assert ref.log.prefix_hit_tokens == late.log.prefix_hit_tokens
     assert ref.replicas[0].pool.evictions == late.replicas[0].pool.evictions
-    assert ref.replicas[0].steps.t_end == late.replicas[0].steps.t_end
