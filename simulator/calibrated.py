@@ -17,7 +17,7 @@ import numpy as np
 
 from rkvsim.models import cached_tokens_vec
 
-from rkvsim.simulator.cost_model import RooflineCostModel, StepBatch
+from rkvsim.simulator.cost_model import RooflineCostModel, StepBatch, per_batch_size
 from rkvsim.models.files import read_json
 
 ENGINE_FILE = "engine_terms.json"
@@ -108,6 +108,10 @@ class CalibratedCostModel:
         n = len(self._dense) - 1
         return float(self._dense[t]) if t <= n else float(self._dense[n] + (t - n) * self._slope)
 
+    def _decode_dense(self, nd: int) -> float:
+        """Dense layers, LM head and all-reduce of a decode-only step of nd requests."""
+        return self._dense_t(nd) + self._head_t(nd) + self.rl._comm(nd)
+
     def _head_t(self, n: int) -> float:
         h = self.c.head
         if h is None:
@@ -172,10 +176,7 @@ class CalibratedCostModel:
             tot = cached.sum(axis=1)
         key = tot / nd
         attn = self._grid_vec(self._dec_grid, self._dec_tab_a, nd.astype(np.float64), key)
-        # nd only falls (requests leave a run, none join): one dense cost per stretch of equal nd.
-        starts = np.flatnonzero(np.diff(nd, prepend=-1))
-        dense = np.repeat([self._dense_t(x) + self._head_t(x) + self.rl._comm(x) for x in nd[starts].tolist()],
-                          np.diff(starts, append=k))
+        dense = per_batch_size(nd, self._decode_dense)
         st = self._dec_terms
         return st.scale * dense + st.attn_scale * attn + st.fixed_s + st.per_seq_s * nd
 

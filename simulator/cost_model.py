@@ -93,6 +93,13 @@ class StepOverheads:
         return f"graphs:{self.graphs} cpu:{self.cpu_source}"
 
 
+def per_batch_size(nd: np.ndarray, cost) -> np.ndarray:
+    """cost(n) for each step's batch size n, called once per stretch of equal sizes: a run's batch
+    only shrinks (requests leave, none join), so a run has a handful of stretches."""
+    starts = np.flatnonzero(np.diff(nd, prepend=-1))
+    return np.repeat([cost(x) for x in nd[starts].tolist()], np.diff(starts, append=len(nd)))
+
+
 @runtime_checkable
 class CostModel(Protocol):
     source: str
@@ -198,11 +205,7 @@ class RooflineCostModel:
         op = self._op_v if arr else None
         if arr:
             g = nd <= self.overheads.capture_tokens if self.overheads.graphs != "none" else np.zeros(len(nd), bool)
-            if nd[0] == nd[-1]:      # nd never rises within a run: constant iff the ends agree
-                base = np.full(len(nd), self._decode_base(int(nd[0])))
-            else:
-                u, inv = np.unique(nd, return_inverse=True)
-                base = np.array([self._decode_base(int(x)) for x in u])[inv]
+            base = per_batch_size(nd, self._decode_base)
         else:
             g = self._graphed(nd, 0)[1]
             base = self._decode_base(nd)

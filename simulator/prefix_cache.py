@@ -153,7 +153,8 @@ class BlockPool:
     def check(self) -> None:
         """Invariants (tests): free blocks are exactly those with no reference; maps agree."""
         assert all(r >= 0 for r in self.ref) and sum(self.ref) == self.refs
-        assert set(self.free) == {b for b, r in enumerate(self.ref) if r == 0} and len(self.free) == len(set(self.free))
+        free = self.free
+        assert set(free) == {b for b, r in enumerate(self.ref) if r == 0} and len(free) == len(set(free))
         assert all(b in self.key_of for b in self.cached) and not any(b in self.key_of for b in self.bare)
         assert all(self.block_of[k] == b for b, k in self.key_of.items() if k != UNREACHABLE)
         assert all(self.key_of.get(b) == k for k, b in self.block_of.items())

@@ -82,10 +82,8 @@ class Replica:
         # the request leaves: a request's keys can then be looked up by its own recompute alone,
         # so they are published only when it is preempted (as _release would publish them then;
         # until then no lookup could find them), and a finished request's blocks are cached under
-        # keys nobody can reach (BlockPool.release_unreachable). `_eager`: requests preempted
-        # once, published as they go from then on.
+        # keys nobody can reach (BlockPool.release_unreachable). See _publishes_late.
         self._own_text = self.pool is not None and content is None and layout._plain
-        self._eager: set[int] = set()
         self.held: dict[int, list[int]] = {}
         self._keys: dict[int, list[int]] = {}
         self._pub: dict[int, int] = {}          # blocks of each request already published
@@ -330,39 +328,42 @@ class Replica:
         if not grows:
             return
         if min(grows)[0] < 0:
-            grows.sort(key=lambda g: g[0] > 0)  # shrinks first, order kept otherwise
-            while grows and grows[0][0] < 0:
-                x, rid = grows.pop(0)
-                self._grow(rid, x)
-        # The growth in one allocation, handed out in order (the free queue pops the same blocks).
+            for x, rid in grows:                # shrinks first, order kept otherwise
+                if x < 0:
+                    self._grow(rid, x)
+            grows = [g for g in grows if g[0] > 0]
+        self._allocate_in_order(grows)
+        self.blocks_used = self.pool.used
+
+    def _allocate_in_order(self, grows: list[tuple[int, int]]) -> None:
+        """Give each (blocks, rid) its blocks from one allocation, in list order: the free queue
+        pops the same blocks as one allocation per request would."""
         got = self.pool.allocate(sum(x for x, _rid in grows))
         at, held = 0, self.held
         for x, rid in grows:
             held[rid].extend(got[at:at + x])
             at += x
-        self.blocks_used = self.pool.used
 
     def _release(self, rid: int, blocks: int, ctx: int, done: bool = False) -> None:
         """Free everything `rid` holds (it finished: done, or was preempted); cached blocks keep their keys."""
         if self.pool is None:
             self.blocks_used -= blocks
         else:
-            if self._own_text and rid not in self._eager:
-                if done:
-                    bl = self.held.pop(rid)
-                    self.pool.release_unreachable(bl, min(self._shareable_blocks(ctx, ctx), len(bl)))
-                    self._pub.pop(rid, None)
-                    self.blocks_used = self.pool.used
-                    return
-                self._eager.add(rid)
-            self._publish(rid, ctx)
-            if done:
-                self._eager.discard(rid)
-            self.pool.release(self.held.pop(rid))
-            self._keys.pop(rid, None)
+            if done and self._publishes_late(rid):
+                bl = self.held.pop(rid)
+                self.pool.release_unreachable(bl, min(self._shareable_blocks(ctx, ctx), len(bl)))
+            else:
+                self._publish(rid, ctx)
+                self.pool.release(self.held.pop(rid))
+                self._keys.pop(rid, None)
             self._pub.pop(rid, None)
             self.blocks_used = self.pool.used
         assert self.blocks_used >= 0, f"replica {self.index}: freed more blocks than held"
+
+    def _publishes_late(self, rid: int) -> bool:
+        """Whether `rid`'s blocks wait to be published (see __init__, _own_text): until it is first
+        preempted (_requeue counts the preemption before it releases, which then publishes)."""
+        return self._own_text and self.log.preemptions[rid] == 0
 
     def _shareable_blocks(self, length: int, n_tokens: int) -> int:
         spec, lay = self.layout.method.spec, self.layout
@@ -387,8 +388,8 @@ class Replica:
         # Prompt blocks are published when their chunk is scheduled; generated ones when the
         # request leaves (only its own recompute or its session's next turn can reuse them, and
         # both come later), which keeps the decode step free of per-request work.
-        if self._own_text and rid not in self._eager:
-            return                              # published when preempted (see __init__)
+        if self._publishes_late(rid):
+            return
         n = self._shareable_blocks(ctx, ctx)
         bl = self.held.get(rid)
         start = self._pub.get(rid, 0)
@@ -497,7 +498,7 @@ class Replica:
             rid = self.waiting[0]
             total = int(log.prompt[rid] + log.generated[rid])
             hit_blocks: list[int] = []
-            if self.pool is not None and (not self._own_text or rid in self._eager):
+            if self.pool is not None and not self._publishes_late(rid):      # else nothing of it is cached
                 n_hit = self._shareable_blocks(total, total - 1)
                 if n_hit:
                     hit_blocks = self.pool.lookup(self._block_keys(rid, n_hit))
@@ -553,10 +554,7 @@ class Replica:
                 self._requeue_decode(i)
             else:
                 rid, done, _total, blocks, _s = self.prefilling[i]
-                self._release(rid, blocks, done)
-                self.log.preemptions[rid] += 1
-                self.preempted += 1
-                self.waiting.appendleft(rid)
+                self._requeue(rid, blocks, done)
         if drop_pre:
             self.prefilling = [e for j, e in enumerate(self.prefilling) if j not in drop_pre]
         if drop_dec.any():
@@ -575,10 +573,7 @@ class Replica:
 
     def _preempt_prefill_at(self, j: int) -> None:
         rid, done, _total, blocks, _seq = self.prefilling.pop(j)
-        self._release(rid, blocks, done)
-        self.log.preemptions[rid] += 1
-        self.preempted += 1
-        self.waiting.appendleft(rid)
+        self._requeue(rid, blocks, done)
 
     # ---- LMDeploy ----------------------------------------------------------------------
     def _plan_lmdeploy(self):
@@ -701,18 +696,23 @@ class Replica:
         D, F, log = self.D, self.F, self.log
         rid = int(D[self.RID, i])
         log.generated[rid] = D[self.GEN, i]
-        log.preemptions[rid] += 1
-        self.preempted += 1
         log.last_token[rid] = F[self.LAST, i]
         log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
-        self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]))
+        self._requeue(rid, int(D[self.BLK, i]), int(D[self.CTX, i]))
+
+    def _requeue(self, rid: int, blocks: int, ctx: int) -> None:
+        """`rid` is preempted: counted (before its release, which reads the count), its blocks
+        freed, and it goes to the front of the queue."""
+        self.log.preemptions[rid] += 1
+        self.preempted += 1
+        self._release(rid, blocks, ctx)
         self.waiting.appendleft(rid)
 
     # ---- applying a run of decode steps (simulator/decode_run.py) ------------------------
     def _apply_run(self, run: Run, b: int) -> None:
         """Apply steps fin+1..b of `run` as step by step would have (their plans and finishes in
         order), and the plan of step b + 1 if the run goes on."""
-        D, F, log, lay = self.D, self.F, self.log, self.layout
+        D, F, log = self.D, self.F, self.log
         self._kv_seen = None
         a = run.fin + 1
         nxt = b < run.end                                # plan step b + 1 too
@@ -777,10 +777,10 @@ class Replica:
         nb = self.layout.num_blocks
         if self.pool is None:
             return run.used_fin[a - 1:b] / nb
-        pool, held, rem = self.pool, self.held, run.rem[cols]
+        pool, rem = self.pool, run.rem[cols]
         rids = run.rid[cols].tolist()
         p0 = run.planned + 1                              # first step whose plan is still to apply
-        grow = run.grow[p0 - 2:max(last_plan - 1, p0 - 2), cols]
+        grow = run.grow[p0 - 2:last_plan - 1, cols]       # empty when every plan is applied
         ks, ci = np.nonzero(grow)                         # step-major, column order within a step
         vals = grow[ks, ci]
         ks = ks + p0
@@ -796,11 +796,7 @@ class Replica:
         def flush():
             nonlocal pending_total
             if pending_total:
-                got = pool.allocate(pending_total)
-                at = 0
-                for r, x in pending:
-                    held[r].extend(got[at:at + x])
-                    at += x
+                self._allocate_in_order(pending)
                 pending.clear()
                 pending_total = 0
 
@@ -810,7 +806,7 @@ class Replica:
             upto = last_plan if k is None else k
             # Plans of steps before k (and k's own when it only grows) queue their growth.
             while e < len(ksl) and ksl[e] <= upto and (ksl[e] < upto or upto not in shrink_steps):
-                pending.append((rids[cil[e]], vl[e]))
+                pending.append((vl[e], rids[cil[e]]))
                 pending_total += vl[e]
                 e += 1
             stop = b if k is None else min(k - 1, b)
