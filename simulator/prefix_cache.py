@@ -18,11 +18,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-# The key of a cached block no request can look up (see BlockPool.release_unreachable). CPython
-# never hashes anything to -1, so no block key equals it.
-UNREACHABLE = -1
-
-
 def block_keys(segments, n_blocks: int, block_size: int) -> list[int]:
     """Keys of the first n_blocks full blocks of a request made of `segments` [(id, tokens)]: a
     block's key chains the ids of the segments up to the one holding its last token."""
@@ -44,28 +39,45 @@ class BlockPool:
 
     vLLM's one free queue always reads [blocks without a key ..., cached blocks, least recently
     freed first]: a block without a key is put at the head and a cached one at the tail, and a
-    block gets a key only while held. So it is kept as those two parts: `bare`, a stack whose
-    end is the head of the queue (allocation slices it instead of popping block by block), and
-    `cached`, in queue order. Both pop the same blocks, in the same order, as the single queue."""
+    block gets a key only while held. So it is kept as those two parts: `bare`, the blocks with
+    no key (a count), and `cached`, in queue order.
+
+    A block needs an id only while something can find it: while it is held by a request whose
+    blocks may be published (`allocate`), or while it is cached under a key a lookup can reach.
+    A request nobody else can look up (Replica._own_text) holds its blocks as a count
+    (`allocate_anon`); when it finishes they go to the queue as one run of unreachable cached
+    blocks, an entry of `cached` keyed by a negative serial with its length as value
+    (`release_anon`). Ids come from `spare` and go back there when their block loses its name.
+    Which id names which block is never observable; the queue pops the same blocks (keyless,
+    reachable or unreachable cached) in the same order as vLLM's single queue, so evictions,
+    hits and use are the same as with an id for every block."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self.bare: list[int] = list(range(num_blocks - 1, -1, -1))
-        self.cached: OrderedDict[int, None] = OrderedDict()
+        self.bare = num_blocks                      # free blocks without a key: the head of the queue
+        self.cached: OrderedDict[int, int | None] = OrderedDict()   # id -> None; -serial -> run length
+        self.n_cached = 0                           # blocks in `cached`
+        self.spare: list[int] = list(range(num_blocks - 1, -1, -1))  # ids naming no block now
         self.ref = [0] * num_blocks
         self.key_of: dict[int, int] = {}
         self.block_of: dict[int, int] = {}
         self.evictions = 0
-        self.refs = 0            # sum of reference counts (the replica's ledger checks it)
+        self.refs = 0            # sum of reference counts, held counts included (the replica's ledger checks it)
+        self.anon = 0            # blocks held as a count
+        self._serial = 0
 
     @property
     def used(self) -> int:
-        return self.num_blocks - len(self.bare) - len(self.cached)
+        return self.num_blocks - self.bare - self.n_cached
 
     @property
-    def free(self) -> list[int]:
-        """The free queue, head first (tests and checks; the pool never builds it)."""
-        return self.bare[::-1] + list(self.cached)
+    def free(self) -> list:
+        """The free queue, head first (tests and checks): None for a keyless block, an id for a
+        cached one, -1 for an unreachable cached one."""
+        out: list = [None] * self.bare
+        for b, run in self.cached.items():
+            out.extend([b] if b >= 0 else [-1] * run)
+        return out
 
     def lookup(self, keys: list[int]) -> list[int]:
         """Blocks holding the longest cached run of `keys` from the start."""
@@ -84,32 +96,62 @@ class BlockPool:
     def touch(self, blocks: list[int]) -> None:
         for b in blocks:
             if self.ref[b] == 0:
-                del self.cached[b]             # a hit is cached: it is never in `bare`
+                del self.cached[b]             # a hit is cached: it is never bare
+                self.n_cached -= 1
             self.ref[b] += 1
         self.refs += len(blocks)
 
-    def allocate(self, n: int) -> list[int]:
-        bare, ref = self.bare, self.ref
-        assert n <= len(bare) + len(self.cached), f"allocating {n} blocks with {self.num_blocks - self.used} free"
-        m = min(n, len(bare))
-        cut = len(bare) - m
-        out = bare[cut:]
-        out.reverse()                                  # the head of the queue first
-        del bare[cut:]
-        if m < n:
+    def _take(self, n: int) -> None:
+        """Pop n blocks from the head of the free queue: keyless ones first, then cached ones,
+        least recently freed first (each evicted and counted; a reachable one's id is spared)."""
+        assert n <= self.bare + self.n_cached, f"allocating {n} blocks with {self.num_blocks - self.used} free"
+        m = min(n, self.bare)
+        self.bare -= m
+        n -= m
+        if n:
             cached, key_of, block_of = self.cached, self.key_of, self.block_of
-            for _ in range(n - m):
-                b = cached.popitem(last=False)[0]
-                k = key_of.pop(b)
-                if k != UNREACHABLE:
-                    del block_of[k]
-                self.evictions += 1
-                out.append(b)
+            self.n_cached -= n
+            self.evictions += n
+            while n:
+                b, run = cached.popitem(last=False)
+                if b < 0:
+                    if run > n:
+                        cached[b] = run - n
+                        cached.move_to_end(b, last=False)
+                        return
+                    n -= run
+                else:
+                    del block_of[key_of.pop(b)]
+                    self.spare.append(b)
+                    n -= 1
+
+    def _name(self, n: int) -> list[int]:
+        spare, ref = self.spare, self.ref
+        cut = len(spare) - n
+        out = spare[cut:]
+        del spare[cut:]
         for b in out:
             assert ref[b] == 0, f"block {b} reused while referenced"
             ref[b] = 1
-        self.refs += n
         return out
+
+    def allocate(self, n: int) -> list[int]:
+        """n blocks from the head of the free queue, as ids (blocks that may be published)."""
+        self._take(n)
+        self.refs += n
+        return self._name(n)
+
+    def allocate_anon(self, n: int) -> None:
+        """n blocks from the head of the free queue, held as a count (see the class)."""
+        self._take(n)
+        self.refs += n
+        self.anon += n
+
+    def name(self, n: int) -> list[int]:
+        """Ids for n blocks held as a count (their request is about to publish them)."""
+        assert 0 <= n <= self.anon, f"naming {n} of {self.anon} blocks held as a count"
+        self.anon -= n
+        return self._name(n)
 
     def release(self, blocks: list[int]) -> None:
         # Tail first; a block with no key goes to the head of the queue (nothing to keep), a
@@ -122,25 +164,31 @@ class BlockPool:
             if ref[b] == 0:
                 if b in key_of:
                     self.cached[b] = None
+                    self.n_cached += 1
                 else:
-                    self.bare.append(b)
+                    self.bare += 1
+                    self.spare.append(b)
 
-    def release_unreachable(self, blocks: list[int], n: int) -> None:
-        """publish(blocks[:n], their keys) then release(blocks) for a request held alone (every
-        reference count 1) whose first n blocks get keys nobody can ever look up (a request
-        that has finished, with text of its own): the blocks take the same places in the free
-        queue (cached ones to the tail, last block first; the others to the head) and are
-        evicted and counted the same, with no key computed or mapped."""
-        ref = self.ref
-        for b in blocks:
-            assert ref[b] == 1, f"block {b} shared or free at an unreachable release"
-            ref[b] = 0
-        self.refs -= len(blocks)
-        key_of = self.key_of
-        assert not any(b in key_of for b in blocks[:n]), "an unreachable release of published blocks"
-        key_of.update(dict.fromkeys(blocks[:n], UNREACHABLE))
-        self.bare.extend(reversed(blocks[n:]))
-        self.cached.update(dict.fromkeys(reversed(blocks[:n])))
+    def release_anon(self, n: int, keyed: int) -> None:
+        """Release n blocks held as a count by a request that has finished, whose first `keyed`
+        would be cached under keys nobody can ever look up: those go to the tail of the queue
+        (one run of unreachable blocks, evicted and counted like any cached block), the rest to
+        the head, as publish-then-release would put them."""
+        assert 0 <= keyed <= n <= self.anon, f"releasing {n} of {self.anon} blocks held as a count"
+        self.anon -= n
+        self.refs -= n
+        self.bare += n - keyed
+        if keyed:
+            cached = self.cached
+            if cached:
+                last = next(reversed(cached))
+                if last < 0:                     # the tail is a run already: it grows
+                    cached[last] += keyed
+                    self.n_cached += keyed
+                    return
+            self._serial += 1
+            cached[-self._serial] = keyed
+            self.n_cached += keyed
 
     def publish(self, blocks: list[int], keys: list[int]) -> None:
         """Cache full blocks under their keys (a key already cached keeps its first block)."""
@@ -151,10 +199,17 @@ class BlockPool:
             self.block_of[k] = b
 
     def check(self) -> None:
-        """Invariants (tests): free blocks are exactly those with no reference; maps agree."""
-        assert all(r >= 0 for r in self.ref) and sum(self.ref) == self.refs
-        free = self.free
-        assert set(free) == {b for b, r in enumerate(self.ref) if r == 0} and len(free) == len(set(free))
-        assert all(b in self.key_of for b in self.cached) and not any(b in self.key_of for b in self.bare)
-        assert all(self.block_of[k] == b for b, k in self.key_of.items() if k != UNREACHABLE)
+        """Invariants (tests): every block is free, held by id or held as a count, once; an id
+        names a held or a reachable cached block, or is spare; maps agree."""
+        ref, cached = self.ref, self.cached
+        assert all(r >= 0 for r in ref) and sum(ref) + self.anon == self.refs
+        named = [b for b in cached if b >= 0]
+        held = {b for b, r in enumerate(ref) if r > 0}
+        assert all(run > 0 for b, run in cached.items() if b < 0)
+        assert self.n_cached == len(named) + sum(run for b, run in cached.items() if b < 0)
+        assert len(held) + self.anon == self.used and self.bare >= 0
+        assert not held & set(named) and not (held | set(named)) & set(self.spare)
+        assert len(held) + len(named) + len(self.spare) == self.num_blocks
+        assert set(self.key_of) <= held | set(named) and all(b in self.key_of for b in named)
+        assert all(self.block_of[k] == b for b, k in self.key_of.items())
         assert all(self.key_of.get(b) == k for k, b in self.block_of.items())

@@ -82,9 +82,12 @@ class Replica:
         # the request leaves: a request's keys can then be looked up by its own recompute alone,
         # so they are published only when it is preempted (as _release would publish them then;
         # until then no lookup could find them), and a finished request's blocks are cached under
-        # keys nobody can reach (BlockPool.release_unreachable). See _publishes_late.
+        # keys nobody can reach. Until then its blocks need no ids: it holds them as a count
+        # (`held_n`, BlockPool.allocate_anon) and they are named when it is preempted. See
+        # _publishes_late.
         self._own_text = self.pool is not None and content is None and layout._plain
         self.held: dict[int, list[int]] = {}
+        self.held_n: dict[int, int] = {}
         self._keys: dict[int, list[int]] = {}
         self._pub: dict[int, int] = {}          # blocks of each request already published
         self._wake: simpy.Event | None = None
@@ -284,8 +287,10 @@ class Replica:
         """Blocks held by the running and prefilling requests (what blocks_used must equal):
         with prefix caching, the distinct blocks they reference (shared blocks count once)."""
         if self.pool is not None:
-            assert len(self.held) == self.n_dec + len(self.prefilling), "a running request without a block list"
-            assert sum(map(len, self.held.values())) == self.pool.refs, "reference counts do not match the blocks held"
+            assert len(self.held) + len(self.held_n) == self.n_dec + len(self.prefilling), \
+                "a running request without blocks"
+            assert sum(map(len, self.held.values())) + sum(self.held_n.values()) == self.pool.refs, \
+                "reference counts do not match the blocks held"
             return self.pool.used
         return int(self.D[self.BLK, :self.n_dec].sum()) + sum(e[3] for e in self.prefilling)
 
@@ -298,6 +303,12 @@ class Replica:
         the oldest past the sink)."""
         pool = self.pool
         if pool is None:
+            self.blocks_used += n
+            return
+        if rid in self.held_n:
+            assert n >= 0, "a request holding a count of blocks shrank (its layout is not plain)"
+            pool.allocate_anon(n)
+            self.held_n[rid] += n
             self.blocks_used += n
             return
         bl = self.held[rid]
@@ -338,21 +349,27 @@ class Replica:
     def _allocate_in_order(self, grows: list[tuple[int, int]]) -> None:
         """Give each (blocks, rid) its blocks from one allocation, in list order: the free queue
         pops the same blocks as one allocation per request would."""
-        got = self.pool.allocate(sum(x for x, _rid in grows))
-        at, held = 0, self.held
+        pool, held, held_n = self.pool, self.held, self.held_n
+        pool.allocate_anon(sum(x for x, _rid in grows))
         for x, rid in grows:
-            held[rid].extend(got[at:at + x])
-            at += x
+            if rid in held_n:
+                held_n[rid] += x
+            else:
+                held[rid].extend(pool.name(x))
 
     def _release(self, rid: int, blocks: int, ctx: int, done: bool = False) -> None:
         """Free everything `rid` holds (it finished: done, or was preempted); cached blocks keep their keys."""
         if self.pool is None:
             self.blocks_used -= blocks
         else:
-            if done and self._publishes_late(rid):
-                bl = self.held.pop(rid)
-                self.pool.release_unreachable(bl, min(self._shareable_blocks(ctx, ctx), len(bl)))
-            else:
+            if rid in self.held_n:
+                n = self.held_n.pop(rid)
+                if done:
+                    self.pool.release_anon(n, min(self._shareable_blocks(ctx, ctx), n))
+                else:                                # preempted: named, then published and released
+                    assert not self._publishes_late(rid), "a preemption not counted before its release"
+                    self.held[rid] = self.pool.name(n)
+            if rid in self.held:
                 self._publish(rid, ctx)
                 self.pool.release(self.held.pop(rid))
                 self._keys.pop(rid, None)
@@ -449,6 +466,8 @@ class Replica:
                 rid = int(D[self.RID, i]) if kind == 0 else pre[i][0]
                 if self.pool is None:
                     free += int(D[self.BLK, i]) if kind == 0 else pre[i][3]
+                elif rid in self.held_n:
+                    free += self.held_n[rid]
                 else:
                     for b in self.held[rid]:
                         r = refs.get(b, self.pool.ref[b]) - 1
@@ -518,7 +537,10 @@ class Replica:
             if self.pool is not None:
                 self.pool.touch(hit_blocks)
                 self.blocks_used = self.pool.used
-                self.held[rid] = list(hit_blocks)
+                if self._publishes_late(rid):
+                    self.held_n[rid] = 0
+                else:
+                    self.held[rid] = list(hit_blocks)
                 self._pub[rid] = len(hit_blocks)
                 self._grow(rid, fresh)
                 self._publish(rid, computed + take)
