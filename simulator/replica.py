@@ -78,16 +78,17 @@ class Replica:
         self.pool = BlockPool(layout.num_blocks) if self.caching and layout.method.spec.prefix_sharing is not None \
             else None
         self.content = content
-        # Text of its own (no content description) on a layout that never frees a block before
-        # the request leaves: a request's keys can then be looked up by its own recompute alone,
-        # so they are published only when it is preempted (as _release would publish them then;
-        # until then no lookup could find them), and a finished request's blocks are cached under
-        # keys nobody can reach. Until then its blocks need no ids: it holds them as a count
-        # (`held_n`, BlockPool.allocate_anon) and they are named when it is preempted. See
-        # _publishes_late.
-        self._own_text = self.pool is not None and content is None and layout._plain
+        # Text of its own (no content description), on a layout that frees blocks from the end
+        # only (no sliding window): a request's keys can be looked up by its own recompute alone,
+        # so until it is first preempted its blocks need no ids. It holds them as a count
+        # (`held_n`, BlockPool.allocate_anon); its first `_hw` blocks are those _publish has
+        # published. When it is preempted, or frees a published block, its blocks are named and
+        # it goes on as any other (_name_counted); when it finishes, its published blocks go to
+        # the free queue as one run of keys nobody can reach (BlockPool.release_anon).
+        self._own_text = self.pool is not None and content is None and layout.window is None
         self.held: dict[int, list[int]] = {}
         self.held_n: dict[int, int] = {}
+        self._hw: dict[int, int] = {}           # counted: how many of its first blocks are published
         self._keys: dict[int, list[int]] = {}
         self._pub: dict[int, int] = {}          # blocks of each request already published
         self._wake: simpy.Event | None = None
@@ -306,11 +307,17 @@ class Replica:
             self.blocks_used += n
             return
         if rid in self.held_n:
-            assert n >= 0, "a request holding a count of blocks shrank (its layout is not plain)"
-            pool.allocate_anon(n)
-            self.held_n[rid] += n
-            self.blocks_used += n
-            return
+            if n >= 0:
+                pool.allocate_anon(n)
+                self.held_n[rid] += n
+                self.blocks_used += n
+                return
+            if self.held_n[rid] + n >= self._hw.get(rid, 0):    # none of the freed is published
+                self.held_n[rid] += n
+                pool.release_anon(-n, 0)
+                self.blocks_used = pool.used
+                return
+            self._name_counted(rid)
         bl = self.held[rid]
         if n > 0:
             bl.extend(pool.allocate(n))
@@ -362,25 +369,33 @@ class Replica:
         if self.pool is None:
             self.blocks_used -= blocks
         else:
+            self._publish(rid, ctx)
             if rid in self.held_n:
-                n = self.held_n.pop(rid)
-                if done:
-                    self.pool.release_anon(n, min(self._shareable_blocks(ctx, ctx), n))
-                else:                                # preempted: named, then published and released
-                    assert not self._publishes_late(rid), "a preemption not counted before its release"
-                    self.held[rid] = self.pool.name(n)
+                if done:                             # its keys can never be looked up again
+                    self.pool.release_anon(self.held_n.pop(rid), self._hw.pop(rid, 0))
+                else:                                # preempted: its recompute will look them up
+                    self._name_counted(rid)
             if rid in self.held:
-                self._publish(rid, ctx)
                 self.pool.release(self.held.pop(rid))
-                self._keys.pop(rid, None)
+            self._keys.pop(rid, None)
             self._pub.pop(rid, None)
             self.blocks_used = self.pool.used
         assert self.blocks_used >= 0, f"replica {self.index}: freed more blocks than held"
 
-    def _publishes_late(self, rid: int) -> bool:
-        """Whether `rid`'s blocks wait to be published (see __init__, _own_text): until it is first
-        preempted (_requeue counts the preemption before it releases, which then publishes)."""
+    def _counts(self, rid: int) -> bool:
+        """Whether `rid`, being admitted, holds its blocks as a count (see __init__, _own_text):
+        until it is first preempted."""
         return self._own_text and self.log.preemptions[rid] == 0
+
+    def _name_counted(self, rid: int) -> None:
+        """A counted request's blocks get ids, its published ones their keys: from here on it is
+        held and published as any other."""
+        n, hw = self.held_n.pop(rid), self._hw.pop(rid, 0)
+        self.held[rid] = ids = self.pool.name(n)
+        if hw:
+            keys = self._block_keys(rid, hw)
+            assert not any(k in self.pool.block_of for k in keys), "a counted request's key is cached twice"
+            self.pool.publish(ids[:hw], keys)
 
     def _shareable_blocks(self, length: int, n_tokens: int) -> int:
         spec, lay = self.layout.method.spec, self.layout
@@ -405,11 +420,20 @@ class Replica:
         # Prompt blocks are published when their chunk is scheduled; generated ones when the
         # request leaves (only its own recompute or its session's next turn can reuse them, and
         # both come later), which keeps the decode step free of per-request work.
-        if self._publishes_late(rid):
-            return
         n = self._shareable_blocks(ctx, ctx)
-        bl = self.held.get(rid)
         start = self._pub.get(rid, 0)
+        if rid in self.held_n:
+            held = self.held_n[rid]
+            if held and n > start:
+                n = min(n, held)
+                # pool.publish(blocks start..n-1) below: a block past the text's last full block
+                # gets no key (zip), and publishing starts where it last ended (start >= _hw).
+                hw = min(n, int(self.log.prompt[rid] + self.log.output[rid]) // self.layout.block_size)
+                if hw > self._hw.get(rid, 0):
+                    self._hw[rid] = hw
+                self._pub[rid] = n
+            return
+        bl = self.held.get(rid)
         if bl and n > start:
             n = min(n, len(bl))
             self.pool.publish(bl[start:n], self._block_keys(rid, n)[start:])
@@ -517,7 +541,7 @@ class Replica:
             rid = self.waiting[0]
             total = int(log.prompt[rid] + log.generated[rid])
             hit_blocks: list[int] = []
-            if self.pool is not None and not self._publishes_late(rid):      # else nothing of it is cached
+            if self.pool is not None and not self._counts(rid):      # else nothing of it is cached
                 n_hit = self._shareable_blocks(total, total - 1)
                 if n_hit:
                     hit_blocks = self.pool.lookup(self._block_keys(rid, n_hit))
@@ -537,7 +561,7 @@ class Replica:
             if self.pool is not None:
                 self.pool.touch(hit_blocks)
                 self.blocks_used = self.pool.used
-                if self._publishes_late(rid):
+                if self._counts(rid):
                     self.held_n[rid] = 0
                 else:
                     self.held[rid] = list(hit_blocks)

@@ -205,18 +205,38 @@ def _publishing_as_they_go(scn, seed, wl):
         return run_scenario(scn, seed, ".", workload=wl, inflation=None).runs
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(arrival=arrival_st, bs=st.integers(2, 64), chunked=st.booleans(),
+def _publishing_every_block(mp):
+    """Make an evicting method (H2O) cache every block it holds, under a pool: its prompt blocks
+    are published, then freed when the prompt is attended, which a counted request can only do
+    by being named (Replica._name_counted). No shipped method frees a published block."""
+    from rkvsim.simulator import replica as rep_mod
+    from rkvsim.simulator.prefix_cache import BlockPool
+    init = rep_mod.Replica.__init__
+
+    def pooled(self, *a, **k):
+        init(self, *a, **k)
+        self.pool = BlockPool(self.layout.num_blocks)
+        self._own_text = self._own_text or (self.content is None and self.layout.window is None)
+    mp.setattr(rep_mod.Replica, "__init__", pooled)
+    mp.setattr(rep_mod.Replica, "_shareable_blocks", lambda self, length, n: -(-int(n) // self.layout.block_size))
+
+
+OWN_TEXT_METHODS = ["fp16", "fp8", "kivi-2", "kivi-4", "h2o-512 publishing every block"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(method=st.sampled_from(OWN_TEXT_METHODS), arrival=arrival_st, bs=st.integers(2, 64), chunked=st.booleans(),
        replicas=st.integers(1, 2), plo=st.integers(1, 400), pspan=st.integers(0, 600), omax=st.integers(1, 300),
        seed=st.integers(0, 1000), mem=st.sampled_from([0.5, 0.9]), step=st.booleans())
-def test_property_own_text_publishes_late_as_the_pool_would(arrival, bs, chunked, replicas, plo, pspan, omax,
-                                                            seed, mem, step):
-    """Requests with text of their own on a plain layout publish their blocks when preempted and
-    leave unreachable keys when they finish (Replica._own_text): every figure, the pool's evictions
-    and the summary's prefix_cache block equal what publishing as they go gives."""
+def test_property_own_text_counted_as_the_pool_would(method, arrival, bs, chunked, replicas, plo, pspan, omax,
+                                                     seed, mem, step):
+    """Requests with text of their own hold their blocks as counts until preempted or until
+    they free a published block, and leave unreachable keys when they finish (Replica._own_text):
+    every figure, the pool's evictions and use, and the summary's prefix_cache block equal what
+    naming every block and publishing as they go gives."""
     from rkvsim.simulator.outputs import build_summary
-    raw = {"name": "p", "model": "llama-2-7b", "hardware": "a6000", "methods": ["fp16"], "replicas": replicas,
-           "router": "least_kv", "step_by_step": step,
+    raw = {"name": "p", "model": "llama-2-7b", "hardware": "a6000", "methods": [method.split()[0]],
+           "replicas": replicas, "router": "least_kv", "step_by_step": step,
            "scheduler": {"policy": "vllm-v1", "enable_prefix_caching": True, "max_batch_size": bs,
                          "chunked_prefill": chunked, "max_batched_tokens": 512 if chunked else 4096,
                          "gpu_memory_utilization": mem},
@@ -225,16 +245,42 @@ def test_property_own_text_publishes_late_as_the_pool_would(arrival, bs, chunked
                         "output": {"dist": "uniform", "low": 1, "high": omax}}}
     scn = Scenario.model_validate(raw)
     wl = build_workload(scn, seed, ".")
-    late = run_scenario(scn, seed, ".", workload=wl, inflation=None).runs
-    assert all(r._own_text for run in late for r in run.replicas)
-    ref = _publishing_as_they_go(scn, seed, wl)
-    for a, b in zip(ref, late):
+    with pytest.MonkeyPatch.context() as mp:
+        if "every block" in method:
+            _publishing_every_block(mp)
+        counted = run_scenario(scn, seed, ".", workload=wl, inflation=None).runs
+        assert all(r._own_text for run in counted for r in run.replicas)
+        ref = _publishing_as_they_go(scn, seed, wl)
+    for a, b in zip(ref, counted):
         assert_same_figures(a, b)
         for ra, rb in zip(a.replicas, b.replicas):
             assert ra.pool.evictions == rb.pool.evictions and ra.pool.used == rb.pool.used
             rb.pool.check()
         sa, sb = (build_summary("p", seed, [r], {})["methods"][r.label]["prefix_cache"] for r in (a, b))
         assert sa == sb
+
+
+def test_a_counted_request_that_frees_a_published_block_is_named():
+    """The forced case of the property above, once where it must happen: H2O's prompt blocks,
+    all published, are freed down to its budget when the prompt is attended."""
+    from rkvsim.simulator import replica as rep_mod
+    raw = {"name": "p", "model": "llama-2-7b", "hardware": "a6000", "methods": ["h2o-512"],
+           "scheduler": {"policy": "vllm-v1", "max_batch_size": 64, "gpu_memory_utilization": 0.5},
+           "workload": {"num_requests": 200, "arrival": {"process": "poisson", "rate": 6.0},
+                        "prompt": {"dist": "uniform", "low": 600, "high": 2000},
+                        "output": {"dist": "uniform", "low": 1, "high": 400}}}
+    scn = Scenario.model_validate(raw)
+    wl = build_workload(scn, 0, ".")
+    named = []
+    with pytest.MonkeyPatch.context() as mp:
+        _publishing_every_block(mp)
+        name = rep_mod.Replica._name_counted
+        mp.setattr(rep_mod.Replica, "_name_counted", lambda self, rid: (named.append(rid), name(self, rid))[1])
+        (counted,) = run_scenario(scn, 0, ".", workload=wl, inflation=None).runs
+        (ref,) = _publishing_as_they_go(scn, 0, wl)
+    assert len(named) > counted.log.preemptions.sum()       # named by a shrink, not only by preemptions
+    assert_same_figures(ref, counted)
+    assert ref.replicas[0].pool.evictions == counted.replicas[0].pool.evictions > 0
 
 
 def test_own_text_recompute_hits_what_it_published_when_preempted():
