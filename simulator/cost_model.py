@@ -96,6 +96,8 @@ class StepOverheads:
 def per_batch_size(nd: np.ndarray, cost) -> np.ndarray:
     """cost(n) for each step's batch size n, called once per stretch of equal sizes: a run's batch
     only shrinks (requests leave, none join), so a run has a handful of stretches."""
+    if nd[0] == nd[-1]:                 # one stretch (sizes only shrink): most runs
+        return np.full(len(nd), float(cost(int(nd[0]))))
     starts = np.flatnonzero(np.diff(nd, prepend=-1))
     return np.repeat([cost(x) for x in nd[starts].tolist()], np.diff(starts, append=len(nd)))
 

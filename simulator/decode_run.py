@@ -88,7 +88,6 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     grow = np.diff(blocks, axis=0)                          # row j: growth planned at step j + 2
     if not full:
         grow *= live[1:]
-    inc = np.concatenate(([0], grow.sum(axis=1)))
     if waiting:
         shrink = np.flatnonzero((grow < 0).any(axis=1))
         if len(shrink):
@@ -98,10 +97,13 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     used_plan = used_fin = None
     k0 = len(steps)                                   # the arrays' length; k is cut below
     if pooled:
-        # The pool frees a shared block only with its last holder: bound use by growth alone.
-        bound = used + np.cumsum(np.concatenate(([0], np.maximum(grow, 0).sum(axis=1))))
-        over = np.flatnonzero(bound > layout.num_blocks)
+        # The pool frees a shared block only with its last holder: bound use by growth alone
+        # (a bound that never falls: over only if its last value is).
+        up = np.maximum(grow, 0).sum(axis=1)
+        over = np.flatnonzero(used + np.cumsum(np.concatenate(([0], up))) > layout.num_blocks) \
+            if used + int(up.sum()) > layout.num_blocks else ()
     else:
+        inc = np.concatenate(([0], grow.sum(axis=1)))
         done_at = rem <= k0
         rel = np.zeros(k0 + 1, np.int64)
         if done_at.any():
