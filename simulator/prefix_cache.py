@@ -113,14 +113,16 @@ class BlockPool:
             self.n_cached -= n
             self.evictions += n
             while n:
-                b, run = cached.popitem(last=False)
+                b = next(iter(cached))
                 if b < 0:
-                    if run > n:
+                    run = cached[b]
+                    if run > n:                  # the head run shortens in place
                         cached[b] = run - n
-                        cached.move_to_end(b, last=False)
                         return
+                    del cached[b]
                     n -= run
                 else:
+                    del cached[b]
                     del block_of[key_of.pop(b)]
                     self.spare.append(b)
                     n -= 1

@@ -14,7 +14,8 @@ the upstream file it follows:
 - lmdeploy (`_plan_lmdeploy`): lmdeploy/pytorch/paging/scheduler.py and engine/engine.py.
 A preempted request is recomputed later (its prompt and generated tokens are prefilled again).
 Under prefix caching (vllm-v1) the blocks are real block ids in a BlockPool
-(simulator/prefix_cache.py); otherwise they are counted.
+(simulator/prefix_cache.py), except those of a request whose text nobody else can look up,
+held there as a count until it is preempted (see _own_text); otherwise they are counted.
 """
 from __future__ import annotations
 
@@ -81,13 +82,14 @@ class Replica:
         # Text of its own (no content description), on a layout that frees blocks from the end
         # only (no sliding window): a request's keys can be looked up by its own recompute alone,
         # so until it is first preempted its blocks need no ids. It holds them as a count
-        # (`held_n`, BlockPool.allocate_anon); its first `_hw` blocks are those _publish has
+        # (`counted`, BlockPool.allocate_anon: how many is its BLK, or its prefill entry's
+        # blocks, as without a pool); its first `_hw` blocks are those _publish has
         # published. When it is preempted, or frees a published block, its blocks are named and
         # it goes on as any other (_name_counted); when it finishes, its published blocks go to
         # the free queue as one run of keys nobody can reach (BlockPool.release_anon).
         self._own_text = self.pool is not None and content is None and layout.window is None
         self.held: dict[int, list[int]] = {}
-        self.held_n: dict[int, int] = {}
+        self.counted: set[int] = set()
         self._hw: dict[int, int] = {}           # counted: how many of its first blocks are published
         self._keys: dict[int, list[int]] = {}
         self._pub: dict[int, int] = {}          # blocks of each request already published
@@ -288,36 +290,39 @@ class Replica:
         """Blocks held by the running and prefilling requests (what blocks_used must equal):
         with prefix caching, the distinct blocks they reference (shared blocks count once)."""
         if self.pool is not None:
-            assert len(self.held) + len(self.held_n) == self.n_dec + len(self.prefilling), \
+            assert len(self.held) + len(self.counted) == self.n_dec + len(self.prefilling), \
                 "a running request without blocks"
-            assert sum(map(len, self.held.values())) + sum(self.held_n.values()) == self.pool.refs, \
-                "reference counts do not match the blocks held"
+            # Each request's blocks (shared ones once per holder) are its references.
+            assert self._held_blocks() == self.pool.refs, "reference counts do not match the blocks held"
             return self.pool.used
-        return int(self.D[self.BLK, :self.n_dec].sum()) + sum(e[3] for e in self.prefilling)
+        return self._held_blocks()
+
+    def _held_blocks(self) -> int:
+        # (tolist and sum: a numpy reduction costs more on tens of elements)
+        return sum(self.D[self.BLK, :self.n_dec].tolist()) + sum(e[3] for e in self.prefilling)
 
     # ---- blocks: counted, or real ids in the pool (prefix caching) -------------------
     def _free_blocks(self) -> int:
         return self.layout.num_blocks - self.blocks_used
 
-    def _grow(self, rid: int, n: int) -> None:
+    def _grow(self, rid: int, n: int, held: int = -1) -> None:
         """Give request `rid` n more blocks (n < 0: free its last -n, or for a sliding window
-        the oldest past the sink)."""
+        the oldest past the sink; `held`: the blocks it holds before, for a counted request)."""
         pool = self.pool
         if pool is None:
             self.blocks_used += n
             return
-        if rid in self.held_n:
+        if rid in self.counted:
             if n >= 0:
                 pool.allocate_anon(n)
-                self.held_n[rid] += n
                 self.blocks_used += n
                 return
-            if self.held_n[rid] + n >= self._hw.get(rid, 0):    # none of the freed is published
-                self.held_n[rid] += n
+            assert held >= -n, f"request {rid} frees {-n} blocks of {held}"
+            if held + n >= self._hw.get(rid, 0):    # none of the freed is published
                 pool.release_anon(-n, 0)
                 self.blocks_used = pool.used
                 return
-            self._name_counted(rid)
+            self._name_counted(rid, held)
         bl = self.held[rid]
         if n > 0:
             bl.extend(pool.allocate(n))
@@ -346,9 +351,12 @@ class Replica:
         if not grows:
             return
         if min(grows)[0] < 0:
-            for x, rid in grows:                # shrinks first, order kept otherwise
+            # (the blocks each holds before: decodes' BLK, prefills' entries)
+            nd, blk = len(nz), self.D[self.BLK]
+            pre = {e[0]: e[3] for e in self.prefilling} if len(grows) > nd else None
+            for j, (x, rid) in enumerate(grows):    # shrinks first, order kept otherwise
                 if x < 0:
-                    self._grow(rid, x)
+                    self._grow(rid, x, int(blk[nz[j]]) if j < nd else pre[rid])
             grows = [g for g in grows if g[0] > 0]
         self._allocate_in_order(grows)
         self.blocks_used = self.pool.used
@@ -356,25 +364,25 @@ class Replica:
     def _allocate_in_order(self, grows: list[tuple[int, int]]) -> None:
         """Give each (blocks, rid) its blocks from one allocation, in list order: the free queue
         pops the same blocks as one allocation per request would."""
-        pool, held, held_n = self.pool, self.held, self.held_n
+        pool, held = self.pool, self.held
         pool.allocate_anon(sum(x for x, _rid in grows))
-        for x, rid in grows:
-            if rid in held_n:
-                held_n[rid] += x
-            else:
-                held[rid].extend(pool.name(x))
+        if held:                                # counted requests need nothing more
+            for x, rid in grows:
+                if rid in held:
+                    held[rid].extend(pool.name(x))
 
     def _release(self, rid: int, blocks: int, ctx: int, done: bool = False) -> None:
         """Free everything `rid` holds (it finished: done, or was preempted); cached blocks keep their keys."""
         if self.pool is None:
             self.blocks_used -= blocks
         else:
-            self._publish(rid, ctx)
-            if rid in self.held_n:
+            self._publish(rid, ctx, blocks)
+            if rid in self.counted:
                 if done:                             # its keys can never be looked up again
-                    self.pool.release_anon(self.held_n.pop(rid), self._hw.pop(rid, 0))
+                    self.counted.remove(rid)
+                    self.pool.release_anon(blocks, self._hw.pop(rid, 0))
                 else:                                # preempted: its recompute will look them up
-                    self._name_counted(rid)
+                    self._name_counted(rid, blocks)
             if rid in self.held:
                 self.pool.release(self.held.pop(rid))
             self._keys.pop(rid, None)
@@ -387,10 +395,11 @@ class Replica:
         until it is first preempted."""
         return self._own_text and self.log.preemptions[rid] == 0
 
-    def _name_counted(self, rid: int) -> None:
-        """A counted request's blocks get ids, its published ones their keys: from here on it is
-        held and published as any other."""
-        n, hw = self.held_n.pop(rid), self._hw.pop(rid, 0)
+    def _name_counted(self, rid: int, n: int) -> None:
+        """A counted request's n blocks get ids, its published ones their keys: from here on it
+        is held and published as any other."""
+        self.counted.remove(rid)
+        hw = self._hw.pop(rid, 0)
         self.held[rid] = ids = self.pool.name(n)
         if hw:
             keys = self._block_keys(rid, hw)
@@ -414,7 +423,7 @@ class Replica:
             self._keys[rid] = keys
         return keys[:n]
 
-    def _publish(self, rid: int, ctx: int) -> None:
+    def _publish(self, rid: int, ctx: int, held: int = 0) -> None:
         # vllm/v1/core/kv_cache_manager.py allocate_slots -> cache_blocks: full blocks of computed
         # tokens are cached when they are scheduled; here, those the method holds in shareable form.
         # Prompt blocks are published when their chunk is scheduled; generated ones when the
@@ -422,8 +431,7 @@ class Replica:
         # both come later), which keeps the decode step free of per-request work.
         n = self._shareable_blocks(ctx, ctx)
         start = self._pub.get(rid, 0)
-        if rid in self.held_n:
-            held = self.held_n[rid]
+        if rid in self.counted:                 # held: the blocks it holds
             if held and n > start:
                 n = min(n, held)
                 # pool.publish(blocks start..n-1) below: a block past the text's last full block
@@ -490,8 +498,8 @@ class Replica:
                 rid = int(D[self.RID, i]) if kind == 0 else pre[i][0]
                 if self.pool is None:
                     free += int(D[self.BLK, i]) if kind == 0 else pre[i][3]
-                elif rid in self.held_n:
-                    free += self.held_n[rid]
+                elif rid in self.counted:
+                    free += int(D[self.BLK, i]) if kind == 0 else pre[i][3]
                 else:
                     for b in self.held[rid]:
                         r = refs.get(b, self.pool.ref[b]) - 1
@@ -523,7 +531,7 @@ class Replica:
             if t:
                 e[3] += x
                 if self.pool is not None:
-                    self._publish(e[0], e[1] + t)
+                    self._publish(e[0], e[1] + t, e[3])
                 chunks.append((e, t))
         budget -= k + sum(takes)
         if not victims:
@@ -562,12 +570,12 @@ class Replica:
                 self.pool.touch(hit_blocks)
                 self.blocks_used = self.pool.used
                 if self._counts(rid):
-                    self.held_n[rid] = 0
+                    self.counted.add(rid)
                 else:
                     self.held[rid] = list(hit_blocks)
                 self._pub[rid] = len(hit_blocks)
                 self._grow(rid, fresh)
-                self._publish(rid, computed + take)
+                self._publish(rid, computed + take, need)
                 log.prefix_hit_tokens += computed
                 log.prefix_query_tokens += total
                 if log.preemptions[rid] == 0:
@@ -832,18 +840,27 @@ class Replica:
         ks = ks + p0
         # growth planned at each step a..last_plan (small integer counts: exact through float weights)
         per_step = np.bincount(ks - a, weights=vals, minlength=last_plan - a + 2).astype(np.int64)
-        ksl, cil, vl = ks.tolist(), ci.tolist(), vals.tolist()
-        shrink_steps = {k for k, x in zip(ksl, vl) if x < 0} if len(vl) and min(vl) < 0 else set()
+        shrinks = len(vals) and vals.min() < 0
+        # Counted requests only and no shrink: what the pool sees is the growth's total between
+        # finishes (one allocation), so the events are summed, not queued one by one.
+        totals = np.cumsum(per_step) if not self.held and not shrinks else None
+        ksl, cil, vl = ([], [], []) if totals is not None else (ks.tolist(), ci.tolist(), vals.tolist())
+        shrink_steps = {k for k, x in zip(ksl, vl) if x < 0} if shrinks else set()
         fin_steps = set(rem[(rem >= a) & (rem <= b)].tolist())
         breaks = sorted(shrink_steps | fin_steps)
         pending_total, pending = 0, []
         e = 0                                             # next growth event to queue
+        allocated = 0                                     # (totals) growth allocated so far
 
         def flush():
-            nonlocal pending_total
+            nonlocal pending_total, allocated
             if pending_total:
-                self._allocate_in_order(pending)
-                pending.clear()
+                if totals is None:
+                    self._allocate_in_order(pending)
+                    pending.clear()
+                else:
+                    pool.allocate_anon(pending_total)
+                    allocated += pending_total
                 pending_total = 0
 
         kvf = np.empty(b - a + 1)
@@ -851,6 +868,8 @@ class Replica:
         for k in breaks + [None]:
             upto = last_plan if k is None else k
             # Plans of steps before k (and k's own when it only grows) queue their growth.
+            if totals is not None:
+                pending_total = int(totals[upto - a]) - allocated
             while e < len(ksl) and ksl[e] <= upto and (ksl[e] < upto or upto not in shrink_steps):
                 pending.append((vl[e], rids[cil[e]]))
                 pending_total += vl[e]
@@ -868,7 +887,7 @@ class Replica:
                     here.append((cil[e], vl[e]))
                     e += 1
                 for i, x in sorted(here, key=lambda g: g[1] > 0):
-                    self._grow(rids[i], x)
+                    self._grow(rids[i], x, int(run.blocks[k - 2, cols[i]]))
             if a <= k <= b:
                 fin = np.flatnonzero(rem == k).tolist()
                 if fin:
@@ -931,7 +950,7 @@ class Replica:
             # Eviction and SnapKV selection shrink the cache once the prompt is attended.
             keep_blocks = lay.decode_blocks(total, total)
             assert keep_blocks <= blocks, f"request {rid}: eviction grew its cache ({blocks} -> {keep_blocks} blocks)"
-            self._grow(rid, keep_blocks - blocks)
+            self._grow(rid, keep_blocks - blocks, blocks)
             i = self.n_dec
             assert i < self.cfg.max_batch_size, f"replica {self.index}: more than max_batch_size running"
             D[:, i] = (total, gen, rid, total, log.output[rid], keep_blocks, seq)  # CTX GEN RID PLEN OUT BLK SEQ

@@ -275,7 +275,7 @@ def test_a_counted_request_that_frees_a_published_block_is_named():
     with pytest.MonkeyPatch.context() as mp:
         _publishing_every_block(mp)
         name = rep_mod.Replica._name_counted
-        mp.setattr(rep_mod.Replica, "_name_counted", lambda self, rid: (named.append(rid), name(self, rid))[1])
+        mp.setattr(rep_mod.Replica, "_name_counted", lambda self, rid, n: (named.append(rid), name(self, rid, n))[1])
         (counted,) = run_scenario(scn, 0, ".", workload=wl, inflation=None).runs
         (ref,) = _publishing_as_they_go(scn, 0, wl)
     assert len(named) > counted.log.preemptions.sum()       # named by a shrink, not only by preemptions

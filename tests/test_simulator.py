@@ -40,7 +40,7 @@ def check_invariants(run, wl: Workload) -> None:
         if pool is not None:
             # No block leaked, no reference count left or negative, free queue = unreferenced blocks.
             pool.check()
-            assert pool.used == 0 and pool.refs == 0 and not rep.held and not rep.held_n
+            assert pool.used == 0 and pool.refs == 0 and not rep.held and not rep.counted
         kv = np.frombuffer(rep.steps.kv_fraction)
         assert np.all(kv <= 1.0 + 1e-12)
         t = np.frombuffer(rep.steps.t_end)
