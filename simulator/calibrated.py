@@ -17,7 +17,7 @@ import numpy as np
 
 from rkvsim.models import cached_tokens_vec
 
-from rkvsim.simulator.cost_model import RooflineCostModel, StepBatch, per_batch_size
+from rkvsim.simulator.cost_model import BySize, RooflineCostModel, StepBatch
 from rkvsim.models.files import read_json
 
 ENGINE_FILE = "engine_terms.json"
@@ -101,6 +101,8 @@ class CalibratedCostModel:
         # decode_run's grid as arrays, with each cell's width (the same subtraction _grid_at makes).
         self._dec_grid = tuple((a, a[1:] - a[:-1]) for a in (np.asarray(self._dec_b, np.float64),
                                                           np.asarray(self._dec_c, np.float64)))
+        self._dense_by_size = BySize(self._decode_dense)
+        self._x_cells = (np.empty(0, np.int64), np.empty(0))
         self._dense = compiled.dense
         self._slope = float(compiled.dense[-1] - compiled.dense[-2])
 
@@ -175,19 +177,30 @@ class CalibratedCostModel:
             nd = np.full(k, len(ctx))
             tot = cached.sum(axis=1)
         key = tot / nd
-        attn = self._grid_vec(self._dec_grid, self._dec_tab_a, nd.astype(np.float64), key)
-        dense = per_batch_size(nd, self._decode_dense)
+        attn = self._grid_vec(self._dec_grid, self._dec_tab_a, self._cells_of(nd), key)
+        dense = self._dense_by_size(nd)
         st = self._dec_terms
         return st.scale * dense + st.attn_scale * attn + st.fixed_s + st.per_seq_s * nd
 
+    def _cells_of(self, nd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each batch size's cell on the grid's batch axis and the fraction across it, as
+        _grid_vec computes them (a table over sizes: the batch axis is integer)."""
+        ix, tx = self._x_cells
+        if int(nd.max()) >= len(ix):
+            x = np.arange(max(64, 1 << int(nd.max()).bit_length()), dtype=np.float64)
+            xa, dx = self._dec_grid[0]
+            ix = np.minimum(np.maximum(np.searchsorted(xa, x, "left") - 1, 0), len(xa) - 2)
+            self._x_cells = ix, (x - xa[ix]) / dx[ix]
+            ix, tx = self._x_cells
+        return ix[nd], tx[nd]
+
     @staticmethod
-    def _grid_vec(grid: tuple, tab: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def _grid_vec(grid: tuple, tab: np.ndarray, xc: tuple[np.ndarray, np.ndarray], y: np.ndarray) -> np.ndarray:
         """_grid_at over arrays of points: the same operations element by element. grid: the
-        two axes, each (points, widths)."""
-        (xa, dx), (ya, dy) = grid
-        i = np.minimum(np.maximum(np.searchsorted(xa, x, "left") - 1, 0), len(xa) - 2)
+        two axes, each (points, widths); xc: the points' cells and fractions on the first."""
+        (ya, dy) = grid[1]
+        i, tx = xc
         j = np.minimum(np.maximum(np.searchsorted(ya, y, "left") - 1, 0), len(ya) - 2)
-        tx = (x - xa[i]) / dx[i]
         ty = (y - ya[j]) / dy[j]
         a, b, c, d = tab[i, j], tab[i + 1, j], tab[i, j + 1], tab[i + 1, j + 1]
         v = (a + (b - a) * tx) * (1 - ty) + (c + (d - c) * tx) * ty

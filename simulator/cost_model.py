@@ -93,13 +93,23 @@ class StepOverheads:
         return f"graphs:{self.graphs} cpu:{self.cpu_source}"
 
 
-def per_batch_size(nd: np.ndarray, cost) -> np.ndarray:
-    """cost(n) for each step's batch size n, called once per stretch of equal sizes: a run's batch
-    only shrinks (requests leave, none join), so a run has a handful of stretches."""
-    if nd[0] == nd[-1]:                 # one stretch (sizes only shrink): most runs
-        return np.full(len(nd), float(cost(int(nd[0]))))
-    starts = np.flatnonzero(np.diff(nd, prepend=-1))
-    return np.repeat([cost(x) for x in nd[starts].tolist()], np.diff(starts, append=len(nd)))
+class BySize:
+    """cost(n) over an array of batch sizes, by one lookup: cost is a pure function of n, so it
+    is computed once per size for the model's life (a table grown by doubling as larger batches
+    come) instead of once per run."""
+
+    def __init__(self, cost):
+        self.cost = cost
+        self.tab = np.empty(0)
+
+    def __call__(self, nd: np.ndarray) -> np.ndarray:
+        top = int(nd.max())
+        if top >= len(self.tab):
+            n, lo = max(64, 1 << top.bit_length()), len(self.tab)
+            # (size 0 is never costed: a step has a batch)
+            self.tab = np.concatenate((self.tab, [np.nan] if lo == 0 else [],
+                                       [float(self.cost(i)) for i in range(max(lo, 1), n)]))
+        return self.tab[nd]
 
 
 @runtime_checkable
@@ -163,6 +173,7 @@ class RooflineCostModel:
         from rkvsim.calibration.steps.trust import prior_trust, roofline_attention_trust
         self.cost_trust = [prior_trust(), roofline_attention_trust(), *self.overheads.trust()]
         self._dense_cache: dict[int, tuple[float, tuple[float, ...]]] = {}
+        self._base_by_size = BySize(self._decode_base)
         self._head_cache: dict[int, tuple[float, float]] = {}
         self._build_tables(min(max(m.max_position, 4096), 32768) + 1)   # grows on demand
 
@@ -207,7 +218,7 @@ class RooflineCostModel:
         op = self._op_v if arr else None
         if arr:
             g = nd <= self.overheads.capture_tokens if self.overheads.graphs != "none" else np.zeros(len(nd), bool)
-            base = per_batch_size(nd, self._decode_base)
+            base = self._base_by_size(nd)
         else:
             g = self._graphed(nd, 0)[1]
             base = self._decode_base(nd)
