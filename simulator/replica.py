@@ -834,6 +834,7 @@ class Replica:
         pool, rem = self.pool, run.rem[cols]
         rids = run.rid[cols].tolist()
         p0 = run.planned + 1                              # first step whose plan is still to apply
+        assert p0 > a, f"replica {self.index}: a run's plans lag its finished steps"
         grow = run.grow[p0 - 2:last_plan - 1, cols]       # empty when every plan is applied
         ks, ci = np.nonzero(grow)                         # step-major, column order within a step
         vals = grow[ks, ci]
@@ -841,26 +842,20 @@ class Replica:
         # growth planned at each step a..last_plan (small integer counts: exact through float weights)
         per_step = np.bincount(ks - a, weights=vals, minlength=last_plan - a + 2).astype(np.int64)
         shrinks = len(vals) and vals.min() < 0
-        # Counted requests only and no shrink: what the pool sees is the growth's total between
-        # finishes (one allocation), so the events are summed, not queued one by one.
-        totals = np.cumsum(per_step) if not self.held and not shrinks else None
-        ksl, cil, vl = ([], [], []) if totals is not None else (ks.tolist(), ci.tolist(), vals.tolist())
+        if not self.held and (not shrinks or self._shrinks_unpublished(run, cols, rids, ks, ci, vals)):
+            return self._run_blocks_counted(run, cols, rids, a, b, last_plan, per_step, ks, vals if shrinks else None)
+        ksl, cil, vl = ks.tolist(), ci.tolist(), vals.tolist()
         shrink_steps = {k for k, x in zip(ksl, vl) if x < 0} if shrinks else set()
         fin_steps = set(rem[(rem >= a) & (rem <= b)].tolist())
         breaks = sorted(shrink_steps | fin_steps)
         pending_total, pending = 0, []
         e = 0                                             # next growth event to queue
-        allocated = 0                                     # (totals) growth allocated so far
 
         def flush():
-            nonlocal pending_total, allocated
+            nonlocal pending_total
             if pending_total:
-                if totals is None:
-                    self._allocate_in_order(pending)
-                    pending.clear()
-                else:
-                    pool.allocate_anon(pending_total)
-                    allocated += pending_total
+                self._allocate_in_order(pending)
+                pending.clear()
                 pending_total = 0
 
         kvf = np.empty(b - a + 1)
@@ -868,8 +863,6 @@ class Replica:
         for k in breaks + [None]:
             upto = last_plan if k is None else k
             # Plans of steps before k (and k's own when it only grows) queue their growth.
-            if totals is not None:
-                pending_total = int(totals[upto - a]) - allocated
             while e < len(ksl) and ksl[e] <= upto and (ksl[e] < upto or upto not in shrink_steps):
                 pending.append((vl[e], rids[cil[e]]))
                 pending_total += vl[e]
@@ -900,6 +893,61 @@ class Replica:
                 cur = pool.used + pending_total
             s0 = k + 1
         flush()
+        self.blocks_used = pool.used
+        return kvf
+
+    def _shrinks_unpublished(self, run: Run, cols, rids: list, ks, ci, vals) -> bool:
+        """Whether no shrink of the run frees a block its (counted) request has published, which
+        would name it (_grow)."""
+        if not self._hw:
+            return True
+        neg = np.flatnonzero(vals < 0)
+        hw = np.array([self._hw.get(r, 0) for r in rids], np.int64)
+        held = run.blocks[ks[neg] - 2, cols[ci[neg]]]
+        return bool((held + vals[neg] >= hw[ci[neg]]).all())
+
+    def _run_blocks_counted(self, run: Run, cols, rids: list, a: int, b: int, last_plan: int,
+                            per_step: np.ndarray, ks, vals) -> np.ndarray:
+        """_run_blocks when every request is counted and no shrink frees a published block:
+        each request's operation is a count, so a step's shrinks are one release, its growth one
+        allocation, growth between events one allocation; the pool's use (hence the KV
+        fraction) follows from the sums, and only the order of the operations between
+        finishes and shrinks is kept (it decides which cached blocks are evicted)."""
+        pool, nb, rem = self.pool, self.layout.num_blocks, run.rem[cols]
+        used0 = pool.used
+        cum = np.cumsum(per_step).tolist()                # net growth planned through step a + j
+        fin = np.flatnonzero((rem >= a) & (rem <= b))
+        fin = fin[np.argsort(rem[fin], kind="stable")]    # by step, then column, as step by step
+        fb = run.blocks[rem[fin] - 1, cols[fin]]
+        rel = np.bincount(rem[fin] - a, weights=fb, minlength=b - a + 1)[:b - a + 1].astype(np.int64)
+        kvf = (used0 + np.asarray(cum[:b - a + 1], np.int64) - np.cumsum(rel)) / nb
+        shrink: dict[int, tuple[int, int]] = {}          # step -> (blocks freed, blocks grown) there
+        if vals is not None:
+            neg = vals < 0
+            down = np.bincount(ks[neg] - a, weights=-vals[neg]).astype(np.int64)
+            up = np.bincount(ks - a, weights=np.maximum(vals, 0), minlength=len(down)).astype(np.int64)
+            shrink = {a + j: (d, u) for j, d, u in zip(range(len(down)), down.tolist(), up.tolist()) if d}
+        finishing: dict[int, list[int]] = {}
+        for i, k in zip(fin.tolist(), rem[fin].tolist()):
+            finishing.setdefault(k, []).append(i)
+        applied = 0                                       # net growth given to the pool so far
+        for k in sorted(shrink.keys() | finishing.keys()):
+            if k in shrink:                               # growth before it, its frees, its growth
+                d, u = shrink[k]
+                if cum[k - 1 - a] > applied:
+                    pool.allocate_anon(cum[k - 1 - a] - applied)
+                pool.release_anon(d, 0)
+                if u:
+                    pool.allocate_anon(u)
+                applied = cum[k - a]
+            if k in finishing:                            # growth through it, then its releases
+                if cum[k - a] > applied:
+                    pool.allocate_anon(cum[k - a] - applied)
+                applied = cum[k - a]
+                for i in finishing[k]:
+                    self._release(rids[i], int(run.blocks[k - 1, cols[i]]), int(run.ctx[cols[i]] + k), True)
+        if cum[last_plan - a] > applied:
+            pool.allocate_anon(cum[last_plan - a] - applied)
         self.blocks_used = pool.used
         return kvf
 

@@ -299,3 +299,51 @@ def test_own_text_recompute_hits_what_it_published_when_preempted():
     assert_same_figures(ref, late)
     assert ref.log.prefix_hit_tokens == late.log.prefix_hit_tokens
     assert ref.replicas[0].pool.evictions == late.replicas[0].pool.evictions
+
+
+@pytest.mark.parametrize("method,n,rate,bs", [("kivi-4", 200, 3.0, 45), ("kivi-4", 200, 3.0, 17),
+                                               ("kivi-2", 400, 1.5, 45)])
+def test_counted_runs_that_fold_groups_evict_as_the_pool_would(method, n, rate, bs):
+    """A run of counted requests whose quantizer folds groups (blocks freed and grown in one
+    step: Replica._run_blocks_counted) on a pool short of keyless blocks, so that which of a
+    step's operations comes first decides what is evicted: the same figures and evictions as
+    naming every block and publishing as they go."""
+    from rkvsim.simulator import replica as rep_mod
+    raw = {"name": "p", "model": "llama-2-7b", "hardware": "a6000", "methods": [method],
+           "scheduler": {"policy": "vllm-v1", "max_batch_size": bs, "max_batched_tokens": 8192,
+                         "gpu_memory_utilization": 0.5},
+           "workload": {"num_requests": n, "arrival": {"process": "poisson", "rate": rate},
+                        "prompt": {"dist": "lognormal", "median": 110, "sigma": 1.0, "min": 4, "max": 2048},
+                        "output": {"dist": "lognormal", "median": 200, "sigma": 0.8, "min": 4, "max": 1024}}}
+    scn = Scenario.model_validate(raw)
+    wl = build_workload(scn, 0, ".")
+    folded = []
+    with pytest.MonkeyPatch.context() as mp:
+        fast = rep_mod.Replica._run_blocks_counted
+        mp.setattr(rep_mod.Replica, "_run_blocks_counted",
+                   lambda self, *a: (folded.append(a[-1] is not None), fast(self, *a))[1])
+        (counted,) = run_scenario(scn, 0, ".", workload=wl, inflation=None).runs
+    (ref,) = _publishing_as_they_go(scn, 0, wl)
+    assert sum(folded) > 10
+    assert_same_figures(ref, counted)
+    assert ref.replicas[0].pool.evictions == counted.replicas[0].pool.evictions > 0
+    counted.replicas[0].pool.check()
+
+
+def test_a_run_whose_shrink_frees_a_published_block_takes_the_general_path():
+    """No shipped method's run frees a published block of a counted request (a fold frees what
+    the residual grew since admission), so the guard is checked on its own: a shrink event
+    (step k, column, blocks) may not take a request below its published blocks."""
+    from types import SimpleNamespace
+
+    from rkvsim.simulator.replica import Replica
+    blocks = np.array([[5, 9], [6, 9], [4, 8]])                # run.blocks: row k - 1 after step k
+    run, cols, rids = SimpleNamespace(blocks=blocks), np.array([0, 1]), [11, 12]
+    ks, ci = np.array([3, 3]), np.array([0, 1])              # step 3's plan: both shrink
+    vals = np.array([-2, -1])                                # from 6 to 4 blocks, from 9 to 8
+    check = Replica._shrinks_unpublished
+    assert check(SimpleNamespace(_hw={}), run, cols, rids, ks, ci, vals)
+    assert check(SimpleNamespace(_hw={11: 4, 12: 8}), run, cols, rids, ks, ci, vals)
+    assert not check(SimpleNamespace(_hw={11: 5}), run, cols, rids, ks, ci, vals)
+    assert not check(SimpleNamespace(_hw={12: 9}), run, cols, rids, ks, ci, vals)
+    assert check(SimpleNamespace(_hw={12: 9}), run, cols, rids, ks[:1], ci[:1], vals[:1])
