@@ -101,6 +101,8 @@ class CalibratedCostModel:
         # decode_run's grid as arrays, with each cell's width (the same subtraction _grid_at makes).
         self._dec_grid = tuple((a, a[1:] - a[:-1]) for a in (np.asarray(self._dec_b, np.float64),
                                                           np.asarray(self._dec_c, np.float64)))
+        self._dec_flat = self._dec_tab_a.ravel()
+        assert self._dec_tab_a.shape == (len(self._dec_b), len(self._dec_c)), "decode table and its axes disagree"
         self._dense_by_size = BySize(self._decode_dense)
         self._x_cells = (np.empty(0, np.int64), np.empty(0))
         self._dense = compiled.dense
@@ -177,32 +179,36 @@ class CalibratedCostModel:
             nd = np.full(k, len(ctx))
             tot = cached.sum(axis=1)
         key = tot / nd
-        attn = self._grid_vec(self._dec_grid, self._dec_tab_a, self._cells_of(nd), key)
+        attn = self._grid_vec(self._dec_grid, self._dec_flat, self._cells_of(nd), key)
         dense = self._dense_by_size(nd)
         st = self._dec_terms
         return st.scale * dense + st.attn_scale * attn + st.fixed_s + st.per_seq_s * nd
 
     def _cells_of(self, nd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each batch size's cell on the grid's batch axis and the fraction across it, as
-        _grid_vec computes them (a table over sizes: the batch axis is integer)."""
+        """Each batch size's cell on the grid's batch axis (as the flat index of the cell's row
+        in the table) and the fraction across it, as _grid_at computes them: a table over sizes,
+        the batch axis being integer."""
         ix, tx = self._x_cells
         if int(nd.max()) >= len(ix):
             x = np.arange(max(64, 1 << int(nd.max()).bit_length()), dtype=np.float64)
             xa, dx = self._dec_grid[0]
-            ix = np.minimum(np.maximum(np.searchsorted(xa, x, "left") - 1, 0), len(xa) - 2)
-            self._x_cells = ix, (x - xa[ix]) / dx[ix]
+            i = np.minimum(np.maximum(np.searchsorted(xa, x, "left") - 1, 0), len(xa) - 2)
+            self._x_cells = i * self._dec_tab_a.shape[1], (x - xa[i]) / dx[i]
             ix, tx = self._x_cells
         return ix[nd], tx[nd]
 
     @staticmethod
     def _grid_vec(grid: tuple, tab: np.ndarray, xc: tuple[np.ndarray, np.ndarray], y: np.ndarray) -> np.ndarray:
         """_grid_at over arrays of points: the same operations element by element. grid: the
-        two axes, each (points, widths); xc: the points' cells and fractions on the first."""
+        two axes, each (points, widths); tab: the table flattened row by row; xc: the points'
+        rows (flat offsets) and fractions on the first axis."""
         (ya, dy) = grid[1]
-        i, tx = xc
+        r, tx = xc
         j = np.minimum(np.maximum(np.searchsorted(ya, y, "left") - 1, 0), len(ya) - 2)
         ty = (y - ya[j]) / dy[j]
-        a, b, c, d = tab[i, j], tab[i + 1, j], tab[i, j + 1], tab[i + 1, j + 1]
+        at = r + j
+        nxt = at + len(ya)                       # the same column, next row
+        a, b, c, d = tab.take(at), tab.take(nxt), tab.take(at + 1), tab.take(nxt + 1)
         v = (a + (b - a) * tx) * (1 - ty) + (c + (d - c) * tx) * ty
         return np.where(v > 0.0, v, 0.0)
 
