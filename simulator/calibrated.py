@@ -136,7 +136,8 @@ class CalibratedCostModel:
 
     def _decode_attn(self, b: StepBatch, nd: int) -> float:
         # Decode attention is keyed by the tokens each cache holds (after eviction).
-        key = float(cached_tokens_vec(self.method, b.decode_prompt, b.decode_ctx).mean())
+        # The mean as ndarray.mean computes it (one sum, one division), without its overhead.
+        key = float(cached_tokens_vec(self.method, b.decode_prompt, b.decode_ctx).sum()) / nd
         return self._grid_at(self._dec_b, self._dec_c, self._dec_tab, float(nd), key)
 
     def _prefill_attn(self, b: StepBatch) -> float:

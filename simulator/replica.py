@@ -346,6 +346,13 @@ class Replica:
         if self.pool is None:
             self.blocks_used += int(extra_dec.sum()) + sum(x for x, _rid in extra_pre)
             return
+        if not self.held and (not len(extra_dec) or extra_dec.min() >= 0) and all(x > 0 for x, _rid in extra_pre):
+            # Counted requests growing only: one allocation of the total is all the pool sees.
+            n = int(extra_dec.sum()) + sum(x for x, _rid in extra_pre)
+            if n:
+                self.pool.allocate_anon(n)
+                self.blocks_used = self.pool.used
+            return
         nz = np.flatnonzero(extra_dec)
         grows = list(zip(extra_dec[nz].tolist(), self.D[self.RID, nz].tolist())) + extra_pre
         if not grows:
