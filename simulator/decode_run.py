@@ -85,7 +85,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     assert np.array_equal(blocks[0], need1), "the run's first step disagrees with the scheduler's plan"
     full = int(rem.min()) >= k                              # nobody finishes inside the run
     live = None if full else rem[None, :] >= steps[:, None]
-    grow = np.diff(blocks, axis=0)                          # row j: growth planned at step j + 2
+    grow = blocks[1:] - blocks[:-1]                         # row j: growth planned at step j + 2
     if not full:
         grow *= live[1:]
     if waiting:
@@ -120,7 +120,9 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     dt = cost.decode_run(ctx, prompt, rem, k)
     if dt is None:
         return None
-    t = np.cumsum(np.concatenate(([now], dt)))[1:]   # sequential sums: SimPy's now + delay, step by step
+    t = np.empty(len(dt) + 1)
+    t[0], t[1:] = now, dt
+    t = np.cumsum(t)[1:]                             # sequential sums: SimPy's now + delay, step by step
     if until < t[-1]:
         cut = int(np.searchsorted(t, until, "right")) + 1   # the same cut Replica.submit makes
         if cut < k:

@@ -235,8 +235,9 @@ class Replica:
             # fit) continues once blocks free up, so it, too, rules a run out.
             if self.skip and not chunks and n and n == self.n_dec and not self.prefilling and \
                     (self.preempted == pre_before or not self.waiting):
-                run = plan_run(D[self.RID, :n].copy(), D[self.CTX, :n].copy(), D[self.GEN, :n].copy(),
-                               D[self.OUT, :n].copy(), D[self.PLEN, :n].copy(), dec_need, self.layout, self.cost,
+                Dc = D[:, :n].copy()                    # the run keeps the batch as it starts
+                run = plan_run(Dc[self.RID], Dc[self.CTX], Dc[self.GEN], Dc[self.OUT], Dc[self.PLEN],
+                               dec_need, self.layout, self.cost,
                                self.blocks_used, bool(self.waiting), self.quiet, self.pool is not None, env.now,
                                min(self._steps_to_horizon(), self._steps_to_admission()), self._next_here())
                 if run is not None:
@@ -794,7 +795,7 @@ class Replica:
         upto = np.minimum(rem, b)                        # last step of this stretch each decodes in
         mx = np.fmax(F[self.ITLMAX, :m], itl1)
         if b > a:
-            gaps = np.diff(t)
+            gaps = t[1:] - t[:-1]
             log.add_itl_counts(gaps, run.nd[a:b])
             pm = np.maximum.accumulate(gaps)
             far = upto > a
@@ -807,7 +808,7 @@ class Replica:
         bl_row = (last_plan if self.policy == "vllm-v1" else b) - 1   # v1 records blocks at plan, v0/lmdeploy at finish
         D[self.BLK, :m] = run.blocks[np.where(done, rem - 1, bl_row), cols]
         if done.any():
-            order = np.lexsort((np.arange(m), rem))      # step by step: by step, then column
+            order = np.argsort(rem, kind="stable")       # step by step: by step, then column
             for i in order[:int(done.sum())]:
                 rid = int(D[self.RID, i])
                 log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
