@@ -33,11 +33,14 @@ import numpy as np
 
 # Largest K x batch of one run's arrays: long runs at small batches, short at large ones.
 RUN_ELEMENTS = 1 << 15
-# Shortest run worth planning: planning and applying a run costs about what three single steps
+# Shortest run worth planning: planning and applying a run costs about what a few single steps
 # do, so a shorter one is stepped (exact either way). Measured (min of 5, CPU s, one replica,
 # ShareGPT at 3/s): fp16 10,000 requests 2.62 with runs from 2 steps, 2.05 / 2.06 / 2.07 from
-# 4 / 6 / 8; kivi-4 5,000 requests 1.77 against 1.63 / 1.67 / 1.60; at 0.5/s no change.
-MIN_RUN = 4
+# 4 / 6 / 8; kivi-4 5,000 requests 1.77 against 1.63 / 1.67 / 1.60; at 0.5/s no change. Once
+# the step's cost had fallen faster than the run's, instructions (callgrind, bench_sim.py 3,000
+# requests at 3/s) from 3 / 4 / 5 / 6 / 8: fp16 3.57 / 3.44 / 3.34 / 3.35 / 3.39 G, kivi-4
+# 4.70 / 4.54 / 4.46 / 4.42 / 4.43 G; six bench_sweep.py points 14.78 G at 4, 14.46 G at 6.
+MIN_RUN = 6
 
 
 @dataclass
