@@ -17,7 +17,8 @@ import numpy as np
 
 from rkvsim.models import cached_tokens_vec
 
-from rkvsim.simulator.cost_model import BySize, RooflineCostModel, StepBatch
+from rkvsim.simulator.cost_model import RooflineCostModel, StepBatch
+from rkvsim.simulator.lookup import Tabulated, by_size
 from rkvsim.models.files import read_json
 
 ENGINE_FILE = "engine_terms.json"
@@ -97,14 +98,18 @@ class CalibratedCostModel:
         self._dec_b, self._dec_c = compiled.dec_b.tolist(), compiled.dec_c.tolist()
         self._pre_n, self._pre_p = compiled.pre_n.tolist(), compiled.pre_p.tolist()
         self._dec_tab, self._pre_tab = compiled.dec.tolist(), compiled.pre.tolist()
-        self._dec_tab_a = np.asarray(compiled.dec, np.float64)
-        # decode_run's grid as arrays, with each cell's width (the same subtraction _grid_at makes).
+        # decode_run's grid as arrays, with each cell's width (the same subtraction _grid_at makes),
+        # and its table flattened row by row.
         self._dec_grid = tuple((a, a[1:] - a[:-1]) for a in (np.asarray(self._dec_b, np.float64),
                                                           np.asarray(self._dec_c, np.float64)))
-        self._dec_flat = self._dec_tab_a.ravel()
-        assert self._dec_tab_a.shape == (len(self._dec_b), len(self._dec_c)), "decode table and its axes disagree"
-        self._dense_by_size = BySize(self._decode_dense)
-        self._x_cells = (np.empty(0, np.int64), np.empty(0))
+        assert compiled.dec.shape == (len(self._dec_b), len(self._dec_c)), "decode table and its axes disagree"
+        self._dec_flat = np.asarray(compiled.dec, np.float64).ravel()
+        self._dense_by_size = by_size(self._decode_dense)
+        # Per batch size (the grid's first axis is integer): the flat offset of its cell's row in
+        # the table, and the fraction across the cell, as _grid_at computes them.
+        xa, dx = self._dec_grid[0]
+        self._x_row = Tabulated(lambda sizes: self._x_cell(sizes) * len(self._dec_c), np.int64)
+        self._x_frac = Tabulated(lambda sizes: (sizes - xa[self._x_cell(sizes)]) / dx[self._x_cell(sizes)])
         self._dense = compiled.dense
         self._slope = float(compiled.dense[-1] - compiled.dense[-2])
 
@@ -180,23 +185,14 @@ class CalibratedCostModel:
             nd = np.full(k, len(ctx))
             tot = cached.sum(axis=1)
         key = tot / nd
-        attn = self._grid_vec(self._dec_grid, self._dec_flat, self._cells_of(nd), key)
+        attn = self._grid_vec(self._dec_grid, self._dec_flat, (self._x_row(nd), self._x_frac(nd)), key)
         dense = self._dense_by_size(nd)
         st = self._dec_terms
         return st.scale * dense + st.attn_scale * attn + st.fixed_s + st.per_seq_s * nd
 
-    def _cells_of(self, nd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each batch size's cell on the grid's batch axis (as the flat index of the cell's row
-        in the table) and the fraction across it, as _grid_at computes them: a table over sizes,
-        the batch axis being integer."""
-        ix, tx = self._x_cells
-        if int(nd.max()) >= len(ix):
-            x = np.arange(max(64, 1 << int(nd.max()).bit_length()), dtype=np.float64)
-            xa, dx = self._dec_grid[0]
-            i = np.minimum(np.maximum(np.searchsorted(xa, x, "left") - 1, 0), len(xa) - 2)
-            self._x_cells = i * self._dec_tab_a.shape[1], (x - xa[i]) / dx[i]
-            ix, tx = self._x_cells
-        return ix[nd], tx[nd]
+    def _x_cell(self, sizes: np.ndarray) -> np.ndarray:
+        xa = self._dec_grid[0][0]
+        return np.minimum(np.maximum(np.searchsorted(xa, sizes, "left") - 1, 0), len(xa) - 2)
 
     @staticmethod
     def _grid_vec(grid: tuple, tab: np.ndarray, xc: tuple[np.ndarray, np.ndarray], y: np.ndarray) -> np.ndarray:

@@ -51,6 +51,7 @@ import numpy as np
 
 from rkvsim.models import HardwareSpec, Method, ModelSpec
 
+from rkvsim.simulator.lookup import by_size
 from rkvsim.simulator.roofline import Roofline, RooflineEfficiency, default_efficiency, ring_allreduce_s
 
 ROOFLINE_SOURCE = "roofline-prior (uncalibrated)"
@@ -91,25 +92,6 @@ class StepOverheads:
 
     def label(self) -> str:
         return f"graphs:{self.graphs} cpu:{self.cpu_source}"
-
-
-class BySize:
-    """cost(n) over an array of batch sizes, by one lookup: cost is a pure function of n, so it
-    is computed once per size for the model's life (a table grown by doubling as larger batches
-    come) instead of once per run."""
-
-    def __init__(self, cost):
-        self.cost = cost
-        self.tab = np.empty(0)
-
-    def __call__(self, nd: np.ndarray) -> np.ndarray:
-        top = int(nd.max())
-        if top >= len(self.tab):
-            n, lo = max(64, 1 << top.bit_length()), len(self.tab)
-            # (size 0 is never costed: a step has a batch)
-            self.tab = np.concatenate((self.tab, [np.nan] if lo == 0 else [],
-                                       [float(self.cost(i)) for i in range(max(lo, 1), n)]))
-        return self.tab[nd]
 
 
 @runtime_checkable
@@ -173,7 +155,7 @@ class RooflineCostModel:
         from rkvsim.calibration.steps.trust import prior_trust, roofline_attention_trust
         self.cost_trust = [prior_trust(), roofline_attention_trust(), *self.overheads.trust()]
         self._dense_cache: dict[int, tuple[float, tuple[float, ...]]] = {}
-        self._base_by_size = BySize(self._decode_base)
+        self._base_by_size = by_size(self._decode_base)
         self._head_cache: dict[int, tuple[float, float]] = {}
         self._build_tables(min(max(m.max_position, 4096), 32768) + 1)   # grows on demand
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rkvsim.models import HardwareSpec, Method, ModelSpec, cached_tokens_vec, kv_bytes_per_token, kv_fixed_overhead
+from rkvsim.simulator.lookup import Tabulated
 
 
 def activation_reserve_bytes(model: ModelSpec, max_batched_tokens: int, max_batch_size: int, tp: int) -> float:
@@ -77,13 +78,11 @@ class KVLayout:
         return self._formula(prompt, ctx, prefill)
 
     def _tabled(self, name: str, at, make) -> np.ndarray:
-        """make(0..n-1)[at]: tabulated once, and again (doubling n) when `at` reaches past the table."""
-        try:
-            return self._tabs[name][at]
-        except (KeyError, IndexError):
-            n = max(1024, 1 << int(np.max(at)).bit_length())
-            self._tabs[name] = np.asarray(make(np.arange(n, dtype=np.int64)), np.int64)
-            return self._tabs[name][at]
+        """make(0..n-1)[at], one table per name (simulator/lookup.py)."""
+        tab = self._tabs.get(name)
+        if tab is None:
+            tab = self._tabs[name] = Tabulated(make, np.int64, 1024)
+        return tab(at)
 
     def _formula(self, prompt, ctx, prefill: bool) -> np.ndarray:
         B = self.block_size

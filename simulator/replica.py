@@ -504,9 +504,7 @@ class Replica:
                 _seq, kind, i = vic
                 victims.append(vic)
                 rid = int(D[self.RID, i]) if kind == 0 else pre[i][0]
-                if self.pool is None:
-                    free += int(D[self.BLK, i]) if kind == 0 else pre[i][3]
-                elif rid in self.counted:
+                if self.pool is None or rid in self.counted:     # held as a count: all of it frees
                     free += int(D[self.BLK, i]) if kind == 0 else pre[i][3]
                 else:
                     for b in self.held[rid]:
@@ -926,17 +924,17 @@ class Replica:
         cum = np.cumsum(per_step).tolist()                # net growth planned through step a + j
         fin = np.flatnonzero((rem >= a) & (rem <= b))
         fin = fin[np.argsort(rem[fin], kind="stable")]    # by step, then column, as step by step
-        fb = run.blocks[rem[fin] - 1, cols[fin]]
-        rel = np.bincount(rem[fin] - a, weights=fb, minlength=b - a + 1)[:b - a + 1].astype(np.int64)
+        fk = rem[fin]
+        rel = np.bincount(fk - a, weights=run.blocks[fk - 1, cols[fin]], minlength=b - a + 1).astype(np.int64)
         kvf = (used0 + np.asarray(cum[:b - a + 1], np.int64) - np.cumsum(rel)) / nb
         shrink: dict[int, tuple[int, int]] = {}          # step -> (blocks freed, blocks grown) there
         if vals is not None:
             neg = vals < 0
             down = np.bincount(ks[neg] - a, weights=-vals[neg]).astype(np.int64)
             up = np.bincount(ks - a, weights=np.maximum(vals, 0), minlength=len(down)).astype(np.int64)
-            shrink = {a + j: (d, u) for j, d, u in zip(range(len(down)), down.tolist(), up.tolist()) if d}
+            shrink = {a + j: (d, u) for j, (d, u) in enumerate(zip(down.tolist(), up.tolist())) if d}
         finishing: dict[int, list[int]] = {}
-        for i, k in zip(fin.tolist(), rem[fin].tolist()):
+        for i, k in zip(fin.tolist(), fk.tolist()):
             finishing.setdefault(k, []).append(i)
         applied = 0                                       # net growth given to the pool so far
         for k in sorted(shrink.keys() | finishing.keys()):
