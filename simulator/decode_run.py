@@ -9,13 +9,18 @@ request finishes. `plan_run` works that out and picks K as the first of:
     (its slot or blocks may now be free), or a completion feeds the workload (closed loop,
     sessions); otherwise finishing requests simply leave the run;
   - a step whose blocks no longer fit (the step that would preempt is scheduled normally);
-  - with requests waiting, a step that frees blocks (an admission may now fit);
+  - with requests waiting and a running slot free, a step that frees blocks (an admission may
+    now fit; with every slot taken only a completion makes room, and that bounds the run already);
   - a length cap that bounds the arrays (K x batch elements);
 and none is taken when the first bounds leave fewer than MIN_RUN steps (stepping them costs less).
 Arrivals are not known in advance in a closed loop or a fleet, so they are not a bound: the
 dispatcher brings every replica up to date (`Replica.sync`) before the router reads it, and the
 replica that receives the request ends its run after the step in progress (a run cut short is
-still exact: the cut steps are re-planned by the scheduler's own rules).
+still exact: the cut steps are re-planned by the scheduler's own rules). A sealed run is not cut:
+every running slot is taken and requests already wait, so the run ends at the first completion,
+and before it no policy admits anyone, however many more arrive (each admission loop stops at
+max_batch_size before it reads the queue; LMDeploy's prefill attempts then admit nobody, and
+its counter runs as in any run).
 
 Why the scheduler would do nothing else during such a run: a decode-only step was planned, so
 nothing waiting could be admitted then; without a completion or a freed block no slot or block
@@ -53,13 +58,14 @@ class Run:
     t: np.ndarray         # (K,) end time of each step
     dt: np.ndarray        # (K,) duration of each step
     nd: np.ndarray        # (K,) requests decoding in each step
-    end: int              # steps in the run (a submit can cut it down)
+    end: int              # steps in the run (a submit can cut it down, unless sealed)
     used_plan: np.ndarray | None = None  # (K,) counted blocks in use once step k is planned
     used_fin: np.ndarray | None = None   # (K,) ... once step k has finished
     grow: np.ndarray | None = None       # (K - 1, n) blocks planned at step k + 2 (0 once finished)
     fin: int = 0          # steps applied (finished) so far
     planned: int = 1      # steps planned so far (the scheduler planned step 1)
     alive: np.ndarray = field(default=None)  # (n,) not yet finished (applied)
+    sealed: bool = False  # arrivals here change nothing before its end (module docstring)
 
     def __post_init__(self):
         if self.alive is None:
@@ -67,21 +73,28 @@ class Run:
 
 
 def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting: bool, quiet: bool,
-             pooled: bool, now: float, horizon_steps: int = 1 << 30, until: float = np.inf) -> Run | None:
+             pooled: bool, now: float, horizon_steps: int = 1 << 30, until: float = np.inf,
+             slots_full: bool = False) -> Run | None:
     """The longest exact run from a planned decode-only step (need1: its blocks), or None when
     it would be a single step. used: blocks in use after that plan. quiet: completions change
     nothing outside the replica (open-loop arrivals). horizon_steps: about how many steps
     until the next arrival (a run is cut there; computing further would be wasted). until: the
     time of the next request known to come here (a lone replica's next open-loop arrival): the
     run ends with the step in progress then, where its submit would cut it (Replica.submit), so
-    that the arrival needs no interrupt."""
+    that the arrival needs no interrupt. slots_full: the batch holds max_batch_size requests, so
+    no policy admits before a completion, whatever blocks free up or arrives; with requests
+    waiting the run is sealed: it ends at the first completion, and arrivals bound nothing."""
     n = len(rid)
     rem = out - gen
     calm = quiet and not waiting
+    frees_admit = waiting and not slots_full
+    sealed = waiting and slots_full
+    if sealed:
+        horizon_steps, until = 1 << 30, np.inf
     k = min(max(2, RUN_ELEMENTS // n), int(rem.max()) if calm else int(rem.min()), horizon_steps)
     if k < MIN_RUN:
         return None
-    if waiting and (layout.decode_blocks_vec(prompt, ctx + 2) < need1).any():
+    if frees_admit and (layout.decode_blocks_vec(prompt, ctx + 2) < need1).any():
         return None             # step 2 frees blocks (a group folds, a window moves): see below
     steps = np.arange(1, k + 1)
     blocks = layout.decode_blocks_vec(prompt[None, :], ctx[None, :] + steps[:, None])
@@ -91,7 +104,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     grow = blocks[1:] - blocks[:-1]                         # row j: growth planned at step j + 2
     if not full:
         grow *= live[1:]
-    if waiting:
+    if frees_admit:
         shrink = np.flatnonzero((grow < 0).any(axis=1))
         if len(shrink):
             k = min(k, int(shrink[0]) + 1)
@@ -135,7 +148,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     nd = np.full(k, n) if full else live[:k].sum(axis=1)
     return Run(rid, ctx, gen, rem, blocks[:k], t, dt, nd, k,
                used_plan[:k] if used_plan is not None else None, used_fin[:k] if used_fin is not None else None,
-               grow[:k - 1])
+               grow[:k - 1], sealed=sealed)
 
 
 def timeout_at(env, target: float):

@@ -118,7 +118,7 @@ class Replica:
 
     def submit(self, rid: int) -> None:
         run = self._run
-        if run is not None:
+        if run is not None and not run.sealed:
             # The request is seen when the step in progress ends, as step by step (the steps
             # before it are applied when the run ends, or when someone reads this replica).
             cut = min(int(np.searchsorted(run.t, self.env.now, "right")), run.end) + 1
@@ -239,7 +239,8 @@ class Replica:
                 run = plan_run(Dc[self.RID], Dc[self.CTX], Dc[self.GEN], Dc[self.OUT], Dc[self.PLEN],
                                dec_need, self.layout, self.cost,
                                self.blocks_used, bool(self.waiting), self.quiet, self.pool is not None, env.now,
-                               min(self._steps_to_horizon(), self._steps_to_admission()), self._next_here())
+                               min(self._steps_to_horizon(), self._steps_to_admission()), self._next_here(),
+                               n >= self.cfg.max_batch_size)
                 if run is not None:
                     self._run = run
                     while True:
