@@ -16,11 +16,12 @@ and none is taken when the first bounds leave fewer than MIN_RUN steps (stepping
 Arrivals are not known in advance in a closed loop or a fleet, so they are not a bound: the
 dispatcher brings every replica up to date (`Replica.sync`) before the router reads it, and the
 replica that receives the request ends its run after the step in progress (a run cut short is
-still exact: the cut steps are re-planned by the scheduler's own rules). A sealed run is not cut:
-every running slot is taken and requests already wait, so the run ends at the first completion,
-and before it no policy admits anyone, however many more arrive (each admission loop stops at
-max_batch_size before it reads the queue; LMDeploy's prefill attempts then admit nobody, and
-its counter runs as in any run).
+still exact: the cut steps are re-planned by the scheduler's own rules). A run that starts with
+requests waiting is sealed: arrivals neither bound nor cut it. The queue head could not be
+admitted at its first step, and every policy admits first come, first served, stopping at the
+first request that does not fit, so until something the run is bounded by (a completion, a
+freed block, LMDeploy's next prefill attempt) changes, the head still does not fit and nothing
+behind it is looked at, however many requests join the tail.
 
 Why the scheduler would do nothing else during such a run: a decode-only step was planned, so
 nothing waiting could be admitted then; without a completion or a freed block no slot or block
@@ -74,24 +75,25 @@ class Run:
 
 def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting: bool, quiet: bool,
              pooled: bool, now: float, horizon_steps: int = 1 << 30, until: float = np.inf,
-             slots_full: bool = False) -> Run | None:
+             slots_full: bool = False, admission_steps: int = 1 << 30) -> Run | None:
     """The longest exact run from a planned decode-only step (need1: its blocks), or None when
     it would be a single step. used: blocks in use after that plan. quiet: completions change
     nothing outside the replica (open-loop arrivals). horizon_steps: about how many steps
     until the next arrival (a run is cut there; computing further would be wasted). until: the
     time of the next request known to come here (a lone replica's next open-loop arrival): the
     run ends with the step in progress then, where its submit would cut it (Replica.submit), so
-    that the arrival needs no interrupt. slots_full: the batch holds max_batch_size requests, so
-    no policy admits before a completion, whatever blocks free up or arrives; with requests
-    waiting the run is sealed: it ends at the first completion, and arrivals bound nothing."""
+    that the arrival needs no interrupt. With requests waiting the run is sealed and neither
+    applies (module docstring). slots_full: the batch holds max_batch_size requests, so no
+    policy admits before a completion, whatever blocks free up. admission_steps: steps before
+    the scheduler next tries the queue with what may have changed (LMDeploy's counter)."""
     n = len(rid)
     rem = out - gen
     calm = quiet and not waiting
     frees_admit = waiting and not slots_full
-    sealed = waiting and slots_full
+    sealed = waiting
     if sealed:
         horizon_steps, until = 1 << 30, np.inf
-    k = min(max(2, RUN_ELEMENTS // n), int(rem.max()) if calm else int(rem.min()), horizon_steps)
+    k = min(max(2, RUN_ELEMENTS // n), int(rem.max()) if calm else int(rem.min()), horizon_steps, admission_steps)
     if k < MIN_RUN:
         return None
     if frees_admit and (layout.decode_blocks_vec(prompt, ctx + 2) < need1).any():

@@ -239,8 +239,8 @@ class Replica:
                 run = plan_run(Dc[self.RID], Dc[self.CTX], Dc[self.GEN], Dc[self.OUT], Dc[self.PLEN],
                                dec_need, self.layout, self.cost,
                                self.blocks_used, bool(self.waiting), self.quiet, self.pool is not None, env.now,
-                               min(self._steps_to_horizon(), self._steps_to_admission()), self._next_here(),
-                               n >= self.cfg.max_batch_size)
+                               self._steps_to_horizon(), self._next_here(),
+                               n >= self.cfg.max_batch_size, self._steps_to_admission())
                 if run is not None:
                     self._run = run
                     while True:

@@ -352,10 +352,10 @@ def test_a_run_whose_shrink_frees_a_published_block_takes_the_general_path():
 @pytest.mark.parametrize("policy", ["vllm-v1", "vllm-v0", "lmdeploy"])
 @pytest.mark.parametrize("replicas,router", [(1, "least_kv"), (3, "round_robin"), (3, "least_kv")])
 def test_sealed_runs_outlast_arrivals_and_equal_step_by_step(policy, replicas, router):
-    """With every running slot taken and requests waiting, a run is sealed (decode_run.py): it
-    ends at the first completion, arrivals do not cut it, and the blocks a KIVI fold frees on
-    the way do not end it. The figures equal step by step's, and the case is really taken:
-    sealed runs whose steps free blocks, with requests submitted while they ran."""
+    """With requests waiting a run is sealed (decode_run.py): arrivals do not cut it; with every
+    running slot taken it ends at the first completion, and the blocks a KIVI fold frees on the
+    way do not end it. The figures equal step by step's, and the case is really taken: sealed
+    runs whose steps free blocks, with requests submitted while they ran."""
     from rkvsim.simulator import replica as rep_mod
     raw = {"name": "p", "model": "llama-2-7b", "hardware": "a6000", "methods": ["kivi-2"], "replicas": replicas,
            "router": router,
@@ -390,15 +390,28 @@ def test_sealed_runs_outlast_arrivals_and_equal_step_by_step(policy, replicas, r
 
 @pytest.mark.parametrize("method", ["kivi-4", "streamingllm-512"])
 def test_runs_end_where_freed_blocks_let_the_queue_in(method):
-    """The other side of sealing: with slots free and requests waiting on blocks, a step that
+    """The other side of full slots: with slots free and requests waiting on blocks, a step that
     frees blocks (a KIVI fold, a window moving on) may admit the queue head, so the run ends
-    before it. Memory-bound (not slot-bound) runs equal step by step."""
+    before it; arrivals joining the queue's tail still do not (the run is sealed). Memory-bound
+    (not slot-bound) runs equal step by step, and requests land in sealed runs with slots free."""
+    from rkvsim.simulator import replica as rep_mod
     raw = {"name": "p", "model": "llama-2-7b", "hardware": "a6000", "methods": [method],
            "scheduler": {"policy": "vllm-v1", "max_batch_size": 256, "max_batched_tokens": 2048,
                          "gpu_memory_utilization": 0.55},
            "workload": {"num_requests": 400, "arrival": {"process": "poisson", "rate": 12.0},
                         "prompt": {"dist": "lognormal", "median": 600, "sigma": 0.8, "min": 4, "max": 2048},
                         "output": {"dist": "lognormal", "median": 400, "sigma": 0.6, "min": 4, "max": 2048}}}
-    step_runs, skip_runs = both_modes(raw)
+    landed = []
+    with pytest.MonkeyPatch.context() as mp:
+        submit = rep_mod.Replica.submit
+
+        def counting_submit(self, rid):
+            run = self._run
+            landed.append(run is not None and run.sealed and len(run.rid) < self.cfg.max_batch_size)
+            return submit(self, rid)
+
+        mp.setattr(rep_mod.Replica, "submit", counting_submit)
+        step_runs, skip_runs = both_modes(raw)
     assert assert_identical(step_runs, skip_runs) > 0
     assert int(skip_runs[0].log.preemptions.sum()) > 0    # blocks, not slots, were short
+    assert sum(landed) > 5
