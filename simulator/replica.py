@@ -28,7 +28,7 @@ import simpy
 
 from rkvsim.simulator.config import SchedulerConfig
 from rkvsim.simulator.cost_model import CostModel, StepBatch
-from rkvsim.simulator.decode_run import Run, plan_run, timeout_at
+from rkvsim.simulator.decode_run import MIN_RUN, Run, plan_run, timeout_at
 from rkvsim.simulator.kv_memory import KVLayout
 from rkvsim.simulator.prefix_cache import BlockPool, block_keys
 from rkvsim.simulator.records import RequestLog, StepLog
@@ -233,13 +233,17 @@ class Replica:
             # are free now: the next plan may admit, so it is not the start of a run.
             # A prompt part-way through its prefill that got no chunk (vllm-v0: its blocks did not
             # fit) continues once blocks free up, so it, too, rules a run out.
+            # With nobody waiting, an arrival due in fewer than MIN_RUN steps rules a run out
+            # before anything is copied (plan_run would say so too; between arrivals at short
+            # gaps this is most decode steps).
+            horizon = 1 << 30 if self.waiting else self._steps_to_horizon()
             if self.skip and not chunks and n and n == self.n_dec and not self.prefilling and \
-                    (self.preempted == pre_before or not self.waiting):
+                    (self.preempted == pre_before or not self.waiting) and horizon >= MIN_RUN:
                 Dc = D[:, :n].copy()                    # the run keeps the batch as it starts
                 run = plan_run(Dc[self.RID], Dc[self.CTX], Dc[self.GEN], Dc[self.OUT], Dc[self.PLEN],
                                dec_need, self.layout, self.cost,
                                self.blocks_used, bool(self.waiting), self.quiet, self.pool is not None, env.now,
-                               self._steps_to_horizon(), self._next_here(),
+                               horizon, self._next_here(),
                                n >= self.cfg.max_batch_size, self._steps_to_admission())
                 if run is not None:
                     self._run = run
