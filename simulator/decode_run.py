@@ -25,9 +25,13 @@ behind it is looked at, however many requests join the tail.
 
 Why the scheduler would do nothing else during such a run: a decode-only step was planned, so
 nothing waiting could be admitted then; without a completion or a freed block no slot or block
-becomes free, the token budget is unchanged, and prefix-cache hits of the queue head can only
-shrink (an evicted hit turns into a fresh block it needs), so the admission checks of every
-policy (vllm-v1, vllm-v0, lmdeploy) keep failing.
+becomes free, and the token budget is unchanged, so the admission checks of every policy
+(vllm-v1, vllm-v0, lmdeploy) keep failing, with one exception: under vLLM's prefix cache a
+growth that evicts a cached block can cut the queue head's chain of hits, and when its chunk is
+capped (the token budget, long_prefill_token_threshold) the blocks it would have to take back
+from the free queue behind the cut stop counting: one eviction can lower its cost by more than
+the one block it used. So with a slot free and a head that has hits, a run ends before the
+first step whose growth reaches past the keyless free blocks (`evict_room`).
 
 Pure numpy; the replica applies a run (simulator/replica.py, `_apply_run`).
 """
@@ -75,7 +79,8 @@ class Run:
 
 def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting: bool, quiet: bool,
              pooled: bool, now: float, horizon_steps: int = 1 << 30, until: float = np.inf,
-             slots_full: bool = False, admission_steps: int = 1 << 30) -> Run | None:
+             slots_full: bool = False, admission_steps: int = 1 << 30,
+             evict_room: int | None = None) -> Run | None:
     """The longest exact run from a planned decode-only step (need1: its blocks), or None when
     it would be a single step. used: blocks in use after that plan. quiet: completions change
     nothing outside the replica (open-loop arrivals). horizon_steps: about how many steps
@@ -85,7 +90,10 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     that the arrival needs no interrupt. With requests waiting the run is sealed and neither
     applies (module docstring). slots_full: the batch holds max_batch_size requests, so no
     policy admits before a completion, whatever blocks free up. admission_steps: steps before
-    the scheduler next tries the queue with what may have changed (LMDeploy's counter)."""
+    the scheduler next tries the queue with what may have changed (LMDeploy's counter).
+    evict_room: blocks the run's growth may take before one is evicted from the prefix cache
+    (the pool's keyless free blocks), where an eviction may let the queue head in (module
+    docstring); None where it cannot."""
     n = len(rid)
     rem = out - gen
     calm = quiet and not waiting
@@ -120,6 +128,9 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
         up = np.maximum(grow, 0).sum(axis=1)
         over = np.flatnonzero(used + np.cumsum(np.concatenate(([0], up))) > layout.num_blocks) \
             if used + int(up.sum()) > layout.num_blocks else ()
+        if evict_room is not None and frees_admit and int(up.sum()) > evict_room:
+            # (growth alone: a shrink in between only adds keyless blocks, so this is early enough)
+            k = min(k, int(np.flatnonzero(np.cumsum(np.concatenate(([0], up))) > evict_room)[0]))
     else:
         inc = np.concatenate(([0], grow.sum(axis=1)))
         done_at = rem <= k0

@@ -155,6 +155,22 @@ class Replica:
             return 1 << 30
         return max(self.prefill_counter, 0) + 1
 
+    def _evict_room(self) -> int | None:
+        """Blocks a run may allocate before it evicts a cached block (the pool's keyless free
+        blocks), when an eviction could let the waiting queue's head in: it has prefix-cache hits
+        (decode_run.py); None otherwise. A run publishes nothing, so a head without hits now has
+        none until the run ends."""
+        if self.pool is None or not self.waiting:
+            return None
+        rid = self.waiting[0]
+        if self._counts(rid):                          # nothing of it is cached (_admit_v1)
+            return None
+        total = int(self.log.prompt[rid] + self.log.generated[rid])
+        n_hit = self._shareable_blocks(total, total - 1)
+        if not n_hit or self._block_keys(rid, 1)[0] not in self.pool.block_of:
+            return None
+        return self.pool.bare
+
     def sync(self, reads: str | None = None) -> None:
         """Bring the state up to now inside a run: steps ended by now applied, the step in
         progress planned (what a router reading this replica would see step by step).
@@ -244,7 +260,7 @@ class Replica:
                                dec_need, self.layout, self.cost,
                                self.blocks_used, bool(self.waiting), self.quiet, self.pool is not None, env.now,
                                horizon, self._next_here(),
-                               n >= self.cfg.max_batch_size, self._steps_to_admission())
+                               n >= self.cfg.max_batch_size, self._steps_to_admission(), self._evict_room())
                 if run is not None:
                     self._run = run
                     while True:

@@ -415,3 +415,29 @@ def test_runs_end_where_freed_blocks_let_the_queue_in(method):
     assert assert_identical(step_runs, skip_runs) > 0
     assert int(skip_runs[0].log.preemptions.sum()) > 0    # blocks, not slots, were short
     assert sum(landed) > 5
+
+
+def test_a_run_ends_before_an_eviction_that_may_let_the_head_in():
+    """Under the prefix cache, an eviction can cut the queue head's chain of hits, and with its
+    chunk capped (long_prefill_token_threshold) the hits behind the cut that it would have taken
+    back from the free queue stop counting: its cost can fall by more than the block the
+    eviction used, and it is admitted (found by review: StreamingLLM drops shared prompt blocks
+    into the free queue out of LRU order). So with a slot free and a head that has hits, a run
+    ends before its growth first evicts (decode_run.py, evict_room); the figures equal step by
+    step's, and the bound did cut runs."""
+    from rkvsim.simulator import replica as rep_mod
+    raw = {"name": "p", "model": "llama-2-7b", "hardware": "a6000", "methods": ["streamingllm-512"],
+           "scheduler": {"policy": "vllm-v1", "max_batch_size": 8, "chunked_prefill": True, "block_size": 32,
+                         "max_batched_tokens": 128, "gpu_memory_utilization": 0.32, "enable_prefix_caching": True,
+                         "eviction_blocks": "whole", "long_prefill_token_threshold": 48},
+           "workload": {"num_requests": 100, "arrival": {"process": "poisson", "rate": 10.0},
+                        "shared_prefix": {"groups": 2, "tokens": 300},
+                        "prompt": {"dist": "uniform", "low": 10, "high": 40},
+                        "output": {"dist": "uniform", "low": 1, "high": 800}}}
+    rooms = []
+    with pytest.MonkeyPatch.context() as mp:
+        room = rep_mod.Replica._evict_room
+        mp.setattr(rep_mod.Replica, "_evict_room", lambda self: (rooms.append(room(self)), rooms[-1])[1])
+        step_runs, skip_runs = both_modes(raw, 6)
+    assert_identical(step_runs, skip_runs)
+    assert sum(r is not None for r in rooms) > 5
