@@ -511,6 +511,10 @@ class Replica:
         extra_dec = need - D[self.BLK, :k] if k else _EMPTY
         extra_pre = [lay.prefill_blocks(e[1] + t) - e[3] if t else 0 for e, t in zip(pre, takes)] if pre else []
         total = int(extra_dec.sum()) + (sum(extra_pre) if pre else 0)
+        cred_dec, cred_pre = extra_dec, extra_pre         # each one's net change to the blocks in use
+        if self.held and ((k and extra_dec.min() < 0) or any(x < 0 for x in extra_pre)):
+            cred_dec, cred_pre = self._shrink_credit(extra_dec, extra_pre, pre)
+            total = int(cred_dec.sum()) + sum(cred_pre)
         victims = []
         if total > self._free_blocks():
             # Pop the tail of `running` (highest admission seq) until the rest fits. Under the
@@ -534,9 +538,9 @@ class Replica:
                         free += r == 0
                 if kind == 0:
                     if i < k:
-                        total -= int(extra_dec[i])
+                        total -= int(cred_dec[i])
                 else:
-                    total -= extra_pre[i]
+                    total -= cred_pre[i]
             drop_dec = np.zeros(self.n_dec, bool)
             drop_pre = {i for _s, kind, i in victims if kind == 1}
             for _s, kind, i in victims:
@@ -566,6 +570,40 @@ class Replica:
         if not chunks and not k:
             return None
         return chunks, (need if k else None), k
+
+    def _shrink_credit(self, extra_dec: np.ndarray, extra_pre: list, pre: list) -> tuple[np.ndarray, list]:
+        """extra_dec and extra_pre with each shrink of a request holding block ids replaced by
+        minus the blocks its drop really frees: a dropped block another request still references
+        stays in use. vllm/v1/core/kv_cache_manager.py allocate_slots frees the blocks a sliding
+        window skips (remove_skipped_blocks) before it compares what it must allocate with the
+        pool's free blocks, so a shared block falling out of one request's window frees nothing
+        then. Each block is credited to the last of its holders to drop it (a conservative count
+        if that one is preempted instead: its credit goes, and what its release frees is counted
+        from the pool's own references)."""
+        pool, lay, D = self.pool, self.layout, self.D
+        refs: dict[int, int] = {}
+
+        def frees(rid: int, x: int) -> int:
+            bl = self.held.get(rid)
+            if bl is None:                             # counted: its blocks are its own
+                return -x
+            if lay.window is not None and lay.whole_windows:
+                at = min(lay.sink_blocks, len(bl) + x)
+                drop = bl[at:at - x]
+            else:
+                drop = bl[x:]
+            out = 0
+            for b in drop:
+                r = refs.get(b, pool.ref[b]) - 1
+                refs[b] = r
+                out += r == 0
+            return out
+
+        cred_dec = extra_dec.copy()
+        for i in np.flatnonzero(extra_dec < 0).tolist():
+            cred_dec[i] = -frees(int(D[self.RID, i]), int(extra_dec[i]))
+        cred_pre = [-frees(e[0], x) if x < 0 else x for e, x in zip(pre, extra_pre)]
+        return cred_dec, cred_pre
 
     def _admit_v1(self, budget: int, chunks: list, busy: bool = False) -> None:
         """Scheduler.schedule's waiting loop: FCFS while budget and running slots last; the
