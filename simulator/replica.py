@@ -512,7 +512,9 @@ class Replica:
         extra_pre = [lay.prefill_blocks(e[1] + t) - e[3] if t else 0 for e, t in zip(pre, takes)] if pre else []
         total = int(extra_dec.sum()) + (sum(extra_pre) if pre else 0)
         cred_dec, cred_pre = extra_dec, extra_pre         # each one's net change to the blocks in use
-        if self.held and ((k and extra_dec.min() < 0) or any(x < 0 for x in extra_pre)):
+        if self.held and ((k and extra_dec.min() < 0) or any(x < 0 for x in extra_pre)) \
+                and int(extra_dec[extra_dec > 0].sum()) + sum(x for x in extra_pre if x > 0) > self._free_blocks():
+            # (where the growth alone fits, both counts fit and the credit changes nothing)
             cred_dec, cred_pre = self._shrink_credit(extra_dec, extra_pre, pre)
             total = int(cred_dec.sum()) + sum(cred_pre)
         victims = []
