@@ -98,8 +98,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     rem = out - gen
     calm = quiet and not waiting
     frees_admit = waiting and not slots_full
-    sealed = waiting
-    if sealed:
+    if waiting:                                              # sealed: arrivals bound nothing
         horizon_steps, until = 1 << 30, np.inf
     k = min(max(2, RUN_ELEMENTS // n), int(rem.max()) if calm else int(rem.min()), horizon_steps, admission_steps)
     if k < MIN_RUN:
@@ -125,12 +124,11 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     if pooled:
         # The pool frees a shared block only with its last holder: bound use by growth alone
         # (a bound that never falls: over only if its last value is).
-        up = np.maximum(grow, 0).sum(axis=1)
-        over = np.flatnonzero(used + np.cumsum(np.concatenate(([0], up))) > layout.num_blocks) \
-            if used + int(up.sum()) > layout.num_blocks else ()
-        if evict_room is not None and frees_admit and int(up.sum()) > evict_room:
+        up = np.cumsum(np.concatenate(([0], np.maximum(grow, 0).sum(axis=1))))  # growth through each step
+        over = np.flatnonzero(used + up > layout.num_blocks) if used + int(up[-1]) > layout.num_blocks else ()
+        if evict_room is not None and frees_admit and int(up[-1]) > evict_room:
             # (growth alone: a shrink in between only adds keyless blocks, so this is early enough)
-            k = min(k, int(np.flatnonzero(np.cumsum(np.concatenate(([0], up))) > evict_room)[0]))
+            k = min(k, int(np.flatnonzero(up > evict_room)[0]))
     else:
         inc = np.concatenate(([0], grow.sum(axis=1)))
         done_at = rem <= k0
@@ -161,7 +159,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     nd = np.full(k, n) if full else live[:k].sum(axis=1)
     return Run(rid, ctx, gen, rem, blocks[:k], t, dt, nd, k,
                used_plan[:k] if used_plan is not None else None, used_fin[:k] if used_fin is not None else None,
-               grow[:k - 1], sealed=sealed)
+               grow[:k - 1], sealed=waiting)
 
 
 def timeout_at(env, target: float):

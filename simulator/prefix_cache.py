@@ -93,6 +93,16 @@ class BlockPool:
         """How many of these cached blocks sit in the free queue (touching them takes them out)."""
         return sum(1 for b in blocks if self.ref[b] == 0)
 
+    def would_free(self, blocks: list[int], pending: dict[int, int]) -> int:
+        """How many of these blocks releasing them would free, after the releases already counted
+        in `pending` (block -> references left), which this one joins."""
+        ref, out = self.ref, 0
+        for b in blocks:
+            r = pending.get(b, ref[b]) - 1
+            pending[b] = r
+            out += r == 0
+        return out
+
     def touch(self, blocks: list[int]) -> None:
         for b in blocks:
             if self.ref[b] == 0:

@@ -163,13 +163,8 @@ class Replica:
         if self.pool is None or not self.waiting:
             return None
         rid = self.waiting[0]
-        if self._counts(rid):                          # nothing of it is cached (_admit_v1)
-            return None
-        total = int(self.log.prompt[rid] + self.log.generated[rid])
-        n_hit = self._shareable_blocks(total, total - 1)
-        if not n_hit or self._block_keys(rid, 1)[0] not in self.pool.block_of:
-            return None
-        return self.pool.bare
+        hits = self._prefix_hits(rid, int(self.log.prompt[rid] + self.log.generated[rid]))
+        return self.pool.bare if hits else None
 
     def sync(self, reads: str | None = None) -> None:
         """Bring the state up to now inside a run: steps ended by now applied, the step in
@@ -249,12 +244,12 @@ class Replica:
             # are free now: the next plan may admit, so it is not the start of a run.
             # A prompt part-way through its prefill that got no chunk (vllm-v0: its blocks did not
             # fit) continues once blocks free up, so it, too, rules a run out.
-            # With nobody waiting, an arrival due in fewer than MIN_RUN steps rules a run out
-            # before anything is copied (plan_run would say so too; between arrivals at short
-            # gaps this is most decode steps).
-            horizon = 1 << 30 if self.waiting else self._steps_to_horizon()
+            # With nobody waiting (the run would not be sealed), an arrival due in fewer than
+            # MIN_RUN steps rules a run out before anything is copied (plan_run would say so too;
+            # between arrivals at short gaps this is most decode steps).
             if self.skip and not chunks and n and n == self.n_dec and not self.prefilling and \
-                    (self.preempted == pre_before or not self.waiting) and horizon >= MIN_RUN:
+                    (self.preempted == pre_before or not self.waiting) and \
+                    ((horizon := self._steps_to_horizon()) >= MIN_RUN or self.waiting):
                 Dc = D[:, :n].copy()                    # the run keeps the batch as it starts
                 run = plan_run(Dc[self.RID], Dc[self.CTX], Dc[self.GEN], Dc[self.OUT], Dc[self.PLEN],
                                dec_need, self.layout, self.cost,
@@ -351,15 +346,20 @@ class Replica:
             self.blocks_used += n
             return
         if n < 0:
-            if self.layout.window is not None and self.layout.whole_windows:
-                at = min(self.layout.sink_blocks, len(bl) + n)
-                drop = bl[at:at - n]
-                del bl[at:at - n]
-            else:
-                drop = bl[n:]
-                del bl[n:]
+            span = self._dropped(len(bl), n)
+            drop = bl[span]
+            del bl[span]
             self.pool.release(drop)
         self.blocks_used = self.pool.used
+
+    def _dropped(self, held: int, n: int) -> slice:
+        """Which of a request's `held` blocks (ids in order) a shrink by -n frees: its last -n,
+        or for a whole-block sliding window the oldest past the sink."""
+        lay = self.layout
+        if lay.window is not None and lay.whole_windows:
+            at = min(lay.sink_blocks, held + n)
+            return slice(at, at - n)
+        return slice(n, None)
 
     def _apply_growth(self, extra_dec: np.ndarray, extra_pre: list[tuple[int, int]]) -> None:
         """Give the first len(extra_dec) decodes and the prefills [(blocks, rid)] their block changes:
@@ -512,9 +512,7 @@ class Replica:
         extra_pre = [lay.prefill_blocks(e[1] + t) - e[3] if t else 0 for e, t in zip(pre, takes)] if pre else []
         total = int(extra_dec.sum()) + (sum(extra_pre) if pre else 0)
         cred_dec, cred_pre = extra_dec, extra_pre         # each one's net change to the blocks in use
-        if self.held and ((k and extra_dec.min() < 0) or any(x < 0 for x in extra_pre)) \
-                and int(extra_dec[extra_dec > 0].sum()) + sum(x for x in extra_pre if x > 0) > self._free_blocks():
-            # (where the growth alone fits, both counts fit and the credit changes nothing)
+        if self.held and ((k and extra_dec.min() < 0) or any(x < 0 for x in extra_pre)):
             cred_dec, cred_pre = self._shrink_credit(extra_dec, extra_pre, pre)
             total = int(cred_dec.sum()) + sum(cred_pre)
         victims = []
@@ -534,10 +532,7 @@ class Replica:
                 if self.pool is None or rid in self.counted:     # held as a count: all of it frees
                     free += int(D[self.BLK, i]) if kind == 0 else pre[i][3]
                 else:
-                    for b in self.held[rid]:
-                        r = refs.get(b, self.pool.ref[b]) - 1
-                        refs[b] = r
-                        free += r == 0
+                    free += self.pool.would_free(self.held[rid], refs)
                 if kind == 0:
                     if i < k:
                         total -= int(cred_dec[i])
@@ -582,30 +577,27 @@ class Replica:
         then. Each block is credited to the last of its holders to drop it (a conservative count
         if that one is preempted instead: its credit goes, and what its release frees is counted
         from the pool's own references)."""
-        pool, lay, D = self.pool, self.layout, self.D
-        refs: dict[int, int] = {}
+        D, refs = self.D, {}
 
         def frees(rid: int, x: int) -> int:
             bl = self.held.get(rid)
             if bl is None:                             # counted: its blocks are its own
                 return -x
-            if lay.window is not None and lay.whole_windows:
-                at = min(lay.sink_blocks, len(bl) + x)
-                drop = bl[at:at - x]
-            else:
-                drop = bl[x:]
-            out = 0
-            for b in drop:
-                r = refs.get(b, pool.ref[b]) - 1
-                refs[b] = r
-                out += r == 0
-            return out
+            return self.pool.would_free(bl[self._dropped(len(bl), x)], refs)
 
         cred_dec = extra_dec.copy()
         for i in np.flatnonzero(extra_dec < 0).tolist():
             cred_dec[i] = -frees(int(D[self.RID, i]), int(extra_dec[i]))
         cred_pre = [-frees(e[0], x) if x < 0 else x for e, x in zip(pre, extra_pre)]
         return cred_dec, cred_pre
+
+    def _prefix_hits(self, rid: int, total: int) -> list[int]:
+        """The cached blocks a waiting request of `total` tokens would reuse: the prefix cache's
+        hit, at most all but the last token, whole blocks."""
+        if self.pool is None or self._counts(rid):       # nothing of it is cached
+            return []
+        n_hit = self._shareable_blocks(total, total - 1)
+        return self.pool.lookup(self._block_keys(rid, n_hit)) if n_hit else []
 
     def _admit_v1(self, budget: int, chunks: list, busy: bool = False) -> None:
         """Scheduler.schedule's waiting loop: FCFS while budget and running slots last; the
@@ -615,11 +607,7 @@ class Replica:
         while self.waiting and budget > 0 and self.n_dec + len(self.prefilling) < cfg.max_batch_size:
             rid = self.waiting[0]
             total = int(log.prompt[rid] + log.generated[rid])
-            hit_blocks: list[int] = []
-            if self.pool is not None and not self._counts(rid):      # else nothing of it is cached
-                n_hit = self._shareable_blocks(total, total - 1)
-                if n_hit:
-                    hit_blocks = self.pool.lookup(self._block_keys(rid, n_hit))
+            hit_blocks = self._prefix_hits(rid, total)
             computed = len(hit_blocks) * lay.block_size
             new = total - computed
             if cfg.long_prefill_token_threshold:
