@@ -18,7 +18,7 @@ import numpy as np
 from rkvsim.models import cached_tokens_vec
 
 from rkvsim.simulator.cost_model import RooflineCostModel, StepBatch
-from rkvsim.simulator.lookup import Tabulated, by_size
+from rkvsim.simulator.lookup import Tabulated, by_size, int_sum
 from rkvsim.models.files import read_json
 
 ENGINE_FILE = "engine_terms.json"
@@ -139,10 +139,10 @@ class CalibratedCostModel:
         v = (a + (b - a) * tx) * (1 - ty) + (c + (d - c) * tx) * ty
         return v if v > 0.0 else 0.0
 
-    def _decode_attn(self, b: StepBatch, nd: int) -> float:
+    def _decode_attn(self, prompt: np.ndarray, ctx: np.ndarray, nd: int) -> float:
         # Decode attention is keyed by the tokens each cache holds (after eviction).
         # The mean as ndarray.mean computes it (one sum, one division), without its overhead.
-        key = float(cached_tokens_vec(self.method, b.decode_prompt, b.decode_ctx).sum()) / nd
+        key = float(int_sum(cached_tokens_vec(self.method, prompt, ctx))) / nd
         return self._grid_at(self._dec_b, self._dec_c, self._dec_tab, float(nd), key)
 
     def _prefill_attn(self, b: StepBatch) -> float:
@@ -153,20 +153,20 @@ class CalibratedCostModel:
         nd, npf = len(b.decode_ctx), len(b.prefill_new)
         if nd == 0 and npf == 0:
             return 0.0, 0.0, 0, 0
-        t_new = (int(b.prefill_new.sum()) if npf else 0) + nd
+        t_new = (int_sum(b.prefill_new) if npf else 0) + nd
         n_done = self.rl._n_done(b) if npf else 0
         dense = self._dense_t(t_new) + self._head_t(nd + n_done) + self.rl._comm(t_new)
-        attn = (self._decode_attn(b, nd) if nd else 0.0) + (self._prefill_attn(b) if npf else 0.0)
+        attn = (self._decode_attn(b.decode_prompt, b.decode_ctx, nd) if nd else 0.0) + (self._prefill_attn(b) if npf else 0.0)
         return dense, attn, nd, npf
 
     def _parts(self, b: StepBatch) -> tuple[dict[str, float], int, int]:
         nd, npf = len(b.decode_ctx), len(b.prefill_new)
-        t_new = (int(b.prefill_new.sum()) if npf else 0) + nd
+        t_new = (int_sum(b.prefill_new) if npf else 0) + nd
         n_done = self.rl._n_done(b) if npf else 0
         parts = {"dense": self._dense_t(t_new), "lm_head+sampling": self._head_t(nd + n_done),
                  "allreduce": self.rl._comm(t_new)}
         if nd:
-            parts["attn_decode"] = self._decode_attn(b, nd)
+            parts["attn_decode"] = self._decode_attn(b.decode_prompt, b.decode_ctx, nd)
         if npf:
             parts["attn_prefill"] = self._prefill_attn(b)
         return parts, nd, npf
@@ -209,7 +209,17 @@ class CalibratedCostModel:
         v = (a + (b - a) * tx) * (1 - ty) + (c + (d - c) * tx) * ty
         return np.where(v > 0.0, v, 0.0)
 
+    def decode_step(self, ctx: np.ndarray, prompt: np.ndarray) -> float:
+        """step_time of a decode-only step (decode contexts `ctx`, prompts `prompt`; not empty),
+        without a StepBatch: the replica's most frequent call. The same terms as _split's, added
+        in the same order (_decode_dense: t_new = nd, no prefill done)."""
+        nd = len(ctx)
+        return self._dec_terms.apply(self._dense_t(nd) + self._head_t(nd) + self.rl._comm(nd),
+                                     self._decode_attn(prompt, ctx, nd), nd)
+
     def step_time(self, batch: StepBatch) -> float:
+        if not len(batch.prefill_new) and len(batch.decode_ctx):
+            return self.decode_step(batch.decode_ctx, batch.decode_prompt)
         dense, attn, nd, npf = self._split(batch)
         if nd == 0 and npf == 0:
             return 0.0

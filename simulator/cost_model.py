@@ -166,9 +166,7 @@ class RooflineCostModel:
         if nd == 0 and npf == 0:
             return 0.0
         if npf == 0:
-            # Decode-only: the same expression decode_run evaluates over many steps at once.
-            s = self._decode_sums(batch.decode_ctx, batch.decode_prompt)
-            return self._decode_only(nd, *s)
+            return self.decode_step(batch.decode_ctx, batch.decode_prompt)
         t_new = int(batch.prefill_new.sum()) + nd if npf else nd
         n_done = self._n_done(batch) if npf else 0
         g_dense, g_attn = self._graphed(t_new, npf)
@@ -177,6 +175,11 @@ class RooflineCostModel:
         for _, t in self._method_terms(batch, nd, npf, g_attn):
             total += t
         return total
+
+    def decode_step(self, ctx: np.ndarray, prompt: np.ndarray) -> float:
+        """step_time of a decode-only step (decode contexts `ctx`, prompts `prompt`; not empty):
+        the same expression decode_run evaluates over many steps at once."""
+        return self._decode_only(len(ctx), *self._decode_sums(ctx, prompt))
 
     def decode_run(self, ctx: np.ndarray, prompt: np.ndarray, rem: np.ndarray, k: int) -> np.ndarray | None:
         """Seconds of k decode-only steps of a fixed batch, one per step: at step j (1..k) the

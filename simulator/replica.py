@@ -30,10 +30,16 @@ from rkvsim.simulator.config import SchedulerConfig
 from rkvsim.simulator.cost_model import CostModel, StepBatch
 from rkvsim.simulator.decode_run import MIN_RUN, Run, plan_run, timeout_at
 from rkvsim.simulator.kv_memory import KVLayout
+from rkvsim.simulator.lookup import int_sum
 from rkvsim.simulator.prefix_cache import BlockPool, block_keys
 from rkvsim.simulator.records import RequestLog, StepLog
 
 _EMPTY = np.zeros(0, np.int64)
+
+
+def _fmax(a: float, b: float) -> float:
+    """np.fmax of two floats (the larger; a NaN loses to a number) without a numpy call."""
+    return b if a != a or b > a else a
 
 
 class Replica:
@@ -46,6 +52,7 @@ class Replica:
     spread = 1
     _run: Run | None = None
     _kv_seen: float | None = None
+    _decode_step = None
 
     def __init__(self, env: simpy.Environment, index: int, layout: KVLayout, cost: CostModel,
                  cfg: SchedulerConfig, log: RequestLog, on_done: Callable[[int], None], content=None):
@@ -58,6 +65,7 @@ class Replica:
         cap = cfg.max_batch_size
         self.D = np.zeros((7, cap), np.int64)
         self.F = np.zeros((2, cap))  # latest token time, largest inter-token gap so far
+        self._ones = np.ones(cap, np.int64)
         self.policy = cfg.policy
         # Admission watermark: blocks kept free for running requests to grow into. vLLM V0
         # (vllm/core/block_manager.py, can_allocate) keeps 1%, at least one block; V1 keeps none by
@@ -97,6 +105,7 @@ class Replica:
         # Event skipping (simulator/decode_run.py): on unless step_by_step or the cost model
         # cannot cost a run; `quiet` (set by the simulation) when a completion feeds nothing back.
         self.skip = hasattr(cost, "decode_run")
+        self._decode_step = getattr(cost, "decode_step", None)   # step_time of a decode-only step
         self.quiet = False
         self.horizon = None      # has .time_ahead(k): the k-th next arrival anywhere
         self.spread = 1          # replicas sharing the arrivals (a run is cut by a request sent here)
@@ -246,10 +255,13 @@ class Replica:
             # fit) continues once blocks free up, so it, too, rules a run out.
             # With nobody waiting (the run would not be sealed), an arrival due in fewer than
             # MIN_RUN steps rules a run out before anything is copied (plan_run would say so too;
-            # between arrivals at short gaps this is most decode steps).
+            # between arrivals at short gaps this is most decode steps). Where a completion ends
+            # the run (someone waits, or completions feed the workload), one due in fewer than
+            # MIN_RUN steps rules it out as well.
             if self.skip and not chunks and n and n == self.n_dec and not self.prefilling and \
                     (self.preempted == pre_before or not self.waiting) and \
-                    ((horizon := self._steps_to_horizon()) >= MIN_RUN or self.waiting):
+                    ((horizon := self._steps_to_horizon()) >= MIN_RUN or self.waiting) and \
+                    ((self.quiet and not self.waiting) or int((D[self.OUT, :n] - D[self.GEN, :n]).min()) >= MIN_RUN):
                 Dc = D[:, :n].copy()                    # the run keeps the batch as it starts
                 run = plan_run(Dc[self.RID], Dc[self.CTX], Dc[self.GEN], Dc[self.OUT], Dc[self.PLEN],
                                dec_need, self.layout, self.cost,
@@ -270,14 +282,17 @@ class Replica:
                     self.runs += 1
                     self.run_steps += run.end
                     continue
-            batch = StepBatch(
-                prefill_new=np.array([c[1] for c in chunks], np.int64) if chunks else _EMPTY,
-                prefill_past=np.array([c[0][1] for c in chunks], np.int64) if chunks else _EMPTY,
-                prefill_done=np.array([c[0][1] + c[1] >= c[0][2] for c in chunks], bool) if chunks else None,
-                decode_ctx=D[self.CTX, :n] + 1 if n else _EMPTY,
-                decode_prompt=D[self.PLEN, :n] if n else _EMPTY,
-            )
-            dt = self.cost.step_time(batch)
+            if chunks or not n or self._decode_step is None:
+                dt = self.cost.step_time(StepBatch(
+                    prefill_new=np.array([c[1] for c in chunks], np.int64) if chunks else _EMPTY,
+                    prefill_past=np.array([c[0][1] for c in chunks], np.int64) if chunks else _EMPTY,
+                    prefill_done=np.array([c[0][1] + c[1] >= c[0][2] for c in chunks], bool) if chunks else None,
+                    decode_ctx=D[self.CTX, :n] + 1 if n else _EMPTY,
+                    decode_prompt=D[self.PLEN, :n] if n else _EMPTY,
+                ))
+            else:                                        # decode-only: no StepBatch to build
+
+                dt = self._decode_step(D[self.CTX, :n] + 1, D[self.PLEN, :n])
             yield env.timeout(dt)
             now = env.now
             new_tokens = sum(c[1] for c in chunks)
@@ -361,16 +376,16 @@ class Replica:
             return slice(at, at - n)
         return slice(n, None)
 
-    def _apply_growth(self, extra_dec: np.ndarray, extra_pre: list[tuple[int, int]]) -> None:
+    def _apply_growth(self, extra_dec: np.ndarray, extra_pre: list[tuple[int, int]], total: int | None = None) -> None:
         """Give the first len(extra_dec) decodes and the prefills [(blocks, rid)] their block changes:
         every shrink (a quantizer's residual folding into packed groups, a window moving on)
-        before any growth, since the planner's check is net."""
+        before any growth, since the planner's check is net. total: their sum, if known."""
         if self.pool is None:
-            self.blocks_used += int(extra_dec.sum()) + sum(x for x, _rid in extra_pre)
+            self.blocks_used += int(extra_dec.sum()) + sum(x for x, _rid in extra_pre) if total is None else total
             return
         if not self.held and (not len(extra_dec) or extra_dec.min() >= 0) and all(x > 0 for x, _rid in extra_pre):
             # Counted requests growing only: one allocation of the total is all the pool sees.
-            n = int(extra_dec.sum()) + sum(x for x, _rid in extra_pre)
+            n = int(extra_dec.sum()) + sum(x for x, _rid in extra_pre) if total is None else total
             if n:
                 self.pool.allocate_anon(n)
                 self.blocks_used = self.pool.used
@@ -510,7 +525,7 @@ class Replica:
         need = lay.decode_blocks_vec(D[self.PLEN, :k], D[self.CTX, :k] + 1) if k else _EMPTY
         extra_dec = need - D[self.BLK, :k] if k else _EMPTY
         extra_pre = [lay.prefill_blocks(e[1] + t) - e[3] if t else 0 for e, t in zip(pre, takes)] if pre else []
-        total = int(extra_dec.sum()) + (sum(extra_pre) if pre else 0)
+        total = int_sum(extra_dec) + (sum(extra_pre) if pre else 0)
         cred_dec, cred_pre = extra_dec, extra_pre         # each one's net change to the blocks in use
         if self.held and ((k and extra_dec.min() < 0) or any(x < 0 for x in extra_pre)):
             cred_dec, cred_pre = self._shrink_credit(extra_dec, extra_pre, pre)
@@ -551,7 +566,8 @@ class Replica:
             extra_dec = extra_dec[~drop_dec[:k]]
             self._preempt_v1(victims, drop_dec, drop_pre)
             k = kept_k
-        self._apply_growth(extra_dec, [(x, e[0]) for e, t, x in zip(self.prefilling, takes, extra_pre) if t and x])
+        self._apply_growth(extra_dec, [(x, e[0]) for e, t, x in zip(self.prefilling, takes, extra_pre) if t and x],
+                           None if victims or self.held else total)
         if k:
             D[self.BLK, :k] = need
         chunks = []
@@ -650,7 +666,7 @@ class Replica:
         entry = [rid, done, total, blocks, self.seq]
         self.prefilling.append(entry)
         chunks.append((entry, take))
-        if np.isnan(self.log.first_sched[rid]):
+        if math.isnan(self.log.first_sched[rid]):
             self.log.first_sched[rid] = self.env.now
 
     def _preempt_v1(self, victims: list, drop_dec: np.ndarray, drop_pre: set) -> None:
@@ -806,7 +822,7 @@ class Replica:
         rid = int(D[self.RID, i])
         log.generated[rid] = D[self.GEN, i]
         log.last_token[rid] = F[self.LAST, i]
-        log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
+        log.itl_max[rid] = _fmax(log.itl_max[rid], F[self.ITLMAX, i])
         self._requeue(rid, int(D[self.BLK, i]), int(D[self.CTX, i]))
 
     def _requeue(self, rid: int, blocks: int, ctx: int) -> None:
@@ -858,7 +874,7 @@ class Replica:
             order = np.argsort(rem, kind="stable")       # step by step: by step, then column
             for i in order[:int(done.sum())]:
                 rid = int(D[self.RID, i])
-                log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
+                log.itl_max[rid] = _fmax(log.itl_max[rid], F[self.ITLMAX, i])
                 # (blocks: counted ones come from the run's sums below, the pool's were released in order)
                 self._complete(rid, int(D[self.GEN, i]), float(run.t[rem[i] - 1]))
             keep = ~done
@@ -1009,17 +1025,19 @@ class Replica:
     # ---- applying a finished step ----------------------------------------------------
     def _finish_decode_step(self, n: int, need: np.ndarray, now: float) -> None:
         D, F, log = self.D, self.F, self.log
-        D[self.CTX:self.GEN + 1, :n] += 1
-        D[self.BLK, :n] = need
+        cg = D[self.CTX:self.GEN + 1, :n]
+        cg += self._ones[:n]                             # (cheaper than += 1 on a 2-row view)
+        if self.policy != "vllm-v1":                     # v1 recorded them when it planned the step
+            D[self.BLK, :n] = need
         itl = now - F[self.LAST, :n]
         log.add_itls(itl)
         np.maximum(F[self.ITLMAX, :n], itl, out=F[self.ITLMAX, :n])
         F[self.LAST, :n] = now
         done = D[self.GEN, :n] >= D[self.OUT, :n]
-        if done.any():
+        if True in done.tolist():                       # (done.any() costs 3x as much at small n)
             for i in np.flatnonzero(done):
                 rid = int(D[self.RID, i])
-                log.itl_max[rid] = np.fmax(log.itl_max[rid], F[self.ITLMAX, i])
+                log.itl_max[rid] = _fmax(log.itl_max[rid], F[self.ITLMAX, i])
                 self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]), True)
                 self._complete(rid, int(D[self.GEN, i]), now)
             total = self.n_dec
@@ -1040,12 +1058,12 @@ class Replica:
                 continue
             # The prefill step emits the next token (the first one, or the one after a recompute).
             gen = int(log.generated[rid]) + 1
-            if np.isnan(log.first_token[rid]):
+            if math.isnan(log.first_token[rid]):
                 log.first_token[rid] = now
             else:
                 itl = now - log.last_token[rid]
                 log.add_itls(np.array([itl]))
-                log.itl_max[rid] = np.fmax(log.itl_max[rid], itl)
+                log.itl_max[rid] = _fmax(log.itl_max[rid], itl)
             if gen >= log.output[rid]:
                 self._release(rid, blocks, total, True)
                 self._complete(rid, gen, now)
@@ -1062,7 +1080,7 @@ class Replica:
         self.prefilling = still
 
     def _complete(self, rid: int, gen: int, now: float) -> None:
-        assert np.isnan(self.log.finish[rid]), f"request {rid} completed twice"
+        assert math.isnan(self.log.finish[rid]), f"request {rid} completed twice"
         assert self.log.replica[rid] == self.index, f"request {rid} completed on a replica it was not sent to"
         self.log.generated[rid] = gen
         self.log.finish[rid] = now
