@@ -114,7 +114,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     if not full:
         grow *= live[1:]
     if frees_admit:
-        shrink = np.flatnonzero((grow < 0).any(axis=1))
+        shrink = (grow < 0).any(axis=1).nonzero()[0]
         if len(shrink):
             k = min(k, int(shrink[0]) + 1)
             if k < 2:
@@ -124,22 +124,25 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     if pooled:
         # The pool frees a shared block only with its last holder: bound use by growth alone
         # (a bound that never falls: over only if its last value is).
-        up = np.cumsum(np.concatenate(([0], np.maximum(grow, 0).sum(axis=1))))  # growth through each step
-        over = np.flatnonzero(used + up > layout.num_blocks) if used + int(up[-1]) > layout.num_blocks else ()
+        up = np.zeros(k0, np.int64)                         # growth through each step
+        np.cumsum(np.maximum(grow, 0).sum(axis=1), out=up[1:])
+        over = (used + up > layout.num_blocks).nonzero()[0] if used + int(up[-1]) > layout.num_blocks else ()
         if evict_room is not None and frees_admit and int(up[-1]) > evict_room:
             # (growth alone: a shrink in between only adds keyless blocks, so this is early enough)
-            k = min(k, int(np.flatnonzero(up > evict_room)[0]))
+            k = min(k, int((up > evict_room).nonzero()[0][0]))
     else:
-        inc = np.concatenate(([0], grow.sum(axis=1)))
-        done_at = rem <= k0
-        rel = np.zeros(k0 + 1, np.int64)
-        if done_at.any():
-            cols = np.flatnonzero(done_at)
+        rel = np.zeros(k0 + 1, np.int64)                   # blocks released at each step's finish
+        cols = (rem <= k0).nonzero()[0]
+        if len(cols):
             np.add.at(rel, rem[cols], blocks[rem[cols] - 1, cols])
         rel = rel[1:]
-        used_plan = used + np.cumsum(inc) - np.concatenate(([0], np.cumsum(rel)[:-1]))
+        # planned at step j: what was in use, plus the growth planned through j, less the
+        # releases of the steps before it
+        used_plan = np.empty(k0, np.int64)
+        used_plan[0] = used
+        used_plan[1:] = used + np.cumsum(grow.sum(axis=1)) - np.cumsum(rel[:-1])
         used_fin = used_plan - rel
-        over = np.flatnonzero(used_plan > layout.num_blocks)
+        over = (used_plan > layout.num_blocks).nonzero()[0]
     if len(over):
         k = min(k, int(over[0]))
     if k < 2:

@@ -94,7 +94,7 @@ class StepLog:
         self.dt.frombytes(np.ascontiguousarray(dt, np.float64).tobytes())
         self.batch.frombytes(np.ascontiguousarray(batch, np.dtype(f"i{self.batch.itemsize}")).tobytes())
         self.kv_fraction.frombytes(np.ascontiguousarray(kv_fraction, np.float64).tobytes())
-        self.prefill_tokens.frombytes(np.zeros(len(t_end), np.dtype(f"i{self.prefill_tokens.itemsize}")).tobytes())
+        self.prefill_tokens.frombytes(bytes(len(t_end) * self.prefill_tokens.itemsize))   # zeros
 
     def __len__(self) -> int:
         return len(self.t_end)

@@ -204,7 +204,7 @@ class Replica:
         run leaves alone) gets them whoever finished."""
         if self.pool is None and reads == "kv":
             return int(run.used_plan[j] if j < run.end else run.used_fin[j - 1])
-        cols = np.flatnonzero(run.alive)
+        cols = run.alive.nonzero()[0]
         rem = run.rem[cols]
         if ((rem > run.fin) & (rem <= j)).any():
             return None
@@ -390,7 +390,7 @@ class Replica:
                 self.pool.allocate_anon(n)
                 self.blocks_used = self.pool.used
             return
-        nz = np.flatnonzero(extra_dec)
+        nz = extra_dec.nonzero()[0]
         grows = list(zip(extra_dec[nz].tolist(), self.D[self.RID, nz].tolist())) + extra_pre
         if not grows:
             return
@@ -602,7 +602,7 @@ class Replica:
             return self.pool.would_free(bl[self._dropped(len(bl), x)], refs)
 
         cred_dec = extra_dec.copy()
-        for i in np.flatnonzero(extra_dec < 0).tolist():
+        for i in (extra_dec < 0).nonzero()[0].tolist():
             cred_dec[i] = -frees(int(D[self.RID, i]), int(extra_dec[i]))
         cred_pre = [-frees(e[0], x) if x < 0 else x for e, x in zip(pre, extra_pre)]
         return cred_dec, cred_pre
@@ -692,7 +692,7 @@ class Replica:
     def _front(self, mask: np.ndarray) -> None:
         """Reorder the decode columns so those in `mask` come first (order kept within each part)."""
         n = self.n_dec
-        idx = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
+        idx = np.concatenate([mask.nonzero()[0], (~mask).nonzero()[0]])
         self.D[:, :n] = self.D[:, idx]
         self.F[:, :n] = self.F[:, idx]
 
@@ -842,7 +842,7 @@ class Replica:
         a = run.fin + 1
         nxt = b < run.end                                # plan step b + 1 too
         last_plan = b + 1 if nxt else b
-        cols = np.flatnonzero(run.alive)                 # run index of each decode column now
+        cols = run.alive.nonzero()[0]                    # run index of each decode column now
         m = len(cols)
         assert m == self.n_dec, f"replica {self.index}: a run lost track of its batch"
         rem = run.rem[cols]
@@ -870,9 +870,9 @@ class Replica:
         done = rem <= b
         bl_row = (last_plan if self.policy == "vllm-v1" else b) - 1   # v1 records blocks at plan, v0/lmdeploy at finish
         D[self.BLK, :m] = run.blocks[np.where(done, rem - 1, bl_row), cols]
-        if done.any():
+        if True in done.tolist():
             order = np.argsort(rem, kind="stable")       # step by step: by step, then column
-            for i in order[:int(done.sum())]:
+            for i in order[:int_sum(done)].tolist():
                 rid = int(D[self.RID, i])
                 log.itl_max[rid] = _fmax(log.itl_max[rid], F[self.ITLMAX, i])
                 # (blocks: counted ones come from the run's sums below, the pool's were released in order)
@@ -953,7 +953,7 @@ class Replica:
                 for i, x in sorted(here, key=lambda g: g[1] > 0):
                     self._grow(rids[i], x, int(run.blocks[k - 2, cols[i]]))
             if a <= k <= b:
-                fin = np.flatnonzero(rem == k).tolist()
+                fin = (rem == k).nonzero()[0].tolist()
                 if fin:
                     flush()
                     for i in fin:
@@ -972,7 +972,7 @@ class Replica:
         would name it (_grow)."""
         if not self._hw:
             return True
-        neg = np.flatnonzero(vals < 0)
+        neg = (vals < 0).nonzero()[0]
         hw = np.array([self._hw.get(r, 0) for r in rids], np.int64)
         held = run.blocks[ks[neg] - 2, cols[ci[neg]]]
         return bool((held + vals[neg] >= hw[ci[neg]]).all())
@@ -987,7 +987,7 @@ class Replica:
         pool, nb, rem = self.pool, self.layout.num_blocks, run.rem[cols]
         used0 = pool.used
         cum = np.cumsum(per_step).tolist()                # net growth planned through step a + j
-        fin = np.flatnonzero((rem >= a) & (rem <= b))
+        fin = ((rem >= a) & (rem <= b)).nonzero()[0]
         fin = fin[np.argsort(rem[fin], kind="stable")]    # by step, then column, as step by step
         fk = rem[fin]
         rel = np.bincount(fk - a, weights=run.blocks[fk - 1, cols[fin]], minlength=b - a + 1).astype(np.int64)
@@ -1035,7 +1035,7 @@ class Replica:
         F[self.LAST, :n] = now
         done = D[self.GEN, :n] >= D[self.OUT, :n]
         if True in done.tolist():                       # (done.any() costs 3x as much at small n)
-            for i in np.flatnonzero(done):
+            for i in done.nonzero()[0]:
                 rid = int(D[self.RID, i])
                 log.itl_max[rid] = _fmax(log.itl_max[rid], F[self.ITLMAX, i])
                 self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]), True)
