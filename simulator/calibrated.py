@@ -192,7 +192,7 @@ class CalibratedCostModel:
 
     def _x_cell(self, sizes: np.ndarray) -> np.ndarray:
         xa = self._dec_grid[0][0]
-        return np.minimum(np.maximum(np.searchsorted(xa, sizes, "left") - 1, 0), len(xa) - 2)
+        return np.minimum(np.maximum(xa.searchsorted(sizes, "left") - 1, 0), len(xa) - 2)
 
     @staticmethod
     def _grid_vec(grid: tuple, tab: np.ndarray, xc: tuple[np.ndarray, np.ndarray], y: np.ndarray) -> np.ndarray:
@@ -201,7 +201,7 @@ class CalibratedCostModel:
         rows (flat offsets) and fractions on the first axis."""
         (ya, dy) = grid[1]
         r, tx = xc
-        j = np.minimum(np.maximum(np.searchsorted(ya, y, "left") - 1, 0), len(ya) - 2)
+        j = np.minimum(np.maximum(ya.searchsorted(y, "left") - 1, 0), len(ya) - 2)
         ty = (y - ya[j]) / dy[j]
         at = r + j
         nxt = at + len(ya)                       # the same column, next row

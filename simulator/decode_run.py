@@ -125,7 +125,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
         # The pool frees a shared block only with its last holder: bound use by growth alone
         # (a bound that never falls: over only if its last value is).
         up = np.zeros(k0, np.int64)                         # growth through each step
-        np.cumsum(np.maximum(grow, 0).sum(axis=1), out=up[1:])
+        np.maximum(grow, 0).sum(axis=1).cumsum(out=up[1:])
         over = (used + up > layout.num_blocks).nonzero()[0] if used + int(up[-1]) > layout.num_blocks else ()
         if evict_room is not None and frees_admit and int(up[-1]) > evict_room:
             # (growth alone: a shrink in between only adds keyless blocks, so this is early enough)
@@ -140,7 +140,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
         # releases of the steps before it
         used_plan = np.empty(k0, np.int64)
         used_plan[0] = used
-        used_plan[1:] = used + np.cumsum(grow.sum(axis=1)) - np.cumsum(rel[:-1])
+        used_plan[1:] = used + grow.sum(axis=1).cumsum() - rel[:-1].cumsum()
         used_fin = used_plan - rel
         over = (used_plan > layout.num_blocks).nonzero()[0]
     if len(over):
@@ -152,9 +152,9 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
         return None
     t = np.empty(len(dt) + 1)
     t[0], t[1:] = now, dt
-    t = np.cumsum(t)[1:]                             # sequential sums: SimPy's now + delay, step by step
+    t = t.cumsum()[1:]                             # sequential sums: SimPy's now + delay, step by step
     if until < t[-1]:
-        cut = int(np.searchsorted(t, until, "right")) + 1   # the same cut Replica.submit makes
+        cut = int(t.searchsorted(until, "right")) + 1   # the same cut Replica.submit makes
         if cut < k:
             if cut < 2:
                 return None

@@ -53,6 +53,11 @@ class KVLayout:
         object.__setattr__(self, "sink_blocks", -(-win[0] // self.block_size) if win else 0)
         object.__setattr__(self, "_plain", win is None and spec.quantized_tokens is None
                            and spec.token_cap is None and spec.prompt_budget is None)
+        # Whether a decoding request's blocks can ever fall from one step to the next: a window
+        # moving on, a quantizer's residual folding into packed groups. Without either, what a
+        # request holds only grows (capped eviction holds at its cap), so the per-step shrink
+        # checks are skipped (tests/test_models.py checks the claim over every method).
+        object.__setattr__(self, "decode_shrinks", win is not None or spec.quantized_tokens is not None)
         # A quantizer whose bytes split into a part of the context and a part of the prompt
         # (spec.bytes_parts) is looked up in tables of both, grown on demand: one step asks for
         # every decode's blocks, and the formula is a dozen array operations. Where the blocks

@@ -53,11 +53,11 @@ class RequestLog:
     def _flush_itls(self) -> None:
         if self._itl_buf:
             x = np.concatenate(self._itl_buf)
-            self._itl_hist += np.bincount(np.searchsorted(ITL_EDGES, x), minlength=len(self._itl_hist))
+            self._itl_hist += np.bincount(ITL_EDGES.searchsorted(x), minlength=len(self._itl_hist))
         if self._itl_wbuf:
             x = np.concatenate([v for v, _c in self._itl_wbuf])
             w = np.concatenate([c for _v, c in self._itl_wbuf]).astype(np.float64)   # counts: exact in float64
-            self._itl_hist += np.bincount(np.searchsorted(ITL_EDGES, x), weights=w,
+            self._itl_hist += np.bincount(ITL_EDGES.searchsorted(x), weights=w,
                                           minlength=len(self._itl_hist)).astype(np.int64)
         self._itl_buf, self._itl_wbuf, self._itl_buffered = [], [], 0
 

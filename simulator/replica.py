@@ -130,7 +130,7 @@ class Replica:
         if run is not None and not run.sealed:
             # The request is seen when the step in progress ends, as step by step (the steps
             # before it are applied when the run ends, or when someone reads this replica).
-            cut = min(int(np.searchsorted(run.t, self.env.now, "right")), run.end) + 1
+            cut = min(int(run.t.searchsorted(self.env.now, "right")), run.end) + 1
             if cut < run.end:
                 run.end = cut
                 self.process.interrupt()
@@ -186,7 +186,7 @@ class Replica:
         run = self._run
         if run is None:
             return
-        j = min(int(np.searchsorted(run.t, self.env.now, "right")), run.end)
+        j = min(int(run.t.searchsorted(self.env.now, "right")), run.end)
         if j <= run.fin:
             return
         if reads is not None:
@@ -383,7 +383,8 @@ class Replica:
         if self.pool is None:
             self.blocks_used += int(extra_dec.sum()) + sum(x for x, _rid in extra_pre) if total is None else total
             return
-        if not self.held and (not len(extra_dec) or extra_dec.min() >= 0) and all(x > 0 for x, _rid in extra_pre):
+        if not self.held and (not self.layout.decode_shrinks or not len(extra_dec) or extra_dec.min() >= 0) \
+                and all(x > 0 for x, _rid in extra_pre):
             # Counted requests growing only: one allocation of the total is all the pool sees.
             n = int(extra_dec.sum()) + sum(x for x, _rid in extra_pre) if total is None else total
             if n:
@@ -871,7 +872,7 @@ class Replica:
         bl_row = (last_plan if self.policy == "vllm-v1" else b) - 1   # v1 records blocks at plan, v0/lmdeploy at finish
         D[self.BLK, :m] = run.blocks[np.where(done, rem - 1, bl_row), cols]
         if True in done.tolist():
-            order = np.argsort(rem, kind="stable")       # step by step: by step, then column
+            order = rem.argsort(kind="stable")       # step by step: by step, then column
             for i in order[:int_sum(done)].tolist():
                 rid = int(D[self.RID, i])
                 log.itl_max[rid] = _fmax(log.itl_max[rid], F[self.ITLMAX, i])
@@ -907,12 +908,12 @@ class Replica:
         p0 = run.planned + 1                              # first step whose plan is still to apply
         assert p0 > a, f"replica {self.index}: a run's plans lag its finished steps"
         grow = run.grow[p0 - 2:last_plan - 1, cols]       # empty when every plan is applied
-        ks, ci = np.nonzero(grow)                         # step-major, column order within a step
+        ks, ci = grow.nonzero()                         # step-major, column order within a step
         vals = grow[ks, ci]
         ks = ks + p0
         # growth planned at each step a..last_plan (small integer counts: exact through float weights)
         per_step = np.bincount(ks - a, weights=vals, minlength=last_plan - a + 2).astype(np.int64)
-        shrinks = len(vals) and vals.min() < 0
+        shrinks = self.layout.decode_shrinks and len(vals) and vals.min() < 0
         if not self.held and (not shrinks or self._shrinks_unpublished(run, cols, rids, ks, ci, vals)):
             return self._run_blocks_counted(run, cols, rids, a, b, last_plan, per_step, ks, vals if shrinks else None)
         ksl, cil, vl = ks.tolist(), ci.tolist(), vals.tolist()
@@ -940,7 +941,7 @@ class Replica:
                 e += 1
             stop = b if k is None else min(k - 1, b)
             if stop >= s0:
-                kvf[s0 - a:stop - a + 1] = (cur + np.cumsum(per_step[s0 - a:stop - a + 1])) / nb
+                kvf[s0 - a:stop - a + 1] = (cur + per_step[s0 - a:stop - a + 1].cumsum()) / nb
                 cur += int(per_step[s0 - a:stop - a + 1].sum())
             if k is None:
                 break
@@ -986,12 +987,12 @@ class Replica:
         finishes and shrinks is kept (it decides which cached blocks are evicted)."""
         pool, nb, rem = self.pool, self.layout.num_blocks, run.rem[cols]
         used0 = pool.used
-        cum = np.cumsum(per_step).tolist()                # net growth planned through step a + j
+        cum = per_step.cumsum().tolist()                # net growth planned through step a + j
         fin = ((rem >= a) & (rem <= b)).nonzero()[0]
-        fin = fin[np.argsort(rem[fin], kind="stable")]    # by step, then column, as step by step
+        fin = fin[rem[fin].argsort(kind="stable")]    # by step, then column, as step by step
         fk = rem[fin]
         rel = np.bincount(fk - a, weights=run.blocks[fk - 1, cols[fin]], minlength=b - a + 1).astype(np.int64)
-        kvf = (used0 + np.asarray(cum[:b - a + 1], np.int64) - np.cumsum(rel)) / nb
+        kvf = (used0 + np.asarray(cum[:b - a + 1], np.int64) - rel.cumsum()) / nb
         shrink: dict[int, tuple[int, int]] = {}          # step -> (blocks freed, blocks grown) there
         if vals is not None:
             neg = vals < 0

@@ -175,3 +175,28 @@ def test_kv_layout_tables_give_the_formula_blocks(label, whole):
     np.testing.assert_array_equal(lay.prefill_blocks_vec(ctx), formula.prefill_blocks_vec(ctx))
     assert all(lay.decode_blocks(int(a), int(b)) == formula.decode_blocks(int(a), int(b)) for a, b in zip(prompt[:50], ctx[:50]))
     assert all(lay.prefill_blocks(int(a)) == formula.prefill_blocks(int(a)) for a in ctx[:50])
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_layout_without_decode_shrinks_never_lowers_a_requests_blocks(exact):
+    """KVLayout.decode_shrinks False lets the replica skip its shrink checks: over every method,
+    such a layout's decode blocks never fall from one context to the next, and the methods whose
+    blocks do fall (a window, a quantizer's fold) say so."""
+    import numpy as np
+    from rkvsim.models import kinds, parse_method, resolve_hardware, resolve_model
+    from rkvsim.models.methods import default_method
+    from rkvsim.simulator.kv_memory import kv_layout
+    labels = [*kinds(), "kivi-2", "gear-4", "streamingllm-512", "h2o-512", "snapkv-1024"]
+    prompt = np.repeat(np.arange(1, 1500, 37), 1)[:, None]
+    ctx = prompt + np.arange(0, 1200)[None, :]
+    fell = set()
+    for label in labels:
+        m = parse_method(label) if "-" in label else default_method(label)
+        lay = kv_layout(resolve_model("llama-2-7b"), resolve_hardware("a6000"), m, 1, 16, 0.9, 4096, 64, exact=exact)
+        blocks = lay.decode_blocks_vec(np.broadcast_to(prompt, ctx.shape), ctx)
+        falls = bool((np.diff(blocks, axis=1) < 0).any())
+        assert not falls or lay.decode_shrinks, f"{label}: blocks fall but decode_shrinks is False"
+        if falls:
+            fell.add(m.kind)
+    if exact:
+        assert {"kivi", "streamingllm"} <= fell, fell     # the check can fail: shrinking methods are found
