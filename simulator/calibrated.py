@@ -105,11 +105,10 @@ class CalibratedCostModel:
         assert compiled.dec.shape == (len(self._dec_b), len(self._dec_c)), "decode table and its axes disagree"
         self._dec_flat = np.asarray(compiled.dec, np.float64).ravel()
         self._dense_by_size = by_size(self._decode_dense)
-        # Per batch size (the grid's first axis is integer): the flat offset of its cell's row in
-        # the table, and the fraction across the cell, as _grid_at computes them.
-        xa, dx = self._dec_grid[0]
-        self._x_row = Tabulated(lambda sizes: self._x_cell(sizes) * len(self._dec_c), np.int64)
-        self._x_frac = Tabulated(lambda sizes: (sizes - xa[self._x_cell(sizes)]) / dx[self._x_cell(sizes)])
+        # The table blended across the first axis (batch size, an integer) at every size, flat,
+        # size-major: entry n * W + j is _grid_at's `a + (b - a) * tx` at column j for x = n (and
+        # `c + (d - c) * tx` at column j + 1), the same operations on the same numbers.
+        self._blend = Tabulated(self._blend_at)
         self._dense = compiled.dense
         self._slope = float(compiled.dense[-1] - compiled.dense[-2])
 
@@ -185,28 +184,30 @@ class CalibratedCostModel:
             nd = np.full(k, len(ctx))
             tot = cached.sum(axis=1)
         key = tot / nd
-        attn = self._grid_vec(self._dec_grid, self._dec_flat, (self._x_row(nd), self._x_frac(nd)), key)
+        attn = self._grid_vec(nd, key)
         dense = self._dense_by_size(nd)
         st = self._dec_terms
         return st.scale * dense + st.attn_scale * attn + st.fixed_s + st.per_seq_s * nd
 
-    def _x_cell(self, sizes: np.ndarray) -> np.ndarray:
-        xa = self._dec_grid[0][0]
-        return np.minimum(np.maximum(xa.searchsorted(sizes, "left") - 1, 0), len(xa) - 2)
+    def _blend_at(self, at: np.ndarray) -> np.ndarray:
+        """Entries `at` of the blended table (see __init__): size at // W, column at % W."""
+        (xa, dx), (ya, _dy) = self._dec_grid
+        w = len(ya)
+        sizes, col = at // w, at % w
+        cell = np.minimum(np.maximum(xa.searchsorted(sizes, "left") - 1, 0), len(xa) - 2)
+        tx = (sizes - xa[cell]) / dx[cell]
+        a = self._dec_flat.take(cell * w + col)
+        b = self._dec_flat.take((cell + 1) * w + col)
+        return a + (b - a) * tx
 
-    @staticmethod
-    def _grid_vec(grid: tuple, tab: np.ndarray, xc: tuple[np.ndarray, np.ndarray], y: np.ndarray) -> np.ndarray:
-        """_grid_at over arrays of points: the same operations element by element. grid: the
-        two axes, each (points, widths); tab: the table flattened row by row; xc: the points'
-        rows (flat offsets) and fractions on the first axis."""
-        (ya, dy) = grid[1]
-        r, tx = xc
+    def _grid_vec(self, nd: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """_grid_at on the decode table over arrays of points (batch sizes nd, keys y): the same
+        operations element by element, the first axis's taken from the blended table."""
+        ya, dy = self._dec_grid[1]
         j = np.minimum(np.maximum(ya.searchsorted(y, "left") - 1, 0), len(ya) - 2)
         ty = (y - ya[j]) / dy[j]
-        at = r + j
-        nxt = at + len(ya)                       # the same column, next row
-        a, b, c, d = tab.take(at), tab.take(nxt), tab.take(at + 1), tab.take(nxt + 1)
-        v = (a + (b - a) * tx) * (1 - ty) + (c + (d - c) * tx) * ty
+        at = nd * len(ya) + j
+        v = self._blend(at) * (1 - ty) + self._blend(at + 1) * ty
         return np.where(v > 0.0, v, 0.0)
 
     def decode_step(self, ctx: np.ndarray, prompt: np.ndarray) -> float:
