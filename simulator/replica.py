@@ -908,7 +908,12 @@ class Replica:
         p0 = run.planned + 1                              # first step whose plan is still to apply
         assert p0 > a, f"replica {self.index}: a run's plans lag its finished steps"
         grow = run.grow[p0 - 2:last_plan - 1, cols]       # empty when every plan is applied
-        ks, ci = grow.nonzero()                         # step-major, column order within a step
+        if not self.held and not self.layout.decode_shrinks:
+            # Counted requests that only grow: the growth planned at each step is all it takes.
+            per_step = np.zeros(last_plan - a + 2, np.int64)
+            per_step[p0 - a:p0 - a + len(grow)] = grow.sum(axis=1)
+            return self._run_blocks_counted(run, cols, rids, a, b, last_plan, per_step, None, None)
+        ks, ci = grow.nonzero()                           # step-major, column order within a step
         vals = grow[ks, ci]
         ks = ks + p0
         # growth planned at each step a..last_plan (small integer counts: exact through float weights)
