@@ -176,13 +176,13 @@ class CalibratedCostModel:
         an exact integer sum over the requests decoding divided by their count, as in step_time."""
         steps = np.arange(1, k + 1)
         cached = cached_tokens_vec(self.method, prompt[None, :], ctx[None, :] + steps[:, None])
-        if int(rem.min()) < k:
+        if int(np.minimum.reduce(rem)) < k:
             live = rem[None, :] >= steps[:, None]
-            nd = live.sum(axis=1)
-            tot = (cached * live).sum(axis=1)
+            nd = np.add.reduce(live, 1)
+            tot = np.add.reduce(cached * live, 1)
         else:
             nd = np.full(k, len(ctx))
-            tot = cached.sum(axis=1)
+            tot = np.add.reduce(cached, 1)
         key = tot / nd
         attn = self._grid_vec(nd, key)
         dense = self._dense_by_size(nd)

@@ -34,4 +34,4 @@ def int_sum(x: np.ndarray):
     """x.sum() of a 1-d array as a Python number: a numpy reduction costs about 0.8 us whatever
     the size, a list about 10 ns an element (batches are mostly small). Only integers are summed
     as a list (exact in any order; floats would round differently from numpy's pairwise sum)."""
-    return sum(x.tolist()) if len(x) <= 64 and x.dtype.kind in "iub" else x.sum().item()
+    return sum(x.tolist()) if len(x) <= 64 and x.dtype.kind in "iub" else np.add.reduce(x).item()

@@ -35,6 +35,8 @@ from rkvsim.simulator.prefix_cache import BlockPool, block_keys
 from rkvsim.simulator.records import RequestLog, StepLog
 
 _EMPTY = np.zeros(0, np.int64)
+# The ufuncs' reductions themselves: ndarray.sum/min go through a Python wrapper each call.
+_sum, _min = np.add.reduce, np.minimum.reduce
 
 
 def _fmax(a: float, b: float) -> float:
@@ -218,7 +220,7 @@ class Replica:
         grow = run.grow[p0 - 2:last_plan - 1, cols]
         if (grow < 0).any():
             return None
-        return self.pool.used + int(grow.sum())
+        return self.pool.used + int(_sum(grow, None))
 
     def settled(self) -> float:
         """The time up to which this replica's log is final: now, or inside a run the end of its
@@ -261,7 +263,7 @@ class Replica:
             if self.skip and not chunks and n and n == self.n_dec and not self.prefilling and \
                     (self.preempted == pre_before or not self.waiting) and \
                     ((horizon := self._steps_to_horizon()) >= MIN_RUN or self.waiting) and \
-                    ((self.quiet and not self.waiting) or int((D[self.OUT, :n] - D[self.GEN, :n]).min()) >= MIN_RUN):
+                    ((self.quiet and not self.waiting) or int(_min(D[self.OUT, :n] - D[self.GEN, :n])) >= MIN_RUN):
                 Dc = D[:, :n].copy()                    # the run keeps the batch as it starts
                 run = plan_run(Dc[self.RID], Dc[self.CTX], Dc[self.GEN], Dc[self.OUT], Dc[self.PLEN],
                                dec_need, self.layout, self.cost,
@@ -381,12 +383,12 @@ class Replica:
         every shrink (a quantizer's residual folding into packed groups, a window moving on)
         before any growth, since the planner's check is net. total: their sum, if known."""
         if self.pool is None:
-            self.blocks_used += int(extra_dec.sum()) + sum(x for x, _rid in extra_pre) if total is None else total
+            self.blocks_used += int_sum(extra_dec) + sum(x for x, _rid in extra_pre) if total is None else total
             return
         if not self.held and (not self.layout.decode_shrinks or not len(extra_dec) or extra_dec.min() >= 0) \
                 and all(x > 0 for x, _rid in extra_pre):
             # Counted requests growing only: one allocation of the total is all the pool sees.
-            n = int(extra_dec.sum()) + sum(x for x, _rid in extra_pre) if total is None else total
+            n = int_sum(extra_dec) + sum(x for x, _rid in extra_pre) if total is None else total
             if n:
                 self.pool.allocate_anon(n)
                 self.blocks_used = self.pool.used
@@ -911,14 +913,14 @@ class Replica:
         if not self.held and not self.layout.decode_shrinks:
             # Counted requests that only grow: the growth planned at each step is all it takes.
             per_step = np.zeros(last_plan - a + 2, np.int64)
-            per_step[p0 - a:p0 - a + len(grow)] = grow.sum(axis=1)
+            per_step[p0 - a:p0 - a + len(grow)] = _sum(grow, 1)
             return self._run_blocks_counted(run, cols, rids, a, b, last_plan, per_step, None, None)
         ks, ci = grow.nonzero()                           # step-major, column order within a step
         vals = grow[ks, ci]
         ks = ks + p0
         # growth planned at each step a..last_plan (small integer counts: exact through float weights)
         per_step = np.bincount(ks - a, weights=vals, minlength=last_plan - a + 2).astype(np.int64)
-        shrinks = self.layout.decode_shrinks and len(vals) and vals.min() < 0
+        shrinks = self.layout.decode_shrinks and len(vals) and _min(vals) < 0
         if not self.held and (not shrinks or self._shrinks_unpublished(run, cols, rids, ks, ci, vals)):
             return self._run_blocks_counted(run, cols, rids, a, b, last_plan, per_step, ks, vals if shrinks else None)
         ksl, cil, vl = ks.tolist(), ci.tolist(), vals.tolist()
@@ -947,7 +949,7 @@ class Replica:
             stop = b if k is None else min(k - 1, b)
             if stop >= s0:
                 kvf[s0 - a:stop - a + 1] = (cur + per_step[s0 - a:stop - a + 1].cumsum()) / nb
-                cur += int(per_step[s0 - a:stop - a + 1].sum())
+                cur += int(_sum(per_step[s0 - a:stop - a + 1]))
             if k is None:
                 break
             if k in shrink_steps:
