@@ -282,3 +282,14 @@ def _time_calls(c, b, n):
     for _ in range(n):
         c.step_time(b)
     return (time.perf_counter() - t0) / n
+
+
+def test_int_sum_is_the_arrays_sum_on_both_sides_of_its_list_threshold():
+    """lookup.int_sum sums small integer arrays as lists: the same value (and a Python number) as
+    ndarray.sum for every size and dtype the simulator gives it; floats keep numpy's own sum."""
+    from rkvsim.simulator.lookup import int_sum
+    rng = np.random.default_rng(11)
+    for n in (0, 1, 7, 63, 64, 65, 200):
+        for x in (rng.integers(-5000, 5000, n), rng.integers(0, 2, n).astype(bool), rng.random(n) * 1e3):
+            got, want = int_sum(x), x.sum()
+            assert type(got) in (int, float) and got == want, (n, x.dtype, got, want)
