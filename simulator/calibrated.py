@@ -18,7 +18,7 @@ import numpy as np
 from rkvsim.models import cached_tokens_vec
 
 from rkvsim.simulator.cost_model import RooflineCostModel, StepBatch
-from rkvsim.simulator.lookup import Tabulated, by_size, int_sum
+from rkvsim.simulator.lookup import Tabulated, array_min, array_sum, by_size, int_sum
 from rkvsim.models.files import read_json
 
 ENGINE_FILE = "engine_terms.json"
@@ -176,13 +176,13 @@ class CalibratedCostModel:
         an exact integer sum over the requests decoding divided by their count, as in step_time."""
         steps = np.arange(1, k + 1)
         cached = cached_tokens_vec(self.method, prompt[None, :], ctx[None, :] + steps[:, None])
-        if int(np.minimum.reduce(rem)) < k:
+        if int(array_min(rem)) < k:
             live = rem[None, :] >= steps[:, None]
-            nd = np.add.reduce(live, 1)
-            tot = np.add.reduce(cached * live, 1)
+            nd = array_sum(live, 1)
+            tot = array_sum(cached * live, 1)
         else:
             nd = np.full(k, len(ctx))
-            tot = np.add.reduce(cached, 1)
+            tot = array_sum(cached, 1)
         key = tot / nd
         attn = self._grid_vec(nd, key)
         dense = self._dense_by_size(nd)
@@ -213,10 +213,9 @@ class CalibratedCostModel:
     def decode_step(self, ctx: np.ndarray, prompt: np.ndarray) -> float:
         """step_time of a decode-only step (decode contexts `ctx`, prompts `prompt`; not empty),
         without a StepBatch: the replica's most frequent call. The same terms as _split's, added
-        in the same order (_decode_dense: t_new = nd, no prefill done)."""
+        in the same order (_decode_dense is _split's dense part with t_new = nd, no prefill done)."""
         nd = len(ctx)
-        return self._dec_terms.apply(self._dense_t(nd) + self._head_t(nd) + self.rl._comm(nd),
-                                     self._decode_attn(prompt, ctx, nd), nd)
+        return self._dec_terms.apply(self._decode_dense(nd), self._decode_attn(prompt, ctx, nd), nd)
 
     def step_time(self, batch: StepBatch) -> float:
         if not len(batch.prefill_new) and len(batch.decode_ctx):

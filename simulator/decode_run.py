@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rkvsim.simulator.lookup import array_max, array_min, array_sum
+
 # Largest K x batch of one run's arrays: long runs at small batches, short at large ones.
 RUN_ELEMENTS = 1 << 15
 # Shortest run worth planning: planning and applying a run costs about what a few single steps
@@ -51,9 +53,6 @@ RUN_ELEMENTS = 1 << 15
 # requests at 3/s) from 3 / 4 / 5 / 6 / 8: fp16 3.57 / 3.44 / 3.34 / 3.35 / 3.39 G, kivi-4
 # 4.70 / 4.54 / 4.46 / 4.42 / 4.43 G; six bench_sweep.py points 14.78 G at 4, 14.46 G at 6.
 MIN_RUN = 6
-
-# The ufuncs' reductions themselves: ndarray.sum/min go through a Python wrapper each call.
-_sum, _min = np.add.reduce, np.minimum.reduce
 
 
 @dataclass
@@ -103,7 +102,8 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     frees_admit = waiting and not slots_full
     if waiting:                                              # sealed: arrivals bound nothing
         horizon_steps, until = 1 << 30, np.inf
-    k = min(max(2, RUN_ELEMENTS // n), int(np.maximum.reduce(rem)) if calm else int(_min(rem)), horizon_steps, admission_steps)
+    k = min(max(2, RUN_ELEMENTS // n), int(array_max(rem) if calm else array_min(rem)), horizon_steps,
+            admission_steps)
     if k < MIN_RUN:
         return None
     if frees_admit and (layout.decode_blocks_vec(prompt, ctx + 2) < need1).any():
@@ -111,7 +111,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     steps = np.arange(1, k + 1)
     blocks = layout.decode_blocks_vec(prompt[None, :], ctx[None, :] + steps[:, None])
     assert np.array_equal(blocks[0], need1), "the run's first step disagrees with the scheduler's plan"
-    full = int(_min(rem)) >= k                              # nobody finishes inside the run
+    full = int(array_min(rem)) >= k                         # nobody finishes inside the run
     live = None if full else rem[None, :] >= steps[:, None]
     grow = blocks[1:] - blocks[:-1]                         # row j: growth planned at step j + 2
     if not full:
@@ -128,7 +128,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
         # The pool frees a shared block only with its last holder: bound use by growth alone
         # (a bound that never falls: over only if its last value is).
         up = np.zeros(k0, np.int64)                         # growth through each step
-        _sum(np.maximum(grow, 0), 1).cumsum(out=up[1:])
+        array_sum(np.maximum(grow, 0), 1).cumsum(out=up[1:])
         over = (used + up > layout.num_blocks).nonzero()[0] if used + int(up[-1]) > layout.num_blocks else ()
         if evict_room is not None and frees_admit and int(up[-1]) > evict_room:
             # (growth alone: a shrink in between only adds keyless blocks, so this is early enough)
@@ -143,7 +143,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
         # releases of the steps before it
         used_plan = np.empty(k0, np.int64)
         used_plan[0] = used
-        used_plan[1:] = used + _sum(grow, 1).cumsum() - rel[:-1].cumsum()
+        used_plan[1:] = used + array_sum(grow, 1).cumsum() - rel[:-1].cumsum()
         used_fin = used_plan - rel
         over = (used_plan > layout.num_blocks).nonzero()[0]
     if len(over):
@@ -162,7 +162,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
             if cut < 2:
                 return None
             k, t, dt = cut, t[:cut], dt[:cut]
-    nd = np.full(k, n) if full else _sum(live[:k], 1)
+    nd = np.full(k, n) if full else array_sum(live[:k], 1)
     return Run(rid, ctx, gen, rem, blocks[:k], t, dt, nd, k,
                used_plan[:k] if used_plan is not None else None, used_fin[:k] if used_fin is not None else None,
                grow[:k - 1], sealed=waiting)

@@ -1,6 +1,6 @@
 """Pure functions of a small non-negative integer (a context length, a batch size) that the
 simulator asks for every step, tabulated: one index instead of a formula or a Python call; and
-the sum of a small integer array, which the step asks for several times."""
+the reductions the step and the run planner ask for several times each, without numpy's wrappers."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +30,12 @@ def by_size(cost) -> Tabulated:
     return Tabulated(lambda sizes: [np.nan] + [float(cost(n)) for n in range(1, len(sizes))])
 
 
+# The ufuncs' reductions themselves (ndarray.sum/min/max call them through a Python wrapper).
+array_sum, array_min, array_max = np.add.reduce, np.minimum.reduce, np.maximum.reduce
+
+
 def int_sum(x: np.ndarray):
     """x.sum() of a 1-d array as a Python number: a numpy reduction costs about 0.8 us whatever
     the size, a list about 10 ns an element (batches are mostly small). Only integers are summed
     as a list (exact in any order; floats would round differently from numpy's pairwise sum)."""
-    return sum(x.tolist()) if len(x) <= 64 and x.dtype.kind in "iub" else np.add.reduce(x).item()
+    return sum(x.tolist()) if len(x) <= 64 and x.dtype.kind in "iub" else array_sum(x).item()

@@ -30,13 +30,11 @@ from rkvsim.simulator.config import SchedulerConfig
 from rkvsim.simulator.cost_model import CostModel, StepBatch
 from rkvsim.simulator.decode_run import MIN_RUN, Run, plan_run, timeout_at
 from rkvsim.simulator.kv_memory import KVLayout
-from rkvsim.simulator.lookup import int_sum
+from rkvsim.simulator.lookup import array_min, array_sum, int_sum
 from rkvsim.simulator.prefix_cache import BlockPool, block_keys
 from rkvsim.simulator.records import RequestLog, StepLog
 
 _EMPTY = np.zeros(0, np.int64)
-# The ufuncs' reductions themselves: ndarray.sum/min go through a Python wrapper each call.
-_sum, _min = np.add.reduce, np.minimum.reduce
 
 
 def _fmax(a: float, b: float) -> float:
@@ -150,6 +148,19 @@ class Replica:
             return 1 << 30
         return int((h - self.env.now) / max(self.steps.dt[-1], 1e-9) * 1.25) + 2
 
+    def _run_horizon(self, n: int) -> int | None:
+        """_steps_to_horizon for planning a run from the n decoding columns, or None where plan_run
+        would refuse it anyway, before anything is copied: with nobody waiting (the run would not
+        be sealed), an arrival due in fewer than MIN_RUN steps (between arrivals at short gaps this
+        is most decode steps); where a completion ends the run (someone waits, or completions feed
+        the workload), a completion due that soon."""
+        horizon = self._steps_to_horizon()
+        if not self.waiting and horizon < MIN_RUN:
+            return None
+        if (self.waiting or not self.quiet) and int(array_min(self.D[self.OUT, :n] - self.D[self.GEN, :n])) < MIN_RUN:
+            return None
+        return horizon
+
     def _next_here(self) -> float:
         """When the next request known in advance comes to this replica: alone, the next
         open-loop arrival (every request comes here); behind a router it is not known."""
@@ -220,7 +231,7 @@ class Replica:
         grow = run.grow[p0 - 2:last_plan - 1, cols]
         if (grow < 0).any():
             return None
-        return self.pool.used + int(_sum(grow, None))
+        return self.pool.used + int(array_sum(grow, None))
 
     def settled(self) -> float:
         """The time up to which this replica's log is final: now, or inside a run the end of its
@@ -255,15 +266,9 @@ class Replica:
             # are free now: the next plan may admit, so it is not the start of a run.
             # A prompt part-way through its prefill that got no chunk (vllm-v0: its blocks did not
             # fit) continues once blocks free up, so it, too, rules a run out.
-            # With nobody waiting (the run would not be sealed), an arrival due in fewer than
-            # MIN_RUN steps rules a run out before anything is copied (plan_run would say so too;
-            # between arrivals at short gaps this is most decode steps). Where a completion ends
-            # the run (someone waits, or completions feed the workload), one due in fewer than
-            # MIN_RUN steps rules it out as well.
             if self.skip and not chunks and n and n == self.n_dec and not self.prefilling and \
                     (self.preempted == pre_before or not self.waiting) and \
-                    ((horizon := self._steps_to_horizon()) >= MIN_RUN or self.waiting) and \
-                    ((self.quiet and not self.waiting) or int(_min(D[self.OUT, :n] - D[self.GEN, :n])) >= MIN_RUN):
+                    (horizon := self._run_horizon(n)) is not None:
                 Dc = D[:, :n].copy()                    # the run keeps the batch as it starts
                 run = plan_run(Dc[self.RID], Dc[self.CTX], Dc[self.GEN], Dc[self.OUT], Dc[self.PLEN],
                                dec_need, self.layout, self.cost,
@@ -293,7 +298,6 @@ class Replica:
                     decode_prompt=D[self.PLEN, :n] if n else _EMPTY,
                 ))
             else:                                        # decode-only: no StepBatch to build
-
                 dt = self._decode_step(D[self.CTX, :n] + 1, D[self.PLEN, :n])
             yield env.timeout(dt)
             now = env.now
@@ -382,15 +386,16 @@ class Replica:
         """Give the first len(extra_dec) decodes and the prefills [(blocks, rid)] their block changes:
         every shrink (a quantizer's residual folding into packed groups, a window moving on)
         before any growth, since the planner's check is net. total: their sum, if known."""
+        if total is None:
+            total = int_sum(extra_dec) + sum(x for x, _rid in extra_pre)
         if self.pool is None:
-            self.blocks_used += int_sum(extra_dec) + sum(x for x, _rid in extra_pre) if total is None else total
+            self.blocks_used += total
             return
         if not self.held and (not self.layout.decode_shrinks or not len(extra_dec) or extra_dec.min() >= 0) \
                 and all(x > 0 for x, _rid in extra_pre):
             # Counted requests growing only: one allocation of the total is all the pool sees.
-            n = int_sum(extra_dec) + sum(x for x, _rid in extra_pre) if total is None else total
-            if n:
-                self.pool.allocate_anon(n)
+            if total:
+                self.pool.allocate_anon(total)
                 self.blocks_used = self.pool.used
             return
         nz = extra_dec.nonzero()[0]
@@ -532,7 +537,7 @@ class Replica:
         cred_dec, cred_pre = extra_dec, extra_pre         # each one's net change to the blocks in use
         if self.held and ((k and extra_dec.min() < 0) or any(x < 0 for x in extra_pre)):
             cred_dec, cred_pre = self._shrink_credit(extra_dec, extra_pre, pre)
-            total = int(cred_dec.sum()) + sum(cred_pre)
+            total = int_sum(cred_dec) + sum(cred_pre)
         victims = []
         if total > self._free_blocks():
             # Pop the tail of `running` (highest admission seq) until the rest fits. Under the
@@ -913,14 +918,14 @@ class Replica:
         if not self.held and not self.layout.decode_shrinks:
             # Counted requests that only grow: the growth planned at each step is all it takes.
             per_step = np.zeros(last_plan - a + 2, np.int64)
-            per_step[p0 - a:p0 - a + len(grow)] = _sum(grow, 1)
+            per_step[p0 - a:p0 - a + len(grow)] = array_sum(grow, 1)
             return self._run_blocks_counted(run, cols, rids, a, b, last_plan, per_step, None, None)
         ks, ci = grow.nonzero()                           # step-major, column order within a step
         vals = grow[ks, ci]
         ks = ks + p0
         # growth planned at each step a..last_plan (small integer counts: exact through float weights)
         per_step = np.bincount(ks - a, weights=vals, minlength=last_plan - a + 2).astype(np.int64)
-        shrinks = self.layout.decode_shrinks and len(vals) and _min(vals) < 0
+        shrinks = self.layout.decode_shrinks and len(vals) and array_min(vals) < 0
         if not self.held and (not shrinks or self._shrinks_unpublished(run, cols, rids, ks, ci, vals)):
             return self._run_blocks_counted(run, cols, rids, a, b, last_plan, per_step, ks, vals if shrinks else None)
         ksl, cil, vl = ks.tolist(), ci.tolist(), vals.tolist()
@@ -949,7 +954,7 @@ class Replica:
             stop = b if k is None else min(k - 1, b)
             if stop >= s0:
                 kvf[s0 - a:stop - a + 1] = (cur + per_step[s0 - a:stop - a + 1].cumsum()) / nb
-                cur += int(_sum(per_step[s0 - a:stop - a + 1]))
+                cur += int(array_sum(per_step[s0 - a:stop - a + 1]))
             if k is None:
                 break
             if k in shrink_steps:
