@@ -81,6 +81,7 @@ class CalibratedCostModel:
         self.rl = roofline
         self.engine = engine or EngineTerms.prior(roofline)
         self.method = roofline.method
+        self._cap = roofline.method.token_cap
         notes = list(compiled.notes)
         if compiled.head is None:
             notes.append("LM head/sampling: roofline prior (not in the profile)")
@@ -174,20 +175,34 @@ class CalibratedCostModel:
         """Seconds of k decode-only steps of a fixed batch (see RooflineCostModel.decode_run):
         the same lookups as step_time, on arrays. The attention key, the mean cached tokens, is
         an exact integer sum over the requests decoding divided by their count, as in step_time."""
-        steps = np.arange(1, k + 1)
-        cached = cached_tokens_vec(self.method, prompt[None, :], ctx[None, :] + steps[:, None])
-        if int(array_min(rem)) < k:
-            live = rem[None, :] >= steps[:, None]
-            nd = array_sum(live, 1)
-            tot = array_sum(cached * live, 1)
-        else:
-            nd = np.full(k, len(ctx))
-            tot = array_sum(cached, 1)
+        nd, tot = self._run_cache_sums(ctx, prompt, rem, k)
         key = tot / nd
         attn = self._grid_vec(nd, key)
         dense = self._dense_by_size(nd)
         st = self._dec_terms
         return st.scale * dense + st.attn_scale * attn + st.fixed_s + st.per_seq_s * nd
+
+    def _run_cache_sums(self, ctx: np.ndarray, prompt: np.ndarray, rem: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(requests decoding, tokens their caches hold) at each step 1..k of a run, as int64
+        arrays. Without a token cap every cache holds one token more each step, so the sums
+        follow from the first step's by counting who is still decoding (rem >= 1), with no
+        k x n array; integer sums either way, so both give the same numbers."""
+        steps = np.arange(1, k + 1)
+        n = len(ctx)
+        if self._cap is None:
+            base = cached_tokens_vec(self.method, prompt, ctx)
+            if int(array_min(rem)) >= k:
+                return np.full(k, n), int(array_sum(base)) + n * steps
+            last = np.minimum(rem, k)                       # the last step of the run each decodes in
+            nd = np.bincount(last, minlength=k + 1)[::-1].cumsum()[::-1][1:]
+            # (float weights: integer sums far below 2**53, exact)
+            held = np.bincount(last, weights=base, minlength=k + 1)[::-1].cumsum()[::-1][1:]
+            return nd, held.astype(np.int64) + nd * steps
+        cached = cached_tokens_vec(self.method, prompt[None, :], ctx[None, :] + steps[:, None])
+        if int(array_min(rem)) < k:
+            live = rem[None, :] >= steps[:, None]
+            return array_sum(live, 1), array_sum(cached * live, 1)
+        return np.full(k, n), array_sum(cached, 1)
 
     def _blend_at(self, at: np.ndarray) -> np.ndarray:
         """Entries `at` of the blended table (see __init__): size at // W, column at % W."""
