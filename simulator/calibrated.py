@@ -105,6 +105,7 @@ class CalibratedCostModel:
                                                           np.asarray(self._dec_c, np.float64)))
         assert compiled.dec.shape == (len(self._dec_b), len(self._dec_c)), "decode table and its axes disagree"
         self._dec_flat = np.asarray(compiled.dec, np.float64).ravel()
+        self._dec_inner = self._dec_grid[1][0][1:-1]
         self._dense_by_size = by_size(self._decode_dense)
         # The table blended across the first axis (batch size, an integer) at every size, flat,
         # size-major: entry n * W + j is _grid_at's `a + (b - a) * tx` at column j for x = n (and
@@ -219,7 +220,8 @@ class CalibratedCostModel:
         """_grid_at on the decode table over arrays of points (batch sizes nd, keys y): the same
         operations element by element, the first axis's taken from the blended table."""
         ya, dy = self._dec_grid[1]
-        j = np.minimum(np.maximum(ya.searchsorted(y, "left") - 1, 0), len(ya) - 2)
+        # (_grid_at's min(max(bisect_left - 1, 0), W - 2) is the count of inner grid points below y)
+        j = self._dec_inner.searchsorted(y, "left")
         ty = (y - ya[j]) / dy[j]
         at = nd * len(ya) + j
         v = self._blend(at) * (1 - ty) + self._blend(at + 1) * ty
@@ -232,13 +234,25 @@ class CalibratedCostModel:
         nd = len(ctx)
         return self._dec_terms.apply(self._decode_dense(nd), self._decode_attn(prompt, ctx, nd), nd)
 
+    def mixed_step(self, new: list, past: list, n_done: int, ctx: np.ndarray, prompt: np.ndarray) -> float:
+        """step_time of a step with prefill chunks (`new` tokens each after `past`, as lists;
+        n_done of them finish their prompt) beside the decodes (contexts `ctx`, prompts `prompt`,
+        maybe empty), without a StepBatch: the replica's call for every admission. _split's
+        terms, added in its order."""
+        nd, npf = len(ctx), len(new)
+        t_new = sum(new) + nd
+        dense = self._dense_t(t_new) + self._head_t(nd + n_done) + self.rl._comm(t_new)
+        attn = (self._decode_attn(prompt, ctx, nd) if nd else 0.0) + \
+            sum(self._grid_at(self._pre_n, self._pre_p, self._pre_tab, float(n), float(p)) for n, p in zip(new, past))
+        return self._pre_terms.apply(dense, attn, nd + npf)
+
     def step_time(self, batch: StepBatch) -> float:
-        if not len(batch.prefill_new) and len(batch.decode_ctx):
+        if len(batch.prefill_new):
+            return self.mixed_step(batch.prefill_new.tolist(), batch.prefill_past.tolist(), self.rl._n_done(batch),
+                                   batch.decode_ctx, batch.decode_prompt)
+        if len(batch.decode_ctx):
             return self.decode_step(batch.decode_ctx, batch.decode_prompt)
-        dense, attn, nd, npf = self._split(batch)
-        if nd == 0 and npf == 0:
-            return 0.0
-        return (self._pre_terms if npf else self._dec_terms).apply(dense, attn, nd + npf)
+        return 0.0
 
     def operator_split(self, batch: StepBatch) -> tuple[float, float]:
         """(dense + head + all-reduce, attention) seconds of the profiled operators alone, no

@@ -110,7 +110,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
         return None             # step 2 frees blocks (a group folds, a window moves): see below
     steps = np.arange(1, k + 1)
     blocks = layout.decode_blocks_vec(prompt[None, :], ctx[None, :] + steps[:, None])
-    assert np.array_equal(blocks[0], need1), "the run's first step disagrees with the scheduler's plan"
+    assert blocks[0].tolist() == need1.tolist(), "the run's first step disagrees with the scheduler's plan"
     full = int(array_min(rem)) >= k                         # nobody finishes inside the run
     live = None if full else rem[None, :] >= steps[:, None]
     grow = blocks[1:] - blocks[:-1]                         # row j: growth planned at step j + 2

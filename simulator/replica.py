@@ -87,15 +87,16 @@ class Replica:
         self.pool = BlockPool(layout.num_blocks) if self.caching and layout.method.spec.prefix_sharing is not None \
             else None
         self.content = content
-        # Text of its own (no content description), on a layout that frees blocks from the end
-        # only (no sliding window): a request's keys can be looked up by its own recompute alone,
-        # so until it is first preempted its blocks need no ids. It holds them as a count
-        # (`counted`, BlockPool.allocate_anon: how many is its BLK, or its prefill entry's
-        # blocks, as without a pool); its first `_hw` blocks are those _publish has
-        # published. When it is preempted, or frees a published block, its blocks are named and
-        # it goes on as any other (_name_counted); when it finishes, its published blocks go to
-        # the free queue as one run of keys nobody can reach (BlockPool.release_anon).
-        self._own_text = self.pool is not None and content is None and layout.window is None
+        # Text of its own (no content description): a request's keys can be looked up by its own
+        # recompute alone, so until it is first preempted its blocks need no ids. It holds them
+        # as a count (`counted`, BlockPool.allocate_anon: how many is its BLK, or its prefill
+        # entry's blocks, as without a pool); its first `_hw` blocks are those _publish has
+        # published. When it is preempted, or frees a published block (_frees_published), its
+        # blocks are named and it goes on as any other (_name_counted); when it finishes, its
+        # published blocks go to the free queue as one run of keys nobody can reach
+        # (BlockPool.release_anon). (Not even a window's: its own recompute, chunk by chunk,
+        # publishes under the keys of its first blocks while they are cached.)
+        self._own_text = self.pool is not None and content is None
         self.held: dict[int, list[int]] = {}
         self.counted: set[int] = set()
         self._hw: dict[int, int] = {}           # counted: how many of its first blocks are published
@@ -106,6 +107,7 @@ class Replica:
         # cannot cost a run; `quiet` (set by the simulation) when a completion feeds nothing back.
         self.skip = hasattr(cost, "decode_run")
         self._decode_step = getattr(cost, "decode_step", None)   # step_time of a decode-only step
+        self._mixed_step = getattr(cost, "mixed_step", None)     # ... of a step with prefill chunks
         self.quiet = False
         self.horizon = None      # has .time_ahead(k): the k-th next arrival anywhere
         self.spread = 1          # replicas sharing the arrivals (a run is cut by a request sent here)
@@ -289,7 +291,11 @@ class Replica:
                     self.runs += 1
                     self.run_steps += run.end
                     continue
-            if chunks or not n or self._decode_step is None:
+            if chunks and self._mixed_step is not None:      # no StepBatch to build either
+                dt = self._mixed_step([c[1] for c in chunks], [c[0][1] for c in chunks],
+                                      sum(c[0][1] + c[1] >= c[0][2] for c in chunks),
+                                      D[self.CTX, :n] + 1 if n else _EMPTY, D[self.PLEN, :n] if n else _EMPTY)
+            elif chunks or not n or self._decode_step is None:
                 dt = self.cost.step_time(StepBatch(
                     prefill_new=np.array([c[1] for c in chunks], np.int64) if chunks else _EMPTY,
                     prefill_past=np.array([c[0][1] for c in chunks], np.int64) if chunks else _EMPTY,
@@ -356,7 +362,7 @@ class Replica:
                 self.blocks_used += n
                 return
             assert held >= -n, f"request {rid} frees {-n} blocks of {held}"
-            if held + n >= self._hw.get(rid, 0):    # none of the freed is published
+            if not self._frees_published(self._hw.get(rid, 0), held, n):
                 pool.release_anon(-n, 0)
                 self.blocks_used = pool.used
                 return
@@ -372,6 +378,15 @@ class Replica:
             del bl[span]
             self.pool.release(drop)
         self.blocks_used = self.pool.used
+
+    def _frees_published(self, hw: int, held: int, n: int) -> bool:
+        """Whether a shrink by -n of a request holding `held` blocks, whose first `hw` are
+        published, frees one of those (_dropped): its last -n, or a whole-block window's oldest
+        past the sink."""
+        lay = self.layout
+        if lay.window is not None and lay.whole_windows:
+            return min(lay.sink_blocks, held + n) < hw
+        return held + n < hw
 
     def _dropped(self, held: int, n: int) -> slice:
         """Which of a request's `held` blocks (ids in order) a shrink by -n frees: its last -n,
@@ -391,7 +406,7 @@ class Replica:
         if self.pool is None:
             self.blocks_used += total
             return
-        if not self.held and (not self.layout.decode_shrinks or not len(extra_dec) or extra_dec.min() >= 0) \
+        if not self.held and (not self.layout.decode_shrinks or not len(extra_dec) or array_min(extra_dec) >= 0) \
                 and all(x > 0 for x, _rid in extra_pre):
             # Counted requests growing only: one allocation of the total is all the pool sees.
             if total:
@@ -535,7 +550,7 @@ class Replica:
         extra_pre = [lay.prefill_blocks(e[1] + t) - e[3] if t else 0 for e, t in zip(pre, takes)] if pre else []
         total = int_sum(extra_dec) + (sum(extra_pre) if pre else 0)
         cred_dec, cred_pre = extra_dec, extra_pre         # each one's net change to the blocks in use
-        if self.held and ((k and extra_dec.min() < 0) or any(x < 0 for x in extra_pre)):
+        if self.held and ((k and array_min(extra_dec) < 0) or any(x < 0 for x in extra_pre)):
             cred_dec, cred_pre = self._shrink_credit(extra_dec, extra_pre, pre)
             total = int_sum(cred_dec) + sum(cred_pre)
         victims = []
@@ -886,7 +901,7 @@ class Replica:
                 # (blocks: counted ones come from the run's sums below, the pool's were released in order)
                 self._complete(rid, int(D[self.GEN, i]), float(run.t[rem[i] - 1]))
             keep = ~done
-            k = int(keep.sum())
+            k = int_sum(keep)
             D[:, :k] = D[:, :m][:, keep]
             F[:, :k] = F[:, :m][:, keep]
             self.n_dec = k
@@ -982,13 +997,16 @@ class Replica:
 
     def _shrinks_unpublished(self, run: Run, cols, rids: list, ks, ci, vals) -> bool:
         """Whether no shrink of the run frees a block its (counted) request has published, which
-        would name it (_grow)."""
+        would name it (_grow, _frees_published; what is published stays as it is meanwhile)."""
         if not self._hw:
             return True
         neg = (vals < 0).nonzero()[0]
         hw = np.array([self._hw.get(r, 0) for r in rids], np.int64)
-        held = run.blocks[ks[neg] - 2, cols[ci[neg]]]
-        return bool((held + vals[neg] >= hw[ci[neg]]).all())
+        kept = run.blocks[ks[neg] - 2, cols[ci[neg]]] + vals[neg]     # the first blocks kept
+        lay = self.layout
+        if lay.window is not None and lay.whole_windows:
+            kept = np.minimum(kept, lay.sink_blocks)
+        return bool((kept >= hw[ci[neg]]).all())
 
     def _run_blocks_counted(self, run: Run, cols, rids: list, a: int, b: int, last_plan: int,
                             per_step: np.ndarray, ks, vals) -> np.ndarray:
@@ -1014,6 +1032,20 @@ class Replica:
         finishing: dict[int, list[int]] = {}
         for i, k in zip(fin.tolist(), fk.tolist()):
             finishing.setdefault(k, []).append(i)
+        # The growth the loop below allocates is all the run's growth (between shrinks it never
+        # falls). Where that fits in the pool's keyless free blocks no allocation evicts, and
+        # counts commute: one allocation, one release of the shrinks, then the finishes in order.
+        grown = sum(up.tolist()) if vals is not None else cum[last_plan - a]
+        if grown <= pool.bare:
+            if grown:
+                pool.allocate_anon(grown)
+            if shrink:
+                pool.release_anon(sum(d for d, _u in shrink.values()), 0)
+            for k in sorted(finishing):
+                for i in finishing[k]:
+                    self._release(rids[i], int(run.blocks[k - 1, cols[i]]), int(run.ctx[cols[i]] + k), True)
+            self.blocks_used = pool.used
+            return kvf
         applied = 0                                       # net growth given to the pool so far
         for k in sorted(shrink.keys() | finishing.keys()):
             if k in shrink:                               # growth before it, its frees, its growth
@@ -1056,7 +1088,7 @@ class Replica:
             total = self.n_dec
             keep = np.ones(total, bool)
             keep[:n] = ~done
-            m = int(keep.sum())
+            m = int_sum(keep)
             D[:, :m] = D[:, :total][:, keep]
             F[:, :m] = F[:, :total][:, keep]
             self.n_dec = m

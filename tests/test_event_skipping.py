@@ -221,7 +221,8 @@ def _publishing_every_block(mp):
     mp.setattr(rep_mod.Replica, "_shareable_blocks", lambda self, length, n: -(-int(n) // self.layout.block_size))
 
 
-OWN_TEXT_METHODS = ["fp16", "fp8", "kivi-2", "kivi-4", "h2o-512 publishing every block"]
+OWN_TEXT_METHODS = ["fp16", "fp8", "kivi-2", "kivi-4", "streamingllm-512", "streamingllm-192",
+                    "h2o-512 publishing every block"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -231,7 +232,8 @@ OWN_TEXT_METHODS = ["fp16", "fp8", "kivi-2", "kivi-4", "h2o-512 publishing every
 def test_property_own_text_counted_as_the_pool_would(method, arrival, bs, chunked, replicas, plo, pspan, omax,
                                                      seed, mem, step):
     """Requests with text of their own hold their blocks as counts until preempted or until
-    they free a published block, and leave unreachable keys when they finish (Replica._own_text):
+    they free a published block (from their end, or a window's past its sink), and leave
+    unreachable keys when they finish (Replica._own_text):
     every figure, the pool's evictions and use, and the summary's prefix_cache block equal what
     naming every block and publishing as they go gives."""
     from rkvsim.simulator.outputs import build_summary
@@ -331,9 +333,9 @@ def test_counted_runs_that_fold_groups_evict_as_the_pool_would(method, n, rate, 
 
 
 def test_a_run_whose_shrink_frees_a_published_block_takes_the_general_path():
-    """No shipped method's run frees a published block of a counted request (a fold frees what
-    the residual grew since admission), so the guard is checked on its own: a shrink event
-    (step k, column, blocks) may not take a request below its published blocks."""
+    """No shipped method's run frees a published block from a counted request's end (a fold
+    frees what the residual grew since admission), so the guard is checked on its own: a
+    shrink event (step k, column, blocks) may not take a request below its published blocks."""
     from types import SimpleNamespace
 
     from rkvsim.simulator.replica import Replica
@@ -341,12 +343,38 @@ def test_a_run_whose_shrink_frees_a_published_block_takes_the_general_path():
     run, cols, rids = SimpleNamespace(blocks=blocks), np.array([0, 1]), [11, 12]
     ks, ci = np.array([3, 3]), np.array([0, 1])              # step 3's plan: both shrink
     vals = np.array([-2, -1])                                # from 6 to 4 blocks, from 9 to 8
-    check = Replica._shrinks_unpublished
-    assert check(SimpleNamespace(_hw={}), run, cols, rids, ks, ci, vals)
-    assert check(SimpleNamespace(_hw={11: 4, 12: 8}), run, cols, rids, ks, ci, vals)
-    assert not check(SimpleNamespace(_hw={11: 5}), run, cols, rids, ks, ci, vals)
-    assert not check(SimpleNamespace(_hw={12: 9}), run, cols, rids, ks, ci, vals)
-    assert check(SimpleNamespace(_hw={12: 9}), run, cols, rids, ks[:1], ci[:1], vals[:1])
+    end = SimpleNamespace(window=None, whole_windows=True)
+
+    def check(hw, ks, ci, vals):
+        return Replica._shrinks_unpublished(SimpleNamespace(_hw=hw, layout=end), run, cols, rids, ks, ci, vals)
+    assert check({}, ks, ci, vals)
+    assert check({11: 4, 12: 8}, ks, ci, vals)
+    assert not check({11: 5}, ks, ci, vals)
+    assert not check({12: 9}, ks, ci, vals)
+    assert check({12: 9}, ks[:1], ci[:1], vals[:1])
+
+
+def test_a_window_frees_a_published_block_past_its_sink():
+    """A whole-block window frees the oldest blocks past its sink (Replica._dropped), so a
+    counted request's published blocks are safe only inside the sink; a window that frees one
+    names the request (its keys matter: its own recompute publishes under them, chunk by
+    chunk, while they are cached), for one step (_grow) as for a run."""
+    from types import SimpleNamespace
+
+    from rkvsim.simulator.replica import Replica
+    lay = SimpleNamespace(window=(32, 64), whole_windows=True, sink_blocks=2)
+    rep = SimpleNamespace(layout=lay)
+    assert not Replica._frees_published(rep, 2, 9, -1)       # frees block 2: the sink's 0, 1 published
+    assert Replica._frees_published(rep, 3, 9, -1)           # frees block 2, published
+    assert Replica._frees_published(rep, 3, 2, -1)           # (a short one: frees its block 1)
+    assert not Replica._frees_published(SimpleNamespace(layout=SimpleNamespace(window=None)), 3, 9, -1)
+    blocks = np.array([[6, 7], [6, 7], [6, 7]])
+    run, cols, rids = SimpleNamespace(blocks=blocks), np.array([0, 1]), [11, 12]
+    ks, ci, vals = np.array([3, 3, 4]), np.array([0, 1, 1]), np.array([-1, -1, 1])
+    rep._hw = {11: 2, 12: 1}
+    assert Replica._shrinks_unpublished(rep, run, cols, rids, ks, ci, vals)
+    rep._hw = {11: 2, 12: 3}
+    assert not Replica._shrinks_unpublished(rep, run, cols, rids, ks, ci, vals)
 
 
 @pytest.mark.parametrize("policy", ["vllm-v1", "vllm-v0", "lmdeploy"])
