@@ -146,18 +146,26 @@ class CalibratedCostModel:
         key = float(int_sum(cached_tokens_vec(self.method, prompt, ctx))) / nd
         return self._grid_at(self._dec_b, self._dec_c, self._dec_tab, float(nd), key)
 
-    def _prefill_attn(self, b: StepBatch) -> float:
+    def _prefill_attn(self, new: list, past: list) -> float:
         return sum(self._grid_at(self._pre_n, self._pre_p, self._pre_tab, float(n), float(p))
-                   for n, p in zip(b.prefill_new.tolist(), b.prefill_past.tolist()))
+                   for n, p in zip(new, past))
+
+    def _step_parts(self, new: list, past: list, n_done: int, ctx: np.ndarray, prompt: np.ndarray) -> tuple[float, float]:
+        """(dense + head + all-reduce, attention) of a step: prefill chunks of `new` tokens each
+        after `past` (lists; n_done of them finish their prompt) beside decodes at contexts `ctx`
+        with prompts `prompt` (either side may be empty, not both)."""
+        nd = len(ctx)
+        t_new = sum(new) + nd
+        dense = self._dense_t(t_new) + self._head_t(nd + n_done) + self.rl._comm(t_new)
+        attn = (self._decode_attn(prompt, ctx, nd) if nd else 0.0) + (self._prefill_attn(new, past) if new else 0.0)
+        return dense, attn
 
     def _split(self, b: StepBatch) -> tuple[float, float, int, int]:
         nd, npf = len(b.decode_ctx), len(b.prefill_new)
         if nd == 0 and npf == 0:
             return 0.0, 0.0, 0, 0
-        t_new = (int_sum(b.prefill_new) if npf else 0) + nd
-        n_done = self.rl._n_done(b) if npf else 0
-        dense = self._dense_t(t_new) + self._head_t(nd + n_done) + self.rl._comm(t_new)
-        attn = (self._decode_attn(b.decode_prompt, b.decode_ctx, nd) if nd else 0.0) + (self._prefill_attn(b) if npf else 0.0)
+        dense, attn = self._step_parts(b.prefill_new.tolist(), b.prefill_past.tolist(),
+                                       self.rl._n_done(b) if npf else 0, b.decode_ctx, b.decode_prompt)
         return dense, attn, nd, npf
 
     def _parts(self, b: StepBatch) -> tuple[dict[str, float], int, int]:
@@ -169,7 +177,7 @@ class CalibratedCostModel:
         if nd:
             parts["attn_decode"] = self._decode_attn(b.decode_prompt, b.decode_ctx, nd)
         if npf:
-            parts["attn_prefill"] = self._prefill_attn(b)
+            parts["attn_prefill"] = self._prefill_attn(b.prefill_new.tolist(), b.prefill_past.tolist())
         return parts, nd, npf
 
     def decode_run(self, ctx: np.ndarray, prompt: np.ndarray, rem: np.ndarray, k: int) -> np.ndarray:
@@ -237,14 +245,8 @@ class CalibratedCostModel:
     def mixed_step(self, new: list, past: list, n_done: int, ctx: np.ndarray, prompt: np.ndarray) -> float:
         """step_time of a step with prefill chunks (`new` tokens each after `past`, as lists;
         n_done of them finish their prompt) beside the decodes (contexts `ctx`, prompts `prompt`,
-        maybe empty), without a StepBatch: the replica's call for every admission. _split's
-        terms, added in its order."""
-        nd, npf = len(ctx), len(new)
-        t_new = sum(new) + nd
-        dense = self._dense_t(t_new) + self._head_t(nd + n_done) + self.rl._comm(t_new)
-        attn = (self._decode_attn(prompt, ctx, nd) if nd else 0.0) + \
-            sum(self._grid_at(self._pre_n, self._pre_p, self._pre_tab, float(n), float(p)) for n, p in zip(new, past))
-        return self._pre_terms.apply(dense, attn, nd + npf)
+        maybe empty), without a StepBatch: the replica's call for every admission."""
+        return self._pre_terms.apply(*self._step_parts(new, past, n_done, ctx, prompt), len(ctx) + len(new))
 
     def step_time(self, batch: StepBatch) -> float:
         if len(batch.prefill_new):

@@ -52,7 +52,6 @@ class Replica:
     spread = 1
     _run: Run | None = None
     _kv_seen: float | None = None
-    _decode_step = None
 
     def __init__(self, env: simpy.Environment, index: int, layout: KVLayout, cost: CostModel,
                  cfg: SchedulerConfig, log: RequestLog, on_done: Callable[[int], None], content=None):
@@ -381,21 +380,15 @@ class Replica:
 
     def _frees_published(self, hw: int, held: int, n: int) -> bool:
         """Whether a shrink by -n of a request holding `held` blocks, whose first `hw` are
-        published, frees one of those (_dropped): its last -n, or a whole-block window's oldest
-        past the sink."""
-        lay = self.layout
-        if lay.window is not None and lay.whole_windows:
-            return min(lay.sink_blocks, held + n) < hw
-        return held + n < hw
+        published, frees one of those."""
+        return self._dropped(held, n).start < hw
 
     def _dropped(self, held: int, n: int) -> slice:
         """Which of a request's `held` blocks (ids in order) a shrink by -n frees: its last -n,
         or for a whole-block sliding window the oldest past the sink."""
         lay = self.layout
-        if lay.window is not None and lay.whole_windows:
-            at = min(lay.sink_blocks, held + n)
-            return slice(at, at - n)
-        return slice(n, None)
+        at = min(lay.sink_blocks, held + n) if lay.window is not None and lay.whole_windows else held + n
+        return slice(at, at - n)
 
     def _apply_growth(self, extra_dec: np.ndarray, extra_pre: list[tuple[int, int]], total: int | None = None) -> None:
         """Give the first len(extra_dec) decodes and the prefills [(blocks, rid)] their block changes:
@@ -1032,6 +1025,10 @@ class Replica:
         finishing: dict[int, list[int]] = {}
         for i, k in zip(fin.tolist(), fk.tolist()):
             finishing.setdefault(k, []).append(i)
+
+        def finish(k: int) -> None:
+            for i in finishing[k]:
+                self._release(rids[i], int(run.blocks[k - 1, cols[i]]), int(run.ctx[cols[i]] + k), True)
         # The growth the loop below allocates is all the run's growth (between shrinks it never
         # falls). Where that fits in the pool's keyless free blocks no allocation evicts, and
         # counts commute: one allocation, one release of the shrinks, then the finishes in order.
@@ -1042,8 +1039,7 @@ class Replica:
             if shrink:
                 pool.release_anon(sum(d for d, _u in shrink.values()), 0)
             for k in sorted(finishing):
-                for i in finishing[k]:
-                    self._release(rids[i], int(run.blocks[k - 1, cols[i]]), int(run.ctx[cols[i]] + k), True)
+                finish(k)
             self.blocks_used = pool.used
             return kvf
         applied = 0                                       # net growth given to the pool so far
@@ -1060,8 +1056,7 @@ class Replica:
                 if cum[k - a] > applied:
                     pool.allocate_anon(cum[k - a] - applied)
                 applied = cum[k - a]
-                for i in finishing[k]:
-                    self._release(rids[i], int(run.blocks[k - 1, cols[i]]), int(run.ctx[cols[i]] + k), True)
+                finish(k)
         if cum[last_plan - a] > applied:
             pool.allocate_anon(cum[last_plan - a] - applied)
         self.blocks_used = pool.used

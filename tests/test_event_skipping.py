@@ -362,12 +362,16 @@ def test_a_window_frees_a_published_block_past_its_sink():
     from types import SimpleNamespace
 
     from rkvsim.simulator.replica import Replica
+    def replica(layout):
+        rep = SimpleNamespace(layout=layout)
+        rep._dropped = lambda held, n: Replica._dropped(rep, held, n)
+        return rep
     lay = SimpleNamespace(window=(32, 64), whole_windows=True, sink_blocks=2)
-    rep = SimpleNamespace(layout=lay)
+    rep = replica(lay)
     assert not Replica._frees_published(rep, 2, 9, -1)       # frees block 2: the sink's 0, 1 published
     assert Replica._frees_published(rep, 3, 9, -1)           # frees block 2, published
     assert Replica._frees_published(rep, 3, 2, -1)           # (a short one: frees its block 1)
-    assert not Replica._frees_published(SimpleNamespace(layout=SimpleNamespace(window=None)), 3, 9, -1)
+    assert not Replica._frees_published(replica(SimpleNamespace(window=None)), 3, 9, -1)
     blocks = np.array([[6, 7], [6, 7], [6, 7]])
     run, cols, rids = SimpleNamespace(blocks=blocks), np.array([0, 1]), [11, 12]
     ks, ci, vals = np.array([3, 3, 4]), np.array([0, 1, 1]), np.array([-1, -1, 1])
