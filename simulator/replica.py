@@ -96,6 +96,7 @@ class Replica:
         # (BlockPool.release_anon). (Not even a window's: its own recompute, chunk by chunk,
         # publishes under the keys of its first blocks while they are cached.)
         self._own_text = self.pool is not None and content is None
+        self._drop_floor = self._drop_floor_of(layout)
         self.held: dict[int, list[int]] = {}
         self.counted: set[int] = set()
         self._hw: dict[int, int] = {}           # counted: how many of its first blocks are published
@@ -378,16 +379,21 @@ class Replica:
             self.pool.release(drop)
         self.blocks_used = self.pool.used
 
+    @staticmethod
+    def _drop_floor_of(layout: KVLayout) -> int:
+        """A shrink by -n of a request holding `held` blocks frees -n of them from index
+        min(floor, held + n): its last -n, or for a whole-block sliding window the oldest past
+        the sink (the floor is the sink's blocks)."""
+        return layout.sink_blocks if layout.window is not None and layout.whole_windows else 1 << 62
+
     def _frees_published(self, hw: int, held: int, n: int) -> bool:
         """Whether a shrink by -n of a request holding `held` blocks, whose first `hw` are
-        published, frees one of those."""
-        return self._dropped(held, n).start < hw
+        published, frees one of those (_drop_floor_of)."""
+        return min(self._drop_floor, held + n) < hw
 
     def _dropped(self, held: int, n: int) -> slice:
-        """Which of a request's `held` blocks (ids in order) a shrink by -n frees: its last -n,
-        or for a whole-block sliding window the oldest past the sink."""
-        lay = self.layout
-        at = min(lay.sink_blocks, held + n) if lay.window is not None and lay.whole_windows else held + n
+        """Which of a request's `held` blocks (ids in order) a shrink by -n frees (_drop_floor_of)."""
+        at = min(self._drop_floor, held + n)
         return slice(at, at - n)
 
     def _apply_growth(self, extra_dec: np.ndarray, extra_pre: list[tuple[int, int]], total: int | None = None) -> None:
@@ -995,11 +1001,9 @@ class Replica:
             return True
         neg = (vals < 0).nonzero()[0]
         hw = np.array([self._hw.get(r, 0) for r in rids], np.int64)
-        kept = run.blocks[ks[neg] - 2, cols[ci[neg]]] + vals[neg]     # the first blocks kept
-        lay = self.layout
-        if lay.window is not None and lay.whole_windows:
-            kept = np.minimum(kept, lay.sink_blocks)
-        return bool((kept >= hw[ci[neg]]).all())
+        # (the first block each frees, _drop_floor_of)
+        first = np.minimum(run.blocks[ks[neg] - 2, cols[ci[neg]]] + vals[neg], self._drop_floor)
+        return bool((first >= hw[ci[neg]]).all())
 
     def _run_blocks_counted(self, run: Run, cols, rids: list, a: int, b: int, last_plan: int,
                             per_step: np.ndarray, ks, vals) -> np.ndarray:

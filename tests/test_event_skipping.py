@@ -343,10 +343,10 @@ def test_a_run_whose_shrink_frees_a_published_block_takes_the_general_path():
     run, cols, rids = SimpleNamespace(blocks=blocks), np.array([0, 1]), [11, 12]
     ks, ci = np.array([3, 3]), np.array([0, 1])              # step 3's plan: both shrink
     vals = np.array([-2, -1])                                # from 6 to 4 blocks, from 9 to 8
-    end = SimpleNamespace(window=None, whole_windows=True)
+    end = Replica._drop_floor_of(SimpleNamespace(window=None, whole_windows=True))
 
     def check(hw, ks, ci, vals):
-        return Replica._shrinks_unpublished(SimpleNamespace(_hw=hw, layout=end), run, cols, rids, ks, ci, vals)
+        return Replica._shrinks_unpublished(SimpleNamespace(_hw=hw, _drop_floor=end), run, cols, rids, ks, ci, vals)
     assert check({}, ks, ci, vals)
     assert check({11: 4, 12: 8}, ks, ci, vals)
     assert not check({11: 5}, ks, ci, vals)
@@ -363,9 +363,7 @@ def test_a_window_frees_a_published_block_past_its_sink():
 
     from rkvsim.simulator.replica import Replica
     def replica(layout):
-        rep = SimpleNamespace(layout=layout)
-        rep._dropped = lambda held, n: Replica._dropped(rep, held, n)
-        return rep
+        return SimpleNamespace(layout=layout, _drop_floor=Replica._drop_floor_of(layout))
     lay = SimpleNamespace(window=(32, 64), whole_windows=True, sink_blocks=2)
     rep = replica(lay)
     assert not Replica._frees_published(rep, 2, 9, -1)       # frees block 2: the sink's 0, 1 published
