@@ -191,14 +191,20 @@ class Method:
 
 def cached_tokens_vec(method: Method, prompt, total):
     """Tokens held per request, over arrays of requests (or single ints)."""
+    return cached_tokens_of(method)(prompt, total)
+
+
+def cached_tokens_of(method: Method) -> Callable:
+    """cached_tokens_vec for one method, its cap or prompt budget read once: (prompt, total) ->
+    tokens held (the simulator asks every step)."""
     spec = method.spec
     cap = spec.token_cap(method) if spec.token_cap else None
     if cap is not None:
-        return np.minimum(total, cap)
+        return lambda prompt, total: np.minimum(total, cap)
     budget = spec.prompt_budget(method) if spec.prompt_budget else None
     if budget is not None:
-        return np.minimum(prompt, budget) + (total - prompt)
-    return total
+        return lambda prompt, total: np.minimum(prompt, budget) + (total - prompt)
+    return lambda prompt, total: total
 
 
 def _by_name() -> dict[str, tuple[str, dict]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rkvsim.models import cached_tokens_vec
+from rkvsim.models import cached_tokens_of
 
 from rkvsim.simulator.cost_model import RooflineCostModel, StepBatch
 from rkvsim.simulator.lookup import Tabulated, array_min, array_sum, by_size, int_sum
@@ -82,6 +82,7 @@ class CalibratedCostModel:
         self.engine = engine or EngineTerms.prior(roofline)
         self.method = roofline.method
         self._cap = roofline.method.token_cap
+        self._held = cached_tokens_of(roofline.method)     # (prompt, ctx) -> tokens each cache holds
         notes = list(compiled.notes)
         if compiled.head is None:
             notes.append("LM head/sampling: roofline prior (not in the profile)")
@@ -143,7 +144,7 @@ class CalibratedCostModel:
     def _decode_attn(self, prompt: np.ndarray, ctx: np.ndarray, nd: int) -> float:
         # Decode attention is keyed by the tokens each cache holds (after eviction).
         # The mean as ndarray.mean computes it (one sum, one division), without its overhead.
-        key = float(int_sum(cached_tokens_vec(self.method, prompt, ctx))) / nd
+        key = float(int_sum(self._held(prompt, ctx))) / nd
         return self._grid_at(self._dec_b, self._dec_c, self._dec_tab, float(nd), key)
 
     def _prefill_attn(self, new: list, past: list) -> float:
@@ -199,7 +200,7 @@ class CalibratedCostModel:
         steps = np.arange(1, k + 1)
         n = len(ctx)
         if self._cap is None:
-            base = cached_tokens_vec(self.method, prompt, ctx)
+            base = self._held(prompt, ctx)
             if int(array_min(rem)) >= k:
                 return np.full(k, n), int(array_sum(base)) + n * steps
             last = np.minimum(rem, k)                       # the last step of the run each decodes in
@@ -207,7 +208,7 @@ class CalibratedCostModel:
             # (float weights: integer sums far below 2**53, exact)
             held = np.bincount(last, weights=base, minlength=k + 1)[::-1].cumsum()[::-1][1:]
             return nd, held.astype(np.int64) + nd * steps
-        cached = cached_tokens_vec(self.method, prompt[None, :], ctx[None, :] + steps[:, None])
+        cached = self._held(prompt[None, :], ctx[None, :] + steps[:, None])
         if int(array_min(rem)) < k:
             live = rem[None, :] >= steps[:, None]
             return array_sum(live, 1), array_sum(cached * live, 1)

@@ -125,7 +125,10 @@ class KVLayout:
         """Blocks a request holds once `tokens` of its prompt (or recomputed context) are in."""
         if not self.exact:
             return self.blocks_for(tokens)
-        return int(self._exact_vec(tokens, tokens, prefill=True)) if tokens > 0 else 0
+        if tokens <= 0:
+            return 0
+        # (plain: _formula's ceil without a numpy call, for one request)
+        return -(-int(tokens) // self.block_size) if self._plain else int(self._exact_vec(tokens, tokens, prefill=True))
 
     def prefill_blocks_vec(self, tokens: np.ndarray) -> np.ndarray:
         if not self.exact:
@@ -136,7 +139,7 @@ class KVLayout:
         """Blocks once the prompt is attended (eviction done) at context `ctx`."""
         if not self.exact:
             return self.blocks_for(self.method.cached_tokens(prompt, ctx))
-        return int(self._exact_vec(prompt, ctx, prefill=False))
+        return -(-int(ctx) // self.block_size) if self._plain else int(self._exact_vec(prompt, ctx, prefill=False))
 
     def decode_blocks_vec(self, prompt: np.ndarray, ctx: np.ndarray) -> np.ndarray:
         if not self.exact:

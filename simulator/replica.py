@@ -96,6 +96,7 @@ class Replica:
         # (BlockPool.release_anon). (Not even a window's: its own recompute, chunk by chunk,
         # publishes under the keys of its first blocks while they are cached.)
         self._own_text = self.pool is not None and content is None
+        self._share = layout.method.spec.prefix_sharing
         self._drop_floor = self._drop_floor_of(layout)
         self.held: dict[int, list[int]] = {}
         self.counted: set[int] = set()
@@ -473,10 +474,10 @@ class Replica:
             self.pool.publish(ids[:hw], keys)
 
     def _shareable_blocks(self, length: int, n_tokens: int) -> int:
-        spec, lay = self.layout.method.spec, self.layout
-        if spec.prefix_sharing is None or (lay.model_window is not None and length > lay.model_window):
+        share, lay = self._share, self.layout
+        if share is None or (lay.model_window is not None and length > lay.model_window):
             return 0
-        return int(spec.prefix_sharing(lay.method, length, n_tokens)) // lay.block_size
+        return int(share(lay.method, length, n_tokens)) // lay.block_size
 
     def _block_keys(self, rid: int, n: int) -> list[int]:
         keys = self._keys.get(rid)
@@ -1000,10 +1001,11 @@ class Replica:
         if not self._hw:
             return True
         neg = (vals < 0).nonzero()[0]
-        hw = np.array([self._hw.get(r, 0) for r in rids], np.int64)
+        c = ci[neg]
         # (the first block each frees, _drop_floor_of)
-        first = np.minimum(run.blocks[ks[neg] - 2, cols[ci[neg]]] + vals[neg], self._drop_floor)
-        return bool((first >= hw[ci[neg]]).all())
+        first = np.minimum(run.blocks[ks[neg] - 2, cols[c]] + vals[neg], self._drop_floor)
+        hw = self._hw
+        return all(f >= hw.get(rids[i], 0) for f, i in zip(first.tolist(), c.tolist()))
 
     def _run_blocks_counted(self, run: Run, cols, rids: list, a: int, b: int, last_plan: int,
                             per_step: np.ndarray, ks, vals) -> np.ndarray:
@@ -1016,10 +1018,14 @@ class Replica:
         used0 = pool.used
         cum = per_step.cumsum().tolist()                # net growth planned through step a + j
         fin = ((rem >= a) & (rem <= b)).nonzero()[0]
-        fin = fin[rem[fin].argsort(kind="stable")]    # by step, then column, as step by step
-        fk = rem[fin]
-        rel = np.bincount(fk - a, weights=run.blocks[fk - 1, cols[fin]], minlength=b - a + 1).astype(np.int64)
-        kvf = (used0 + np.asarray(cum[:b - a + 1], np.int64) - rel.cumsum()) / nb
+        held = used0 + np.asarray(cum[:b - a + 1], np.int64)
+        if len(fin):
+            fin = fin[rem[fin].argsort(kind="stable")]    # by step, then column, as step by step
+            fk = rem[fin]
+            held -= np.bincount(fk - a, weights=run.blocks[fk - 1, cols[fin]], minlength=b - a + 1).astype(np.int64).cumsum()
+        else:
+            fk = fin
+        kvf = held / nb
         shrink: dict[int, tuple[int, int]] = {}          # step -> (blocks freed, blocks grown) there
         if vals is not None:
             neg = vals < 0
@@ -1115,7 +1121,8 @@ class Replica:
             # Eviction and SnapKV selection shrink the cache once the prompt is attended.
             keep_blocks = lay.decode_blocks(total, total)
             assert keep_blocks <= blocks, f"request {rid}: eviction grew its cache ({blocks} -> {keep_blocks} blocks)"
-            self._grow(rid, keep_blocks - blocks, blocks)
+            if keep_blocks != blocks or rid in self.held:     # (a count's growth by 0 changes nothing)
+                self._grow(rid, keep_blocks - blocks, blocks)
             i = self.n_dec
             assert i < self.cfg.max_batch_size, f"replica {self.index}: more than max_batch_size running"
             D[:, i] = (total, gen, rid, total, log.output[rid], keep_blocks, seq)  # CTX GEN RID PLEN OUT BLK SEQ
