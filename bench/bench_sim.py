@@ -29,6 +29,9 @@ def main() -> None:
     ap.add_argument("--step-by-step", action="store_true", help="no event skipping (the reference mode)")
     ap.add_argument("--compare", type=int, default=0, metavar="N",
                     help="also simulate the first N requests in both modes and print the ratio")
+    ap.add_argument("--phases", action="store_true",
+                    help="time the simulator's phases (scheduler, run planning and applying, step costs, "
+                         "finishing) in this run; the wrappers add their own time to the wall")
     args = ap.parse_args()
 
     from rkvsim.simulator.config import Scenario
@@ -43,6 +46,7 @@ def main() -> None:
                      "lengths": {"source": "sharegpt", "max_prompt": 2048, "max_output": 2048}},
         "step_by_step": args.step_by_step,
     })
+    phases = instrument()[0] if args.phases else None
     t0 = time.perf_counter()
     wl = build_workload(scn, args.seed, ".")
     t1 = time.perf_counter()
@@ -64,8 +68,84 @@ def main() -> None:
     print(f"skipping          {covered:,} of the steps in {runs:,} runs ({covered / max(runs, 1):.1f} steps per run); "
           f"{events:,} engine + arrival events")
     print(f"peak RSS          {rss_mb:,.0f} MB")
+    if phases is not None:
+        report_phases(phases, t2 - t1, args.requests)
     if args.compare:
         compare(scn, wl, args.compare, args.seed)
+
+
+# (label, owner, attribute, nested in): what --phases times. Nested ones are part of their parent's
+# time and are printed under it; the rest of the wall is SimPy, arrivals, the step log and metrics.
+PHASES = [
+    ("scheduler plan", "replica.Replica", "_plan_v1", None),
+    ("scheduler plan", "replica.Replica", "_plan_v0", None),
+    ("scheduler plan", "replica.Replica", "_plan_lmdeploy", None),
+    ("  admission", "replica.Replica", "_admit_v1", "scheduler plan"),
+    ("  admission", "replica.Replica", "_admit", "scheduler plan"),
+    ("run planning", "replica", "plan_run", None),
+    ("  run costs", "calibrated.CalibratedCostModel", "decode_run", "run planning"),
+    ("run applying", "replica.Replica", "_apply_run", None),
+    ("decode step cost", "calibrated.CalibratedCostModel", "decode_step", None),
+    ("mixed step cost", "calibrated.CalibratedCostModel", "mixed_step", None),
+    ("finish decode step", "replica.Replica", "_finish_decode_step", None),
+    ("finish prefills", "replica.Replica", "_finish_prefills", None),
+]
+
+
+def instrument():
+    """Wrap each of PHASES in a timer (before any replica or cost model is built, which bind
+    their methods at construction). Returns ({label: [calls, seconds]}, filled as the run goes,
+    and a function that puts the originals back)."""
+    import importlib
+
+    acc: dict[str, list] = {}
+    originals = []
+
+    def timed(fn, slot):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                slot[1] += time.perf_counter() - t
+                slot[0] += 1
+        return wrapper
+
+    for label, owner, attr, _parent in PHASES:
+        mod, _, cls = owner.partition(".")
+        target = importlib.import_module(f"rkvsim.simulator.{mod}")
+        if cls:
+            target = getattr(target, cls)
+        if attr in vars(target):
+            originals.append((target, attr, vars(target)[attr]))
+            setattr(target, attr, timed(getattr(target, attr), acc.setdefault(label, [0, 0.0])))
+
+    def undo() -> None:
+        for target, attr, fn in reversed(originals):
+            setattr(target, attr, fn)
+    return acc, undo
+
+
+def report_phases(acc: dict, wall: float, requests: int) -> None:
+    # What the wrapper itself costs per call, so that a reader can discount it.
+    slot = [0, 0.0]
+    t = time.perf_counter()
+    for _ in range(100_000):
+        slot[1] += time.perf_counter() - t
+        slot[0] += 1
+    per_call = (time.perf_counter() - t) / 100_000
+    print(f"phases            (timers add about {per_call * 1e6:.2f} us per call to the wall)")
+    top = 0.0
+    for label, (calls, secs) in acc.items():
+        if not calls:
+            continue
+        nested = label.startswith(" ")
+        top += 0.0 if nested else secs
+        print(f"  {label:<20} {calls:>11,} calls {secs:8.2f} s {secs / calls * 1e6:8.1f} us/call "
+              f"{secs / requests * 1e6:7.1f} us/request {100 * secs / wall:5.1f}%")
+    rest = wall - top
+    print(f"  {'rest (SimPy, log)':<20} {'':>17} {rest:8.2f} s {'':>16} {rest / requests * 1e6:7.1f} us/request "
+          f"{100 * rest / wall:5.1f}%")
 
 
 def compare(scn, wl, n: int, seed: int) -> None:
