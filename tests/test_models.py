@@ -175,6 +175,10 @@ def test_kv_layout_tables_give_the_formula_blocks(label, whole):
     np.testing.assert_array_equal(lay.prefill_blocks_vec(ctx), formula.prefill_blocks_vec(ctx))
     assert all(lay.decode_blocks(int(a), int(b)) == formula.decode_blocks(int(a), int(b)) for a, b in zip(prompt[:50], ctx[:50]))
     assert all(lay.prefill_blocks(int(a)) == formula.prefill_blocks(int(a)) for a in ctx[:50])
+    # one request's blocks (a plain layout computes them without the tables) are the arrays' too
+    assert [lay.decode_blocks(int(a), int(b)) for a, b in zip(prompt[:50], ctx[:50])] == \
+        lay.decode_blocks_vec(prompt[:50], ctx[:50]).tolist()
+    assert [lay.prefill_blocks(int(a)) for a in ctx[:50]] == lay.prefill_blocks_vec(ctx[:50]).tolist()
 
 
 @pytest.mark.parametrize("exact", [True, False])
