@@ -74,22 +74,34 @@ def main() -> None:
         compare(scn, wl, args.compare, args.seed)
 
 
-# (label, owner, attribute, nested in): what --phases times. Nested ones are part of their parent's
-# time and are printed under it; the rest of the wall is SimPy, arrivals, the step log and metrics.
+# (label, owner, attribute) that --phases times. An indented label is part of the one above it
+# (called from inside it); the rest of the wall is SimPy, arrivals, the step log and metrics.
 PHASES = [
-    ("scheduler plan", "replica.Replica", "_plan_v1", None),
-    ("scheduler plan", "replica.Replica", "_plan_v0", None),
-    ("scheduler plan", "replica.Replica", "_plan_lmdeploy", None),
-    ("  admission", "replica.Replica", "_admit_v1", "scheduler plan"),
-    ("  admission", "replica.Replica", "_admit", "scheduler plan"),
-    ("run planning", "replica", "plan_run", None),
-    ("  run costs", "calibrated.CalibratedCostModel", "decode_run", "run planning"),
-    ("run applying", "replica.Replica", "_apply_run", None),
-    ("decode step cost", "calibrated.CalibratedCostModel", "decode_step", None),
-    ("mixed step cost", "calibrated.CalibratedCostModel", "mixed_step", None),
-    ("finish decode step", "replica.Replica", "_finish_decode_step", None),
-    ("finish prefills", "replica.Replica", "_finish_prefills", None),
+    ("scheduler plan", "replica.Replica", "_plan_v1"),
+    ("scheduler plan", "replica.Replica", "_plan_v0"),
+    ("scheduler plan", "replica.Replica", "_plan_lmdeploy"),
+    ("  admission", "replica.Replica", "_admit_v1"),
+    ("  admission", "replica.Replica", "_admit"),
+    ("run planning", "replica", "plan_run"),
+    ("  run costs", "calibrated.CalibratedCostModel", "decode_run"),
+    ("run applying", "replica.Replica", "_apply_run"),
+    ("decode step cost", "calibrated.CalibratedCostModel", "decode_step"),
+    ("mixed step cost", "calibrated.CalibratedCostModel", "mixed_step"),
+    ("finish decode step", "replica.Replica", "_finish_decode_step"),
+    ("finish prefills", "replica.Replica", "_finish_prefills"),
 ]
+
+
+def _timed(fn, slot: list):
+    """fn, adding each call's seconds and count to slot [calls, seconds]."""
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            slot[1] += time.perf_counter() - t
+            slot[0] += 1
+    return wrapper
 
 
 def instrument():
@@ -100,25 +112,14 @@ def instrument():
 
     acc: dict[str, list] = {}
     originals = []
-
-    def timed(fn, slot):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                slot[1] += time.perf_counter() - t
-                slot[0] += 1
-        return wrapper
-
-    for label, owner, attr, _parent in PHASES:
+    for label, owner, attr in PHASES:
         mod, _, cls = owner.partition(".")
         target = importlib.import_module(f"rkvsim.simulator.{mod}")
         if cls:
             target = getattr(target, cls)
         if attr in vars(target):
             originals.append((target, attr, vars(target)[attr]))
-            setattr(target, attr, timed(getattr(target, attr), acc.setdefault(label, [0, 0.0])))
+            setattr(target, attr, _timed(getattr(target, attr), acc.setdefault(label, [0, 0.0])))
 
     def undo() -> None:
         for target, attr, fn in reversed(originals):
@@ -126,21 +127,28 @@ def instrument():
     return acc, undo
 
 
-def report_phases(acc: dict, wall: float, requests: int) -> None:
-    # What the wrapper itself costs per call, so that a reader can discount it.
-    slot = [0, 0.0]
+def _timer_cost(calls: int = 100_000) -> float:
+    """Seconds a timed call adds to a bare one (the wrapper around a function that does nothing)."""
+    def bare():
+        return None
+    timed = _timed(bare, [0, 0.0])
     t = time.perf_counter()
-    for _ in range(100_000):
-        slot[1] += time.perf_counter() - t
-        slot[0] += 1
-    per_call = (time.perf_counter() - t) / 100_000
-    print(f"phases            (timers add about {per_call * 1e6:.2f} us per call to the wall)")
+    for _ in range(calls):
+        bare()
+    t_bare = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(calls):
+        timed()
+    return max(time.perf_counter() - t - t_bare, 0.0) / calls
+
+
+def report_phases(acc: dict, wall: float, requests: int) -> None:
+    print(f"phases            (a timer adds about {_timer_cost() * 1e6:.2f} us per call to the wall)")
     top = 0.0
     for label, (calls, secs) in acc.items():
         if not calls:
             continue
-        nested = label.startswith(" ")
-        top += 0.0 if nested else secs
+        top += 0.0 if label.startswith(" ") else secs
         print(f"  {label:<20} {calls:>11,} calls {secs:8.2f} s {secs / calls * 1e6:8.1f} us/call "
               f"{secs / requests * 1e6:7.1f} us/request {100 * secs / wall:5.1f}%")
     rest = wall - top

@@ -292,15 +292,18 @@ class Replica:
                     self.runs += 1
                     self.run_steps += run.end
                     continue
+            if chunks:                                   # each chunk: tokens, tokens before it, prompt done
+                new = [t for _e, t in chunks]
+                past = [e[1] for e, _t in chunks]
+                done = [e[1] + t >= e[2] for e, t in chunks]
             if chunks and self._mixed_step is not None:      # no StepBatch to build either
-                dt = self._mixed_step([c[1] for c in chunks], [c[0][1] for c in chunks],
-                                      sum(c[0][1] + c[1] >= c[0][2] for c in chunks),
-                                      D[self.CTX, :n] + 1 if n else _EMPTY, D[self.PLEN, :n] if n else _EMPTY)
+                dt = self._mixed_step(new, past, sum(done), D[self.CTX, :n] + 1 if n else _EMPTY,
+                                      D[self.PLEN, :n] if n else _EMPTY)
             elif chunks or not n or self._decode_step is None:
                 dt = self.cost.step_time(StepBatch(
-                    prefill_new=np.array([c[1] for c in chunks], np.int64) if chunks else _EMPTY,
-                    prefill_past=np.array([c[0][1] for c in chunks], np.int64) if chunks else _EMPTY,
-                    prefill_done=np.array([c[0][1] + c[1] >= c[0][2] for c in chunks], bool) if chunks else None,
+                    prefill_new=np.array(new, np.int64) if chunks else _EMPTY,
+                    prefill_past=np.array(past, np.int64) if chunks else _EMPTY,
+                    prefill_done=np.array(done, bool) if chunks else None,
                     decode_ctx=D[self.CTX, :n] + 1 if n else _EMPTY,
                     decode_prompt=D[self.PLEN, :n] if n else _EMPTY,
                 ))
@@ -308,7 +311,7 @@ class Replica:
                 dt = self._decode_step(D[self.CTX, :n] + 1, D[self.PLEN, :n])
             yield env.timeout(dt)
             now = env.now
-            new_tokens = sum(c[1] for c in chunks)
+            new_tokens = sum(new) if chunks else 0
             self.log.prefill_tokens += new_tokens
             n_before = self.n_dec
             if n:
@@ -1121,7 +1124,7 @@ class Replica:
             # Eviction and SnapKV selection shrink the cache once the prompt is attended.
             keep_blocks = lay.decode_blocks(total, total)
             assert keep_blocks <= blocks, f"request {rid}: eviction grew its cache ({blocks} -> {keep_blocks} blocks)"
-            if keep_blocks != blocks or rid in self.held:     # (a count's growth by 0 changes nothing)
+            if keep_blocks != blocks:
                 self._grow(rid, keep_blocks - blocks, blocks)
             i = self.n_dec
             assert i < self.cfg.max_batch_size, f"replica {self.index}: more than max_batch_size running"
