@@ -33,6 +33,7 @@ class RequestLog:
         self._itl_hist = np.zeros(len(ITL_EDGES) + 1, np.int64)
         self._itl_buf: list[np.ndarray] = []
         self._itl_wbuf: list[tuple[np.ndarray, np.ndarray]] = []
+        self._itl_gap, self._itl_count = array("d"), array("q")
         self._itl_buffered = 0
 
     def add_itls(self, itl: np.ndarray) -> None:
@@ -50,16 +51,29 @@ class RequestLog:
         if self._itl_buffered > 200_000:
             self._flush_itls()
 
+    def add_itl_repeated(self, gap: float, count: int) -> None:
+        """One gap seen `count` times (a step in which every request decoding had its last token
+        at the same time): what add_itls of `count` copies would bin, without an array."""
+        self._itl_gap.append(gap)
+        self._itl_count.append(count)
+        self._itl_buffered += 1
+        if self._itl_buffered > 200_000:
+            self._flush_itls()
+
     def _flush_itls(self) -> None:
         if self._itl_buf:
             x = np.concatenate(self._itl_buf)
             self._itl_hist += np.bincount(ITL_EDGES.searchsorted(x), minlength=len(self._itl_hist))
-        if self._itl_wbuf:
-            x = np.concatenate([v for v, _c in self._itl_wbuf])
-            w = np.concatenate([c for _v, c in self._itl_wbuf]).astype(np.float64)   # counts: exact in float64
+        weighted = self._itl_wbuf
+        if self._itl_gap:
+            weighted = weighted + [(np.frombuffer(self._itl_gap), np.frombuffer(self._itl_count, np.int64))]
+        if weighted:
+            x = np.concatenate([v for v, _c in weighted])
+            w = np.concatenate([c for _v, c in weighted]).astype(np.float64)   # counts: exact in float64
             self._itl_hist += np.bincount(ITL_EDGES.searchsorted(x), weights=w,
                                           minlength=len(self._itl_hist)).astype(np.int64)
         self._itl_buf, self._itl_wbuf, self._itl_buffered = [], [], 0
+        self._itl_gap, self._itl_count = array("d"), array("q")
 
     @property
     def itl_hist(self) -> np.ndarray:

@@ -74,6 +74,13 @@ class Replica:
         w = cfg.watermark
         self.watermark = max(1, math.floor(w * layout.num_blocks + 1e-9)) if w else 0
         self.n_dec = 0
+        # Kept beside the columns so that a step touches no column it need not: when not None,
+        # every decode column's latest token came at this time (F[LAST] holds it too), so a step
+        # that decodes them all has one gap; and a lower bound on the tokens any column has
+        # left to generate (exact unless a step left columns out), so a step that brings no
+        # column to 0 needs no completion check.
+        self._last_at: float | None = None
+        self._rem_lb = 1 << 30
         self.blocks_used = 0
         self.outstanding = 0
         self.seq = 0
@@ -160,7 +167,8 @@ class Replica:
         horizon = self._steps_to_horizon()
         if not self.waiting and horizon < MIN_RUN:
             return None
-        if (self.waiting or not self.quiet) and int(array_min(self.D[self.OUT, :n] - self.D[self.GEN, :n])) < MIN_RUN:
+        if (self.waiting or not self.quiet) and self._rem_lb < MIN_RUN and \
+                int(array_min(self.D[self.OUT, :n] - self.D[self.GEN, :n])) < MIN_RUN:
             return None
         return horizon
 
@@ -879,8 +887,12 @@ class Replica:
         self.steps.extend(t, run.dt[a - 1:b], run.nd[a - 1:b], kvf)
         # Inter-token gaps: the first step's from each request's last token; later steps share
         # one gap each, counted once per request decoding in it.
-        itl1 = t[0] - F[self.LAST, :m]
-        log.add_itls(itl1)
+        if self._last_at is not None:
+            itl1 = float(t[0]) - self._last_at
+            log.add_itl_repeated(itl1, m)
+        else:
+            itl1 = t[0] - F[self.LAST, :m]
+            log.add_itls(itl1)
         upto = np.minimum(rem, b)                        # last step of this stretch each decodes in
         mx = np.fmax(F[self.ITLMAX, :m], itl1)
         if b > a:
@@ -909,6 +921,9 @@ class Replica:
             F[:, :k] = F[:, :m][:, keep]
             self.n_dec = k
             run.alive[cols[done]] = False
+        m = self.n_dec
+        self._last_at = float(t[-1])                     # (those left decoded through step b)
+        self._rem_lb = int(array_min(D[self.OUT, :m] - D[self.GEN, :m])) if m else 1 << 30
         if self.pool is None:
             self.blocks_used = int(run.used_plan[last_plan - 1] if nxt else run.used_fin[b - 1])
         if self.policy == "lmdeploy":
@@ -1082,10 +1097,19 @@ class Replica:
         cg += self._ones[:n]                             # (cheaper than += 1 on a 2-row view)
         if self.policy != "vllm-v1":                     # v1 recorded them when it planned the step
             D[self.BLK, :n] = need
-        itl = now - F[self.LAST, :n]
-        log.add_itls(itl)
+        whole = n == self.n_dec
+        if whole and self._last_at is not None:
+            itl = now - self._last_at
+            log.add_itl_repeated(itl, n)
+        else:
+            itl = now - F[self.LAST, :n]
+            log.add_itls(itl)
         np.maximum(F[self.ITLMAX, :n], itl, out=F[self.ITLMAX, :n])
         F[self.LAST, :n] = now
+        self._last_at = now if whole else None
+        self._rem_lb -= 1
+        if self._rem_lb > 0:                             # nobody reached its output length
+            return
         done = D[self.GEN, :n] >= D[self.OUT, :n]
         if True in done.tolist():                       # (done.any() costs 3x as much at small n)
             for i in done.nonzero()[0]:
@@ -1100,6 +1124,8 @@ class Replica:
             D[:, :m] = D[:, :total][:, keep]
             F[:, :m] = F[:, :total][:, keep]
             self.n_dec = m
+        m = self.n_dec
+        self._rem_lb = int(array_min(D[self.OUT, :m] - D[self.GEN, :m])) if m else 1 << 30
 
     def _finish_prefills(self, now: float) -> None:
         log, lay, D, F = self.log, self.layout, self.D, self.F
@@ -1128,9 +1154,16 @@ class Replica:
                 self._grow(rid, keep_blocks - blocks, blocks)
             i = self.n_dec
             assert i < self.cfg.max_batch_size, f"replica {self.index}: more than max_batch_size running"
-            D[:, i] = (total, gen, rid, total, log.output[rid], keep_blocks, seq)  # CTX GEN RID PLEN OUT BLK SEQ
+            out = int(log.output[rid])
+            D[:, i] = (total, gen, rid, total, out, keep_blocks, seq)  # CTX GEN RID PLEN OUT BLK SEQ
             F[:, i] = (now, 0.0)
             self.n_dec += 1
+            if not i or out - gen < self._rem_lb:
+                self._rem_lb = out - gen
+            if not i:
+                self._last_at = now
+            elif self._last_at != now:
+                self._last_at = None
         self.prefilling = still
 
     def _complete(self, rid: int, gen: int, now: float) -> None:
