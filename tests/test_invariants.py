@@ -83,3 +83,55 @@ def test_a_slot_released_twice_is_caught(monkeypatch):
     wl = build_workload(scn, 0, ".")
     with pytest.raises(AssertionError, match="released twice"):
         simulate_method(scn, parse_method("f16"), wl)
+
+
+@pytest.mark.parametrize("policy,chunked,step_by_step", [
+    ("vllm-v1", True, True), ("vllm-v1", False, False), ("vllm-v0", False, True), ("vllm-v0", True, False),
+    ("lmdeploy", False, True), ("lmdeploy", False, False)])
+def test_the_shared_token_time_and_the_bound_on_tokens_left_hold_at_every_step(monkeypatch, policy, chunked, step_by_step):
+    """Replica._last_at (every decode column's last token came then) and _rem_lb (no column has
+    fewer tokens left) are what a decode step trusts instead of reading the columns: checked
+    against the columns before every step is finished and after every run is applied, under
+    preemption, chunked prefill whose budget leaves decodes out (v1's small token budget) and
+    each policy's prefill-only steps."""
+    checked = {"last": 0, "bound": 0}
+
+    def check(self):
+        n = self.n_dec
+        if not n:
+            return
+        if self._last_at is not None:
+            assert (self.F[self.LAST, :n] == self._last_at).all(), "a column's last token time differs"
+            checked["last"] += 1
+        left = self.D[self.OUT, :n] - self.D[self.GEN, :n]
+        assert self._rem_lb <= int(left.min()), f"bound {self._rem_lb} above the fewest tokens left {left.min()}"
+        checked["bound"] += 1
+
+    for name in ("_finish_decode_step", "_apply_run"):
+        real = getattr(Replica, name)
+
+        def wrapped(self, *a, _real=real, _name=name):
+            if _name == "_finish_decode_step":
+                check(self)
+            _real(self, *a)
+            check(self)
+        monkeypatch.setattr(Replica, name, wrapped)
+    # A token budget below the batch (v1) schedules only part of the decodes in some steps.
+    small = policy == "vllm-v1" and chunked
+    scn, wl = heavy(policy=policy, chunked_prefill=chunked, **({"max_batched_tokens": 48} if small else {}))
+    scn = scn.model_copy(update={"step_by_step": step_by_step})
+    run = simulate_method(scn, parse_method("kivi-4" if chunked else "fp16"), wl)
+    assert int(run.log.preemptions.sum()) > 0 or policy == "lmdeploy" or small
+    assert checked["last"] > 100 and checked["bound"] > 100
+
+
+def test_a_repeated_gap_bins_as_its_copies():
+    import numpy as np
+
+    from rkvsim.simulator.records import RequestLog
+    a, b = RequestLog(np.zeros(1), np.zeros(1)), RequestLog(np.zeros(1), np.zeros(1))
+    gaps = [0.0123, 1e-6, 0.5, 0.0123, 3.0e4]
+    for g, c in zip(gaps, [3, 1, 7, 2, 5]):
+        a.add_itl_repeated(g, c)
+        b.add_itls(np.full(c, g))
+    assert np.array_equal(a.itl_hist, b.itl_hist) and int(a.itl_hist.sum()) == 18
