@@ -85,8 +85,8 @@ PHASES = [
     ("run planning", "replica", "plan_run"),
     ("  run costs", "calibrated.CalibratedCostModel", "decode_run"),
     ("run applying", "replica.Replica", "_apply_run"),
-    ("decode step cost", "calibrated.CalibratedCostModel", "decode_step"),
-    ("mixed step cost", "calibrated.CalibratedCostModel", "mixed_step"),
+    ("decode step cost", "calibrated.CalibratedCostModel", "decode_step_held"),
+    ("mixed step cost", "calibrated.CalibratedCostModel", "mixed_step_held"),
     ("finish decode step", "replica.Replica", "_finish_decode_step"),
     ("finish prefills", "replica.Replica", "_finish_prefills"),
 ]

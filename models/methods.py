@@ -204,7 +204,17 @@ def cached_tokens_of(method: Method) -> Callable:
     budget = spec.prompt_budget(method) if spec.prompt_budget else None
     if budget is not None:
         return lambda prompt, total: np.minimum(prompt, budget) + (total - prompt)
-    return lambda prompt, total: total
+    return _whole_context
+
+
+def _whole_context(prompt, total):
+    return total
+
+
+def holds_whole_context(method: Method) -> bool:
+    """Whether each cache holds its request's whole context (no cap, no prompt budget), so a
+    batch's held tokens are the sum of its contexts (the simulator keeps that sum as it goes)."""
+    return cached_tokens_of(method) is _whole_context
 
 
 def _by_name() -> dict[str, tuple[str, dict]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rkvsim.models import cached_tokens_of
+from rkvsim.models import cached_tokens_of, holds_whole_context
 
 from rkvsim.simulator.cost_model import RooflineCostModel, StepBatch
 from rkvsim.simulator.lookup import Tabulated, array_min, array_sum, by_size, int_sum
@@ -83,6 +83,8 @@ class CalibratedCostModel:
         self.method = roofline.method
         self._cap = roofline.method.token_cap
         self._held = cached_tokens_of(roofline.method)     # (prompt, ctx) -> tokens each cache holds
+        # Then a decode batch's attention key needs only the sum of its contexts (decode_step_held).
+        self.holds_whole_context = holds_whole_context(roofline.method)
         notes = list(compiled.notes)
         if compiled.head is None:
             notes.append("LM head/sampling: roofline prior (not in the profile)")
@@ -141,24 +143,26 @@ class CalibratedCostModel:
         v = (a + (b - a) * tx) * (1 - ty) + (c + (d - c) * tx) * ty
         return v if v > 0.0 else 0.0
 
-    def _decode_attn(self, prompt: np.ndarray, ctx: np.ndarray, nd: int) -> float:
-        # Decode attention is keyed by the tokens each cache holds (after eviction).
-        # The mean as ndarray.mean computes it (one sum, one division), without its overhead.
-        key = float(int_sum(self._held(prompt, ctx))) / nd
-        return self._grid_at(self._dec_b, self._dec_c, self._dec_tab, float(nd), key)
+    def _decode_attn(self, held: int, nd: int) -> float:
+        # Decode attention is keyed by the mean tokens each cache holds (after eviction), from
+        # their exact integer sum `held`: the mean as ndarray.mean computes it (one sum, one
+        # division), without its overhead.
+        return self._grid_at(self._dec_b, self._dec_c, self._dec_tab, float(nd), float(held) / nd)
+
+    def _held_sum(self, prompt: np.ndarray, ctx: np.ndarray) -> int:
+        return int_sum(self._held(prompt, ctx))
 
     def _prefill_attn(self, new: list, past: list) -> float:
         return sum(self._grid_at(self._pre_n, self._pre_p, self._pre_tab, float(n), float(p))
                    for n, p in zip(new, past))
 
-    def _step_parts(self, new: list, past: list, n_done: int, ctx: np.ndarray, prompt: np.ndarray) -> tuple[float, float]:
+    def _step_parts(self, new: list, past: list, n_done: int, nd: int, held: int) -> tuple[float, float]:
         """(dense + head + all-reduce, attention) of a step: prefill chunks of `new` tokens each
-        after `past` (lists; n_done of them finish their prompt) beside decodes at contexts `ctx`
-        with prompts `prompt` (either side may be empty, not both)."""
-        nd = len(ctx)
+        after `past` (lists; n_done of them finish their prompt) beside nd decodes whose caches
+        hold `held` tokens in all (either side may be empty, not both)."""
         t_new = sum(new) + nd
         dense = self._dense_t(t_new) + self._head_t(nd + n_done) + self.rl._comm(t_new)
-        attn = (self._decode_attn(prompt, ctx, nd) if nd else 0.0) + (self._prefill_attn(new, past) if new else 0.0)
+        attn = (self._decode_attn(held, nd) if nd else 0.0) + (self._prefill_attn(new, past) if new else 0.0)
         return dense, attn
 
     def _split(self, b: StepBatch) -> tuple[float, float, int, int]:
@@ -166,7 +170,8 @@ class CalibratedCostModel:
         if nd == 0 and npf == 0:
             return 0.0, 0.0, 0, 0
         dense, attn = self._step_parts(b.prefill_new.tolist(), b.prefill_past.tolist(),
-                                       self.rl._n_done(b) if npf else 0, b.decode_ctx, b.decode_prompt)
+                                       self.rl._n_done(b) if npf else 0, nd,
+                                       self._held_sum(b.decode_prompt, b.decode_ctx) if nd else 0)
         return dense, attn, nd, npf
 
     def _parts(self, b: StepBatch) -> tuple[dict[str, float], int, int]:
@@ -176,7 +181,7 @@ class CalibratedCostModel:
         parts = {"dense": self._dense_t(t_new), "lm_head+sampling": self._head_t(nd + n_done),
                  "allreduce": self.rl._comm(t_new)}
         if nd:
-            parts["attn_decode"] = self._decode_attn(b.decode_prompt, b.decode_ctx, nd)
+            parts["attn_decode"] = self._decode_attn(self._held_sum(b.decode_prompt, b.decode_ctx), nd)
         if npf:
             parts["attn_prefill"] = self._prefill_attn(b.prefill_new.tolist(), b.prefill_past.tolist())
         return parts, nd, npf
@@ -241,13 +246,22 @@ class CalibratedCostModel:
         without a StepBatch: the replica's most frequent call. The same terms as _split's, added
         in the same order (_decode_dense is _split's dense part with t_new = nd, no prefill done)."""
         nd = len(ctx)
-        return self._dec_terms.apply(self._decode_dense(nd), self._decode_attn(prompt, ctx, nd), nd)
+        return self.decode_step_held(nd, self._held_sum(prompt, ctx))
+
+    def decode_step_held(self, nd: int, held: int) -> float:
+        """decode_step of nd requests whose caches hold `held` tokens in all."""
+        return self._dec_terms.apply(self._decode_dense(nd), self._decode_attn(held, nd), nd)
 
     def mixed_step(self, new: list, past: list, n_done: int, ctx: np.ndarray, prompt: np.ndarray) -> float:
         """step_time of a step with prefill chunks (`new` tokens each after `past`, as lists;
         n_done of them finish their prompt) beside the decodes (contexts `ctx`, prompts `prompt`,
         maybe empty), without a StepBatch: the replica's call for every admission."""
-        return self._pre_terms.apply(*self._step_parts(new, past, n_done, ctx, prompt), len(ctx) + len(new))
+        nd = len(ctx)
+        return self.mixed_step_held(new, past, n_done, nd, self._held_sum(prompt, ctx) if nd else 0)
+
+    def mixed_step_held(self, new: list, past: list, n_done: int, nd: int, held: int) -> float:
+        """mixed_step beside nd decodes whose caches hold `held` tokens in all."""
+        return self._pre_terms.apply(*self._step_parts(new, past, n_done, nd, held), nd + len(new))
 
     def step_time(self, batch: StepBatch) -> float:
         if len(batch.prefill_new):

@@ -81,6 +81,7 @@ class Replica:
         # column to 0 needs no completion check.
         self._last_at: float | None = None
         self._rem_lb = 1 << 30
+        self._ctx_sum = 0            # sum of the decode columns' contexts (their CTX row)
         self.blocks_used = 0
         self.outstanding = 0
         self.seq = 0
@@ -116,6 +117,8 @@ class Replica:
         self.skip = hasattr(cost, "decode_run")
         self._decode_step = getattr(cost, "decode_step", None)   # step_time of a decode-only step
         self._mixed_step = getattr(cost, "mixed_step", None)     # ... of a step with prefill chunks
+        # Where every cache holds its whole context, the decodes' held tokens are _ctx_sum + n.
+        self._by_sum = getattr(cost, "holds_whole_context", False)
         self.quiet = False
         self.horizon = None      # has .time_ahead(k): the k-th next arrival anywhere
         self.spread = 1          # replicas sharing the arrivals (a run is cut by a request sent here)
@@ -304,7 +307,11 @@ class Replica:
                 new = [t for _e, t in chunks]
                 past = [e[1] for e, _t in chunks]
                 done = [e[1] + t >= e[2] for e, t in chunks]
-            if chunks and self._mixed_step is not None:      # no StepBatch to build either
+            if chunks and self._by_sum:                      # no array of contexts to build
+                # (the first n columns decode: all of them, or a v1 budget's front; else the sum's part)
+                held = (self._ctx_sum if n == self.n_dec else int_sum(D[self.CTX, :n])) + n if n else 0
+                dt = self.cost.mixed_step_held(new, past, sum(done), n, held)
+            elif chunks and self._mixed_step is not None:    # no StepBatch to build either
                 dt = self._mixed_step(new, past, sum(done), D[self.CTX, :n] + 1 if n else _EMPTY,
                                       D[self.PLEN, :n] if n else _EMPTY)
             elif chunks or not n or self._decode_step is None:
@@ -315,6 +322,8 @@ class Replica:
                     decode_ctx=D[self.CTX, :n] + 1 if n else _EMPTY,
                     decode_prompt=D[self.PLEN, :n] if n else _EMPTY,
                 ))
+            elif self._by_sum:                           # decode-only: the contexts' sum
+                dt = self.cost.decode_step_held(n, (self._ctx_sum if n == self.n_dec else int_sum(D[self.CTX, :n])) + n)
             else:                                        # decode-only: no StepBatch to build
                 dt = self._decode_step(D[self.CTX, :n] + 1, D[self.PLEN, :n])
             yield env.timeout(dt)
@@ -857,7 +866,9 @@ class Replica:
         log.generated[rid] = D[self.GEN, i]
         log.last_token[rid] = F[self.LAST, i]
         log.itl_max[rid] = _fmax(log.itl_max[rid], F[self.ITLMAX, i])
-        self._requeue(rid, int(D[self.BLK, i]), int(D[self.CTX, i]))
+        ctx = int(D[self.CTX, i])
+        self._ctx_sum -= ctx
+        self._requeue(rid, int(D[self.BLK, i]), ctx)
 
     def _requeue(self, rid: int, blocks: int, ctx: int) -> None:
         """`rid` is preempted: counted (before its release, which reads the count), its blocks
@@ -924,6 +935,7 @@ class Replica:
         m = self.n_dec
         self._last_at = float(t[-1])                     # (those left decoded through step b)
         self._rem_lb = int(array_min(D[self.OUT, :m] - D[self.GEN, :m])) if m else 1 << 30
+        self._ctx_sum = int_sum(D[self.CTX, :m])
         if self.pool is None:
             self.blocks_used = int(run.used_plan[last_plan - 1] if nxt else run.used_fin[b - 1])
         if self.policy == "lmdeploy":
@@ -1095,6 +1107,7 @@ class Replica:
         D, F, log = self.D, self.F, self.log
         cg = D[self.CTX:self.GEN + 1, :n]
         cg += self._ones[:n]                             # (cheaper than += 1 on a 2-row view)
+        self._ctx_sum += n
         if self.policy != "vllm-v1":                     # v1 recorded them when it planned the step
             D[self.BLK, :n] = need
         whole = n == self.n_dec
@@ -1115,7 +1128,9 @@ class Replica:
             for i in done.nonzero()[0]:
                 rid = int(D[self.RID, i])
                 log.itl_max[rid] = _fmax(log.itl_max[rid], F[self.ITLMAX, i])
-                self._release(rid, int(D[self.BLK, i]), int(D[self.CTX, i]), True)
+                ctx = int(D[self.CTX, i])
+                self._ctx_sum -= ctx
+                self._release(rid, int(D[self.BLK, i]), ctx, True)
                 self._complete(rid, int(D[self.GEN, i]), now)
             total = self.n_dec
             keep = np.ones(total, bool)
@@ -1158,6 +1173,7 @@ class Replica:
             D[:, i] = (total, gen, rid, total, out, keep_blocks, seq)  # CTX GEN RID PLEN OUT BLK SEQ
             F[:, i] = (now, 0.0)
             self.n_dec += 1
+            self._ctx_sum += total
             if not i or out - gen < self._rem_lb:
                 self._rem_lb = out - gen
             if not i:

@@ -89,8 +89,9 @@ def test_a_slot_released_twice_is_caught(monkeypatch):
     ("vllm-v1", True, True), ("vllm-v1", False, False), ("vllm-v0", False, True), ("vllm-v0", True, False),
     ("lmdeploy", False, True), ("lmdeploy", False, False)])
 def test_the_shared_token_time_and_the_bound_on_tokens_left_hold_at_every_step(monkeypatch, policy, chunked, step_by_step):
-    """Replica._last_at (every decode column's last token came then) and _rem_lb (no column has
-    fewer tokens left) are what a decode step trusts instead of reading the columns: checked
+    """Replica._last_at (every decode column's last token came then), _rem_lb (no column has
+    fewer tokens left) and _ctx_sum (the columns' contexts) are what a step trusts instead of
+    reading the columns: checked
     against the columns before every step is finished and after every run is applied, under
     preemption, chunked prefill whose budget leaves decodes out (v1's small token budget) and
     each policy's prefill-only steps."""
@@ -98,6 +99,7 @@ def test_the_shared_token_time_and_the_bound_on_tokens_left_hold_at_every_step(m
 
     def check(self):
         n = self.n_dec
+        assert self._ctx_sum == int(self.D[self.CTX, :n].sum()), "the contexts' running sum is off"
         if not n:
             return
         if self._last_at is not None:
