@@ -45,14 +45,17 @@ from rkvsim.simulator.lookup import array_max, array_min, array_sum
 
 # Largest K x batch of one run's arrays: long runs at small batches, short at large ones.
 RUN_ELEMENTS = 1 << 15
-# Shortest run worth planning: planning and applying a run costs about what a few single steps
-# do, so a shorter one is stepped (exact either way). Measured (min of 5, CPU s, one replica,
-# ShareGPT at 3/s): fp16 10,000 requests 2.62 with runs from 2 steps, 2.05 / 2.06 / 2.07 from
-# 4 / 6 / 8; kivi-4 5,000 requests 1.77 against 1.63 / 1.67 / 1.60; at 0.5/s no change. Once
-# the step's cost had fallen faster than the run's, instructions (callgrind, bench_sim.py 3,000
-# requests at 3/s) from 3 / 4 / 5 / 6 / 8: fp16 3.57 / 3.44 / 3.34 / 3.35 / 3.39 G, kivi-4
-# 4.70 / 4.54 / 4.46 / 4.42 / 4.43 G; six bench_sweep.py points 14.78 G at 4, 14.46 G at 6.
-MIN_RUN = 6
+# Shortest run worth planning: planning and applying a run costs about what several single
+# steps do, so a shorter one is stepped (exact either way). Instruction counts misjudge it: a run
+# is a few dozen small numpy calls, each a fresh array, and runs at fewer instructions per second
+# than the steps it replaces (bench_sim.py --rate 3, runs from 6 steps: at 20,000 requests under
+# callgrind, step by step 20.91 G instructions against skipping's 18.11 G; at 100,000, step by
+# step 12.6 s twice against 13.5 and 14.7 s, alternating). So it is set by wall time, alternating
+# (2026-12-08, after single steps stopped touching every column for their gap and completion
+# check): bench_sim.py --requests 100000 --rate 3 from 6 / 12 / 20 steps / never: 13.6, 13.2 /
+# 12.0, 12.3 / 12.2, 12.2 / 13.0, 12.7 s; CPU s per bench_sweep.py point (points 6-45, in
+# process) from 6 / 12 / 16: 0.236, 0.236 / 0.229, 0.227 / 0.244, 0.238.
+MIN_RUN = 12
 
 
 @dataclass
