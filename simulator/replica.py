@@ -52,6 +52,14 @@ class Replica:
     spread = 1
     _run: Run | None = None
     _kv_seen: float | None = None
+    # Kept beside the decode columns so that a step touches no column it need not: when not
+    # None, every column's latest token came at _last_at (F[LAST] holds it too), so a step that
+    # decodes them all has one gap; _rem_lb, a lower bound on the tokens any column has left
+    # (exact unless a step left columns out), so a step that brings none to 0 needs no
+    # completion check; _ctx_sum, the sum of their contexts (the CTX row).
+    _last_at: float | None = None
+    _rem_lb = 1 << 30
+    _ctx_sum = 0
 
     def __init__(self, env: simpy.Environment, index: int, layout: KVLayout, cost: CostModel,
                  cfg: SchedulerConfig, log: RequestLog, on_done: Callable[[int], None], content=None):
@@ -74,14 +82,7 @@ class Replica:
         w = cfg.watermark
         self.watermark = max(1, math.floor(w * layout.num_blocks + 1e-9)) if w else 0
         self.n_dec = 0
-        # Kept beside the columns so that a step touches no column it need not: when not None,
-        # every decode column's latest token came at this time (F[LAST] holds it too), so a step
-        # that decodes them all has one gap; and a lower bound on the tokens any column has
-        # left to generate (exact unless a step left columns out), so a step that brings no
-        # column to 0 needs no completion check.
-        self._last_at: float | None = None
-        self._rem_lb = 1 << 30
-        self._ctx_sum = 0            # sum of the decode columns' contexts (their CTX row)
+        self._last_at, self._rem_lb, self._ctx_sum = None, 1 << 30, 0   # (see the class)
         self.blocks_used = 0
         self.outstanding = 0
         self.seq = 0
