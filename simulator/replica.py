@@ -82,7 +82,6 @@ class Replica:
         w = cfg.watermark
         self.watermark = max(1, math.floor(w * layout.num_blocks + 1e-9)) if w else 0
         self.n_dec = 0
-        self._last_at, self._rem_lb, self._ctx_sum = None, 1 << 30, 0   # (see the class)
         self.blocks_used = 0
         self.outstanding = 0
         self.seq = 0
@@ -308,10 +307,11 @@ class Replica:
                 new = [t for _e, t in chunks]
                 past = [e[1] for e, _t in chunks]
                 done = [e[1] + t >= e[2] for e, t in chunks]
-            if chunks and self._by_sum:                      # no array of contexts to build
-                # (the first n columns decode: all of them, or a v1 budget's front; else the sum's part)
+            if self._by_sum and (chunks or n):           # no array of contexts to build
+                # The first n columns decode (all of them, or a v1 budget's front), a token more each.
                 held = (self._ctx_sum if n == self.n_dec else int_sum(D[self.CTX, :n])) + n if n else 0
-                dt = self.cost.mixed_step_held(new, past, sum(done), n, held)
+                dt = self.cost.mixed_step_held(new, past, sum(done), n, held) if chunks else \
+                    self.cost.decode_step_held(n, held)
             elif chunks and self._mixed_step is not None:    # no StepBatch to build either
                 dt = self._mixed_step(new, past, sum(done), D[self.CTX, :n] + 1 if n else _EMPTY,
                                       D[self.PLEN, :n] if n else _EMPTY)
@@ -323,8 +323,6 @@ class Replica:
                     decode_ctx=D[self.CTX, :n] + 1 if n else _EMPTY,
                     decode_prompt=D[self.PLEN, :n] if n else _EMPTY,
                 ))
-            elif self._by_sum:                           # decode-only: the contexts' sum
-                dt = self.cost.decode_step_held(n, (self._ctx_sum if n == self.n_dec else int_sum(D[self.CTX, :n])) + n)
             else:                                        # decode-only: no StepBatch to build
                 dt = self._decode_step(D[self.CTX, :n] + 1, D[self.PLEN, :n])
             yield env.timeout(dt)
@@ -1175,12 +1173,12 @@ class Replica:
             F[:, i] = (now, 0.0)
             self.n_dec += 1
             self._ctx_sum += total
-            if not i or out - gen < self._rem_lb:
-                self._rem_lb = out - gen
-            if not i:
-                self._last_at = now
-            elif self._last_at != now:
-                self._last_at = None
+            if not i:                                    # the first column: it sets both
+                self._rem_lb, self._last_at = out - gen, now
+            else:
+                self._rem_lb = min(self._rem_lb, out - gen)
+                if self._last_at != now:
+                    self._last_at = None
         self.prefilling = still
 
     def _complete(self, rid: int, gen: int, now: float) -> None:

@@ -91,10 +91,9 @@ def test_a_slot_released_twice_is_caught(monkeypatch):
 def test_the_shared_token_time_and_the_bound_on_tokens_left_hold_at_every_step(monkeypatch, policy, chunked, step_by_step):
     """Replica._last_at (every decode column's last token came then), _rem_lb (no column has
     fewer tokens left) and _ctx_sum (the columns' contexts) are what a step trusts instead of
-    reading the columns: checked
-    against the columns before every step is finished and after every run is applied, under
-    preemption, chunked prefill whose budget leaves decodes out (v1's small token budget) and
-    each policy's prefill-only steps."""
+    reading the columns: checked against the columns before every step is finished and after
+    every run is applied, under preemption, chunked prefill whose budget leaves decodes out (v1's
+    small token budget) and each policy's prefill-only steps."""
     checked = {"last": 0, "bound": 0}
 
     def check(self):
