@@ -53,6 +53,10 @@ class KVLayout:
         object.__setattr__(self, "sink_blocks", -(-win[0] // self.block_size) if win else 0)
         object.__setattr__(self, "_plain", win is None and spec.quantized_tokens is None
                            and spec.token_cap is None and spec.prompt_budget is None)
+        # Whether a request holds exactly ceil(context / block_size) blocks (its prefill and each
+        # decode step): then a decode step's growth is the requests whose context is a multiple
+        # of block_size, which the replica counts without the columns (Replica._cross).
+        object.__setattr__(self, "ceil_blocks", self.exact and self._plain)
         # Whether a decoding request's blocks can ever fall from one step to the next: a window
         # moving on, a quantizer's residual folding into packed groups. Without either, what a
         # request holds only grows (capped eviction holds at its cap), so the per-step shrink

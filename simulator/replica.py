@@ -20,6 +20,7 @@ held there as a count until it is preempted (see _own_text); otherwise they are 
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections import deque
 from typing import Callable
 
@@ -60,6 +61,27 @@ class Replica:
     _last_at: float | None = None
     _rem_lb = 1 << 30
     _ctx_sum = 0
+    # Lazy columns (vllm-v1): a decode step that every column takes with one shared gap writes
+    # nothing to the columns. It counts in _lag, the steps _flush will add to CTX and GEN (a
+    # column that joins meanwhile is stored less _lag, and _jt holds the _lag it joined at);
+    # their last token came at _last_at; _gk, _gv: the largest gap from each lazy step on, as
+    # (step, gap) with the gaps decreasing. Joins and completions read and write the columns as
+    # _flush would leave them; everything else that reads or changes a column calls _flush
+    # first. Where a request holds ceil(context / block_size) blocks (_cross), the plan takes
+    # its growth from _cnt, the columns counted by context modulo block_size as of lazy step
+    # _cnt_t0 (of _tick, the lazy steps so far), and BLK is left for _flush to recompute
+    # (_blk_stale; _planned: a step planned so, in progress, whose block the columns hold).
+    _lazy = False
+    _cross = False
+    _lag = 0
+    _gk: list[int] = ()      # (lists from __init__; only a lazy replica appends)
+    _gv: list[float] = ()
+    _jt: np.ndarray | None = None
+    _tick = 0
+    _cnt: list[int] | None = None
+    _cnt_t0 = 0
+    _blk_stale = False
+    _planned = 0
 
     def __init__(self, env: simpy.Environment, index: int, layout: KVLayout, cost: CostModel,
                  cfg: SchedulerConfig, log: RequestLog, on_done: Callable[[int], None], content=None):
@@ -119,6 +141,10 @@ class Replica:
         self._mixed_step = getattr(cost, "mixed_step", None)     # ... of a step with prefill chunks
         # Where every cache holds its whole context, the decodes' held tokens are _ctx_sum + n.
         self._by_sum = getattr(cost, "holds_whole_context", False)
+        self._lazy = self.policy == "vllm-v1"
+        self._cross = self._lazy and layout.ceil_blocks
+        self._jt = np.zeros(cap, np.int64)
+        self._gk, self._gv = [], []
         self.quiet = False
         self.horizon = None      # has .time_ahead(k): the k-th next arrival anywhere
         self.spread = 1          # replicas sharing the arrivals (a run is cut by a request sent here)
@@ -171,7 +197,7 @@ class Replica:
         if not self.waiting and horizon < MIN_RUN:
             return None
         if (self.waiting or not self.quiet) and self._rem_lb < MIN_RUN and \
-                int(array_min(self.D[self.OUT, :n] - self.D[self.GEN, :n])) < MIN_RUN:
+                int(array_min(self.D[self.OUT, :n] - self.D[self.GEN, :n])) - self._lag < MIN_RUN:
             return None
         return horizon
 
@@ -212,6 +238,7 @@ class Replica:
         the same as now. Applying part of a run costs most of what the whole run costs."""
         run = self._run
         if run is None:
+            self._flush()                               # a router may read the columns
             return
         j = min(int(run.t.searchsorted(self.env.now, "right")), run.end)
         if j <= run.fin:
@@ -283,6 +310,10 @@ class Replica:
             if self.skip and not chunks and n and n == self.n_dec and not self.prefilling and \
                     (self.preempted == pre_before or not self.waiting) and \
                     (horizon := self._run_horizon(n)) is not None:
+                self._flush()
+                self._planned = 0
+                if dec_need is None:                    # a lazy plan: the columns hold its blocks now
+                    dec_need = D[self.BLK, :n].copy()
                 Dc = D[:, :n].copy()                    # the run keeps the batch as it starts
                 run = plan_run(Dc[self.RID], Dc[self.CTX], Dc[self.GEN], Dc[self.OUT], Dc[self.PLEN],
                                dec_need, self.layout, self.cost,
@@ -313,18 +344,18 @@ class Replica:
                 dt = self.cost.mixed_step_held(new, past, sum(done), n, held) if chunks else \
                     self.cost.decode_step_held(n, held)
             elif chunks and self._mixed_step is not None:    # no StepBatch to build either
-                dt = self._mixed_step(new, past, sum(done), D[self.CTX, :n] + 1 if n else _EMPTY,
+                dt = self._mixed_step(new, past, sum(done), D[self.CTX, :n] + (1 + self._lag) if n else _EMPTY,
                                       D[self.PLEN, :n] if n else _EMPTY)
             elif chunks or not n or self._decode_step is None:
                 dt = self.cost.step_time(StepBatch(
                     prefill_new=np.array(new, np.int64) if chunks else _EMPTY,
                     prefill_past=np.array(past, np.int64) if chunks else _EMPTY,
                     prefill_done=np.array(done, bool) if chunks else None,
-                    decode_ctx=D[self.CTX, :n] + 1 if n else _EMPTY,
+                    decode_ctx=D[self.CTX, :n] + (1 + self._lag) if n else _EMPTY,
                     decode_prompt=D[self.PLEN, :n] if n else _EMPTY,
                 ))
             else:                                        # decode-only: no StepBatch to build
-                dt = self._decode_step(D[self.CTX, :n] + 1, D[self.PLEN, :n])
+                dt = self._decode_step(D[self.CTX, :n] + (1 + self._lag), D[self.PLEN, :n])
             yield env.timeout(dt)
             now = env.now
             new_tokens = sum(new) if chunks else 0
@@ -362,8 +393,13 @@ class Replica:
         return self._held_blocks()
 
     def _held_blocks(self) -> int:
+        D, n = self.D, self.n_dec
+        # (lazy blocks: what _flush would write, without writing it; the check runs every
+        # admission and completion)
+        blk = self.layout.decode_blocks_vec(D[self.PLEN, :n], D[self.CTX, :n] + (self._lag + self._planned)) \
+            if self._blk_stale else D[self.BLK, :n]
         # (tolist and sum: a numpy reduction costs more on tens of elements)
-        return sum(self.D[self.BLK, :self.n_dec].tolist()) + sum(e[3] for e in self.prefilling)
+        return sum(blk.tolist()) + sum(e[3] for e in self.prefilling)
 
     # ---- blocks: counted, or real ids in the pool (prefix caching) -------------------
     def _free_blocks(self) -> int:
@@ -550,6 +586,7 @@ class Replica:
         takes = want
         k = n                                       # decodes scheduled (the first k columns)
         if n + (sum(want) if pre else 0) > budget:
+            self._flush()
             order = sorted([(int(D[self.SEQ, i]), 0, i) for i in range(n)] + [(e[4], 1, j) for j, e in enumerate(pre)])
             left, sched_dec, takes = budget, np.zeros(n, bool), [0] * len(pre)
             for _seq, kind, i in order:
@@ -564,16 +601,26 @@ class Replica:
             k = int(sched_dec.sum())
             if k < n:
                 self._front(sched_dec)
-        need = lay.decode_blocks_vec(D[self.PLEN, :k], D[self.CTX, :k] + 1) if k else _EMPTY
-        extra_dec = need - D[self.BLK, :k] if k else _EMPTY
         extra_pre = [lay.prefill_blocks(e[1] + t) - e[3] if t else 0 for e, t in zip(pre, takes)] if pre else []
-        total = int_sum(extra_dec) + (sum(extra_pre) if pre else 0)
+        need = None                                 # None: a lazy plan (the class), its growth counted
+        if k == n and self._cross and not self.held and k and (not pre or min(extra_pre) >= 0):
+            total = self._crossers() + (sum(extra_pre) if pre else 0)
+            extra_dec = _EMPTY
+            if total > self._free_blocks():         # someone is preempted: the columns are needed
+                need = self._plan_blocks(k)
+                extra_dec = need - D[self.BLK, :k]
+                total = int_sum(extra_dec) + (sum(extra_pre) if pre else 0)
+        else:
+            need = self._plan_blocks(k)
+            extra_dec = need - D[self.BLK, :k] if k else _EMPTY
+            total = int_sum(extra_dec) + (sum(extra_pre) if pre else 0)
         cred_dec, cred_pre = extra_dec, extra_pre         # each one's net change to the blocks in use
         if self.held and ((k and array_min(extra_dec) < 0) or any(x < 0 for x in extra_pre)):
             cred_dec, cred_pre = self._shrink_credit(extra_dec, extra_pre, pre)
             total = int_sum(cred_dec) + sum(cred_pre)
         victims = []
         if total > self._free_blocks():
+            self._flush()
             # Pop the tail of `running` (highest admission seq) until the rest fits. Under the
             # pool a victim frees only the blocks no one else references.
             tail = sorted([(int(D[self.SEQ, i]), 0, i) for i in range(self.n_dec)] +
@@ -610,7 +657,10 @@ class Replica:
             k = kept_k
         self._apply_growth(extra_dec, [(x, e[0]) for e, t, x in zip(self.prefilling, takes, extra_pre) if t and x],
                            None if victims or self.held else total)
-        if k:
+        if need is None:
+            if k:
+                self._blk_stale, self._planned = True, 1
+        elif k:
             D[self.BLK, :k] = need
         chunks = []
         for e, t, x in zip(self.prefilling, takes, extra_pre):
@@ -625,6 +675,16 @@ class Replica:
         if not chunks and not k:
             return None
         return chunks, (need if k else None), k
+
+    def _plan_blocks(self, k: int) -> np.ndarray:
+        """Blocks each of the first k decodes holds once this step is planned (the lazy steps
+        counted in, and a lazy plan's blocks written out first)."""
+        if not k:
+            return _EMPTY
+        if self._blk_stale:
+            self._flush()
+        D = self.D
+        return self.layout.decode_blocks_vec(D[self.PLEN, :k], D[self.CTX, :k] + (self._lag + 1))
 
     def _shrink_credit(self, extra_dec: np.ndarray, extra_pre: list, pre: list) -> tuple[np.ndarray, list]:
         """extra_dec and extra_pre with each shrink of a request holding block ids replaced by
@@ -716,6 +776,7 @@ class Replica:
         the front of the queue in that order (vLLM pops the tail and prepends each victim), so the
         earliest admitted ends up first."""
         D, F = self.D, self.F
+        self._cnt = None
         for _seq, kind, i in victims:
             if kind == 0:
                 self._requeue_decode(i)
@@ -854,6 +915,7 @@ class Replica:
 
     def _preempt_last(self) -> None:
         assert self.n_dec > 0, f"replica {self.index}: preempted from an empty batch"
+        self._cnt = None
         self._requeue_decode(self.n_dec - 1)
         self.n_dec -= 1
 
@@ -882,6 +944,8 @@ class Replica:
         """Apply steps fin+1..b of `run` as step by step would have (their plans and finishes in
         order), and the plan of step b + 1 if the run goes on."""
         D, F, log = self.D, self.F, self.log
+        assert not (self._lag or self._blk_stale or self._planned), "a run started from lazy columns"
+        self._cnt = None
         self._kv_seen = None
         a = run.fin + 1
         nxt = b < run.end                                # plan step b + 1 too
@@ -1101,9 +1165,67 @@ class Replica:
         self.blocks_used = pool.used
         return kvf
 
+    # ---- lazy columns ------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Write the lazy steps to the columns (see the class): after it every column holds what
+        step by step would have written. (The crossing counts stay: they count the true contexts.)"""
+        n = self.n_dec
+        lag = self._lag
+        if lag:
+            D, F = self.D, self.F
+            D[self.CTX:self.GEN + 1, :n] += lag
+            F[self.LAST, :n] = self._last_at
+            # Each column's largest gap since it joined: the first of the decreasing maxima after
+            # its join (none: 0, below any gap).
+            at = np.searchsorted(self._gk, self._jt[:n], "right")
+            np.maximum(F[self.ITLMAX, :n], np.array(self._gv + [0.0])[at], out=F[self.ITLMAX, :n])
+            self._jt[:n] = 0
+            self._lag, self._gk, self._gv = 0, [], []
+        if self._blk_stale:
+            D = self.D
+            D[self.BLK, :n] = self.layout.decode_blocks_vec(D[self.PLEN, :n], D[self.CTX, :n] + self._planned)
+            self._blk_stale = False
+
+    def _gap_since(self, jt: int) -> float:
+        """The largest gap of the lazy steps after lazy step jt (0.0 if none)."""
+        at = bisect_right(self._gk, jt)
+        return self._gv[at] if at < len(self._gv) else 0.0
+
+    def _crossers(self) -> int:
+        """Blocks the next lazy step of all the columns takes (_cross): one for each column whose
+        context is a multiple of block_size now."""
+        B = self.layout.block_size
+        if self._cnt is None:
+            n = self.n_dec
+            self._cnt = np.bincount((self.D[self.CTX, :n] + self._lag) % B, minlength=B).tolist()
+            self._cnt_t0 = self._tick
+        return self._cnt[(self._cnt_t0 - self._tick) % B]
+
     # ---- applying a finished step ----------------------------------------------------
     def _finish_decode_step(self, n: int, need: np.ndarray, now: float) -> None:
         D, F, log = self.D, self.F, self.log
+        if self._lazy and n == self.n_dec and self._last_at is not None:
+            # Every column decoded with one gap: nothing is written to the columns (_flush).
+            self._planned = 0
+            self._lag += 1
+            self._tick += 1
+            self._ctx_sum += n
+            itl = now - self._last_at
+            log.add_itl_repeated(itl, n)
+            gk, gv = self._gk, self._gv
+            while gv and gv[-1] <= itl:                  # (the largest gap from each step on)
+                gk.pop()
+                gv.pop()
+            gk.append(self._lag)
+            gv.append(itl)
+            self._last_at = now
+            self._rem_lb -= 1
+            if self._rem_lb > 0:
+                return
+            self._finish_check(n, now)
+            return
+        self._flush()                                    # (a lazy plan's blocks counted in)
+        self._planned, self._cnt = 0, None
         cg = D[self.CTX:self.GEN + 1, :n]
         cg += self._ones[:n]                             # (cheaper than += 1 on a 2-row view)
         self._ctx_sum += n
@@ -1122,24 +1244,43 @@ class Replica:
         self._rem_lb -= 1
         if self._rem_lb > 0:                             # nobody reached its output length
             return
-        done = D[self.GEN, :n] >= D[self.OUT, :n]
+        self._finish_check(n, now)
+
+    def _finish_check(self, n: int, now: float) -> None:
+        """Complete the first n columns that have reached their output length (lazy columns
+        read as _flush would write them)."""
+        D, F, log = self.D, self.F, self.log
+        lag = self._lag
+        done = D[self.GEN, :n] >= D[self.OUT, :n] - lag if lag else D[self.GEN, :n] >= D[self.OUT, :n]
         if True in done.tolist():                       # (done.any() costs 3x as much at small n)
-            for i in done.nonzero()[0]:
+            cnt, B = self._cnt, self.layout.block_size
+            for i in done.nonzero()[0].tolist():
                 rid = int(D[self.RID, i])
-                log.itl_max[rid] = _fmax(log.itl_max[rid], F[self.ITLMAX, i])
-                ctx = int(D[self.CTX, i])
+                mx = F[self.ITLMAX, i]
+                if lag:
+                    mx = max(mx, self._gap_since(int(self._jt[i])))
+                log.itl_max[rid] = _fmax(log.itl_max[rid], mx)
+                ctx = int(D[self.CTX, i]) + lag
                 self._ctx_sum -= ctx
-                self._release(rid, int(D[self.BLK, i]), ctx, True)
-                self._complete(rid, int(D[self.GEN, i]), now)
+                blk = self.layout.decode_blocks(int(D[self.PLEN, i]), ctx) if self._blk_stale else int(D[self.BLK, i])
+                if cnt is not None:
+                    cnt[(ctx - (self._tick - self._cnt_t0)) % B] -= 1
+                self._release(rid, blk, ctx, True)
+                self._complete(rid, int(D[self.GEN, i]) + lag, now)
+            assert self._lag == lag, "a completion wrote the lazy columns out"
             total = self.n_dec
             keep = np.ones(total, bool)
             keep[:n] = ~done
             m = int_sum(keep)
             D[:, :m] = D[:, :total][:, keep]
             F[:, :m] = F[:, :total][:, keep]
+            if lag:
+                self._jt[:m] = self._jt[:total][keep]
             self.n_dec = m
+            if not m:
+                self._flush()                            # (nothing to write: the lazy state starts over)
         m = self.n_dec
-        self._rem_lb = int(array_min(D[self.OUT, :m] - D[self.GEN, :m])) if m else 1 << 30
+        self._rem_lb = int(array_min(D[self.OUT, :m] - D[self.GEN, :m])) - self._lag if m else 1 << 30
 
     def _finish_prefills(self, now: float) -> None:
         log, lay, D, F = self.log, self.layout, self.D, self.F
@@ -1168,9 +1309,16 @@ class Replica:
                 self._grow(rid, keep_blocks - blocks, blocks)
             i = self.n_dec
             assert i < self.cfg.max_batch_size, f"replica {self.index}: more than max_batch_size running"
+            if i and self._last_at != now:
+                self._flush()                            # (the lazy columns need the shared time)
+            # Stored as the lazy columns are: less the lazy steps, which _flush adds to all.
+            lag = self._lag
             out = int(log.output[rid])
-            D[:, i] = (total, gen, rid, total, out, keep_blocks, seq)  # CTX GEN RID PLEN OUT BLK SEQ
+            D[:, i] = (total - lag, gen - lag, rid, total, out, keep_blocks, seq)  # CTX GEN RID PLEN OUT BLK SEQ
             F[:, i] = (now, 0.0)
+            self._jt[i] = lag
+            if self._cnt is not None:
+                self._cnt[(total - (self._tick - self._cnt_t0)) % lay.block_size] += 1
             self.n_dec += 1
             self._ctx_sum += total
             if not i:                                    # the first column: it sets both

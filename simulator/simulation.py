@@ -258,8 +258,8 @@ def simulate(scn: Scenario, v: Variant, wl: Workload, inflation=None, prediction
             reject(rid)
             return
         if reads_state:               # replicas inside a run catch up to now before the router reads them
-            for rep in runners:
-                if rep._run is not None:
+            for rep in runners:       # (a router that reads the columns: lazy steps written out too)
+                if rep._run is not None or load_reads is None:
                     rep.sync(load_reads)
         r = router.pick(rid) if ctx is not None else router.pick()
         assert r is not None and fits[config_of[r.index], rid], "the router sent a request where it cannot fit"
