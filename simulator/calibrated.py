@@ -110,6 +110,7 @@ class CalibratedCostModel:
         self._dec_flat = np.asarray(compiled.dec, np.float64).ravel()
         self._dec_inner = self._dec_grid[1][0][1:-1]
         self._dense_by_size = by_size(self._decode_dense)
+        self._dec_lead: dict[int, tuple[float, float]] = {}    # decode_step_held's terms by batch size
         # The table blended across the first axis (batch size, an integer) at every size, flat,
         # size-major: entry n * W + j is _grid_at's `a + (b - a) * tx` at column j for x = n (and
         # `c + (d - c) * tx` at column j + 1), the same operations on the same numbers.
@@ -249,8 +250,13 @@ class CalibratedCostModel:
         return self.decode_step_held(nd, self._held_sum(prompt, ctx))
 
     def decode_step_held(self, nd: int, held: int) -> float:
-        """decode_step of nd requests whose caches hold `held` tokens in all."""
-        return self._dec_terms.apply(self._decode_dense(nd), self._decode_attn(held, nd), nd)
+        """decode_step of nd requests whose caches hold `held` tokens in all: StageTerms.apply's
+        sum, in its order, with the terms of the batch size alone computed once per size."""
+        lead = self._dec_lead.get(nd)
+        st = self._dec_terms
+        if lead is None:
+            lead = self._dec_lead[nd] = (st.scale * self._decode_dense(nd), st.per_seq_s * nd)
+        return lead[0] + st.attn_scale * self._decode_attn(held, nd) + st.fixed_s + lead[1]
 
     def mixed_step(self, new: list, past: list, n_done: int, ctx: np.ndarray, prompt: np.ndarray) -> float:
         """step_time of a step with prefill chunks (`new` tokens each after `past`, as lists;

@@ -54,8 +54,11 @@ RUN_ELEMENTS = 1 << 15
 # (2026-12-08, after single steps stopped touching every column for their gap and completion
 # check): bench_sim.py --requests 100000 --rate 3 from 6 / 12 / 20 steps / never: 13.6, 13.2 /
 # 12.0, 12.3 / 12.2, 12.2 / 13.0, 12.7 s; CPU s per bench_sweep.py point (points 6-45, in
-# process) from 6 / 12 / 16: 0.236, 0.236 / 0.229, 0.227 / 0.244, 0.238.
-MIN_RUN = 12
+# process) from 6 / 12 / 16: 0.236, 0.236 / 0.229, 0.227 / 0.244, 0.238. Again once a vLLM v1
+# step wrote nothing to the columns (Replica._lag), the same two measures from 12 / 20 / 24 /
+# 32 / 40 / 64 steps / never: 9.16, 9.42 / 8.13, 8.61 / 8.40, 8.04 / 7.69, 7.89 / 7.69, 7.71 /
+# 7.96 / 7.77, 7.86 s; 0.226 / - / 0.216, 0.215 / 0.223, 0.223 / 0.226, 0.224 / 0.264 / 0.405.
+MIN_RUN = 32
 
 
 @dataclass

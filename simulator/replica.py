@@ -1254,7 +1254,8 @@ class Replica:
         done = D[self.GEN, :n] >= D[self.OUT, :n] - lag if lag else D[self.GEN, :n] >= D[self.OUT, :n]
         if True in done.tolist():                       # (done.any() costs 3x as much at small n)
             cnt, B = self._cnt, self.layout.block_size
-            for i in done.nonzero()[0].tolist():
+            gone = done.nonzero()[0].tolist()
+            for i in gone:
                 rid = int(D[self.RID, i])
                 mx = F[self.ITLMAX, i]
                 if lag:
@@ -1269,13 +1270,21 @@ class Replica:
                 self._complete(rid, int(D[self.GEN, i]) + lag, now)
             assert self._lag == lag, "a completion wrote the lazy columns out"
             total = self.n_dec
-            keep = np.ones(total, bool)
-            keep[:n] = ~done
-            m = int_sum(keep)
-            D[:, :m] = D[:, :total][:, keep]
-            F[:, :m] = F[:, :total][:, keep]
-            if lag:
-                self._jt[:m] = self._jt[:total][keep]
+            if len(gone) == 1:                           # (most often: one shift of the columns after it)
+                i = gone[0]
+                m = total - 1
+                D[:, i:m] = D[:, i + 1:total]
+                F[:, i:m] = F[:, i + 1:total]
+                if lag:
+                    self._jt[i:m] = self._jt[i + 1:total]
+            else:
+                keep = np.ones(total, bool)
+                keep[:n] = ~done
+                m = int_sum(keep)
+                D[:, :m] = D[:, :total][:, keep]
+                F[:, :m] = F[:, :total][:, keep]
+                if lag:
+                    self._jt[:m] = self._jt[:total][keep]
             self.n_dec = m
             if not m:
                 self._flush()                            # (nothing to write: the lazy state starts over)

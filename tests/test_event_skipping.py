@@ -19,6 +19,20 @@ LOG_FIELDS = ("arrival", "first_sched", "first_token", "finish", "itl_max", "las
               "preemptions", "replica", "rejected", "cached_prompt", "output")
 STEP_FIELDS = ("t_end", "dt", "batch", "kv_fraction", "prefill_tokens")
 METHODS = ["fp16", "fp8", "kivi-2", "kivi-4", "gear-4", "streamingllm-512", "h2o-512", "snapkv-1024"]
+# The shortest run planned, here: these scenarios are small (tens of requests), and the cases
+# they must reach (sealed runs, runs cut by a submit, runs that free blocks) need runs of the
+# lengths they have. Exactness does not depend on it; MIN_RUN itself is tuned for speed on
+# the benchmarks (decode_run.py).
+TEST_MIN_RUN = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _short_runs():
+    from rkvsim.simulator import decode_run, replica
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode_run, "MIN_RUN", TEST_MIN_RUN)
+        mp.setattr(replica, "MIN_RUN", TEST_MIN_RUN)
+        yield
 
 
 def both_modes(raw: dict, seed: int = 0):
