@@ -286,7 +286,30 @@ class Replica:
     def run(self):
         env = self.env
         plan_step = {"vllm-v1": self._plan_v1, "vllm-v0": self._plan_v0, "lmdeploy": self._plan_lmdeploy}[self.policy]
+        log, steps, budget = self.log, self.steps, self.cfg.max_batched_tokens
+        by_sum = self._by_sum
+        fast = self._cross and (by_sum or self._decode_step is not None)
         while True:
+            n = self.n_dec
+            if fast and n and not self.waiting and not self.prefilling and not self.held and \
+                    self._last_at is not None and n <= budget and \
+                    not (self.skip and self._run_horizon(n) is not None):
+                # The most frequent step, _plan_v1's and the loop's below with what they would find
+                # decided: every column decodes, nobody waits or prefills, no run is tried.
+                grow = self._crossers()
+                if grow <= self._free_blocks():
+                    self._apply_growth(_EMPTY, [], grow)
+                    self._blk_stale, self._planned = True, 1
+                    dt = self.cost.decode_step_held(n, self._ctx_sum + n) if by_sum else \
+                        self._decode_step(self.D[self.CTX, :n] + (1 + self._lag), self.D[self.PLEN, :n])
+                    yield env.timeout(dt)
+                    now = env.now
+                    self._finish_decode_step(n, None, now)
+                    assert self.n_dec == n or self._ledger() == self.blocks_used, \
+                        f"replica {self.index}: blocks_used {self.blocks_used} != blocks held {self._ledger()}"
+                    assert 0 <= self.blocks_used <= self.layout.num_blocks, f"replica {self.index}: {self.blocks_used} blocks used"
+                    steps.add(now, dt, n, self.kv_fraction, 0)
+                    continue
             pre_before = self.preempted
             plan = plan_step()
             if plan is None and self.waiting and not self.n_dec and not self.prefilling:
