@@ -179,21 +179,22 @@ class Replica:
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
 
-    def _steps_to_horizon(self) -> int:
+    def _steps_to_horizon(self, now: float | None = None) -> int:
         """About how many steps until the next arrival here, from the last step's duration (a guess:
-        too few only means another run starts there, too many only wasted arrays)."""
+        too few only means another run starts there, too many only wasted arrays). now: the time
+        the replica is at, if ahead of the clock (a step finished in passing, Replica.run)."""
         h = self.horizon.time_ahead(self.spread) if self.horizon is not None else math.inf
         if h == math.inf or not len(self.steps):
             return 1 << 30
-        return int((h - self.env.now) / max(self.steps.dt[-1], 1e-9) * 1.25) + 2
+        return int((h - (self.env.now if now is None else now)) / max(self.steps.dt[-1], 1e-9) * 1.25) + 2
 
-    def _run_horizon(self, n: int) -> int | None:
+    def _run_horizon(self, n: int, now: float | None = None) -> int | None:
         """_steps_to_horizon for planning a run from the n decoding columns, or None where plan_run
         would refuse it anyway, before anything is copied: with nobody waiting (the run would not
         be sealed), an arrival due in fewer than MIN_RUN steps (between arrivals at short gaps this
         is most decode steps); where a completion ends the run (someone waits, or completions feed
         the workload), a completion due that soon."""
-        horizon = self._steps_to_horizon()
+        horizon = self._steps_to_horizon(now)
         if not self.waiting and horizon < MIN_RUN:
             return None
         if (self.waiting or not self.quiet) and self._rem_lb < MIN_RUN and \
@@ -289,27 +290,48 @@ class Replica:
         log, steps, budget = self.log, self.steps, self.cfg.max_batched_tokens
         by_sum = self._by_sum
         fast = self._cross and (by_sum or self._decode_step is not None)
+        pool, num_blocks = self.pool, self.layout.num_blocks
+        # Where a step of that kind ends before anything else in the simulation happens (the
+        # event queue's next time) and its completions schedule nothing (quiet), no event can
+        # tell it from a step in which the clock moved: it is finished in passing, at `ahead`,
+        # the end time its timeout would have had (the same addition). The clock catches up
+        # (decode_run.timeout_at) at the next step that yields or before the general path runs.
+        ahead = None
         while True:
             n = self.n_dec
+            at = env.now if ahead is None else ahead
             if fast and n and not self.waiting and not self.prefilling and not self.held and \
                     self._last_at is not None and n <= budget and \
-                    not (self.skip and self._run_horizon(n) is not None):
+                    not (self.skip and self._run_horizon(n, at) is not None):
                 # The most frequent step, _plan_v1's and the loop's below with what they would find
-                # decided: every column decodes, nobody waits or prefills, no run is tried.
+                # decided: every column decodes, nobody waits or prefills, no run is tried; its
+                # blocks (_apply_growth's: counted, growing only) are one allocation.
                 grow = self._crossers()
-                if grow <= self._free_blocks():
-                    self._apply_growth(_EMPTY, [], grow)
+                if grow <= num_blocks - self.blocks_used:
+                    if pool is None:
+                        self.blocks_used += grow
+                    elif grow:
+                        pool.allocate_anon(grow)
+                        self.blocks_used = pool.used
                     self._blk_stale, self._planned = True, 1
                     dt = self.cost.decode_step_held(n, self._ctx_sum + n) if by_sum else \
                         self._decode_step(self.D[self.CTX, :n] + (1 + self._lag), self.D[self.PLEN, :n])
-                    yield env.timeout(dt)
-                    now = env.now
+                    now = at + dt
+                    if self.quiet and now < env.peek():
+                        ahead = now
+                    else:
+                        yield env.timeout(dt) if ahead is None else timeout_at(env, now)
+                        ahead = None
+                        assert env.now == now, "a step ended off its time"
                     self._finish_decode_step(n, None, now)
                     assert self.n_dec == n or self._ledger() == self.blocks_used, \
                         f"replica {self.index}: blocks_used {self.blocks_used} != blocks held {self._ledger()}"
-                    assert 0 <= self.blocks_used <= self.layout.num_blocks, f"replica {self.index}: {self.blocks_used} blocks used"
-                    steps.add(now, dt, n, self.kv_fraction, 0)
+                    assert 0 <= self.blocks_used <= num_blocks, f"replica {self.index}: {self.blocks_used} blocks used"
+                    steps.add(now, dt, n, self.blocks_used / num_blocks, 0)
                     continue
+            if ahead is not None:
+                yield timeout_at(env, ahead)
+                ahead = None
             pre_before = self.preempted
             plan = plan_step()
             if plan is None and self.waiting and not self.n_dec and not self.prefilling:
@@ -1273,8 +1295,9 @@ class Replica:
         """Complete the first n columns that have reached their output length (lazy columns
         read as _flush would write them)."""
         D, F, log = self.D, self.F, self.log
-        lag = self._lag
-        done = D[self.GEN, :n] >= D[self.OUT, :n] - lag if lag else D[self.GEN, :n] >= D[self.OUT, :n]
+        lag, total = self._lag, self.n_dec
+        rem = D[self.OUT, :n] - D[self.GEN, :n]          # (stored: less the lazy steps)
+        done = rem <= lag
         if True in done.tolist():                       # (done.any() costs 3x as much at small n)
             cnt, B = self._cnt, self.layout.block_size
             gone = done.nonzero()[0].tolist()
@@ -1291,8 +1314,7 @@ class Replica:
                     cnt[(ctx - (self._tick - self._cnt_t0)) % B] -= 1
                 self._release(rid, blk, ctx, True)
                 self._complete(rid, int(D[self.GEN, i]) + lag, now)
-            assert self._lag == lag, "a completion wrote the lazy columns out"
-            total = self.n_dec
+            assert self._lag == lag and self.n_dec == total, "a completion changed the columns it reads"
             if len(gone) == 1:                           # (most often: one shift of the columns after it)
                 i = gone[0]
                 m = total - 1
@@ -1311,8 +1333,14 @@ class Replica:
             self.n_dec = m
             if not m:
                 self._flush()                            # (nothing to write: the lazy state starts over)
+                self._rem_lb = 1 << 30
+                return
+            rem[done] = 1 << 62
         m = self.n_dec
-        self._rem_lb = int(array_min(D[self.OUT, :m] - D[self.GEN, :m])) - self._lag if m else 1 << 30
+        if n == total:                                   # the columns left are those in rem not done
+            self._rem_lb = int(array_min(rem)) - lag
+        else:
+            self._rem_lb = int(array_min(D[self.OUT, :m] - D[self.GEN, :m])) - lag if m else 1 << 30
 
     def _finish_prefills(self, now: float) -> None:
         log, lay, D, F = self.log, self.layout, self.D, self.F
