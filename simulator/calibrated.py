@@ -111,6 +111,7 @@ class CalibratedCostModel:
         self._dec_inner = self._dec_grid[1][0][1:-1]
         self._dense_by_size = by_size(self._decode_dense)
         self._dec_lead: dict[int, tuple[float, float]] = {}    # decode_step_held's terms by batch size
+        self._dec_rows: dict[int, list[float]] = {}            # _decode_attn's table rows by batch size
         # The table blended across the first axis (batch size, an integer) at every size, flat,
         # size-major: entry n * W + j is _grid_at's `a + (b - a) * tx` at column j for x = n (and
         # `c + (d - c) * tx` at column j + 1), the same operations on the same numbers.
@@ -133,12 +134,16 @@ class CalibratedCostModel:
         last = len(h) - 1
         return float(h[n]) if n <= last else float(h[last] * n / last)
 
+    @staticmethod
+    def _cell(g: list, x: float) -> tuple[int, float]:
+        """The grid cell holding x (the edge cells extrapolate) and x's fraction across it."""
+        i = min(max(bisect_left(g, x) - 1, 0), len(g) - 2)
+        return i, (x - g[i]) / (g[i + 1] - g[i])
+
     def _grid_at(self, xg: list, yg: list, tab: np.ndarray, x: float, y: float) -> float:
         """Scalar bilinear lookup (bisect on Python lists: no numpy call per step)."""
-        i = min(max(bisect_left(xg, x) - 1, 0), len(xg) - 2)
-        j = min(max(bisect_left(yg, y) - 1, 0), len(yg) - 2)
-        tx = (x - xg[i]) / (xg[i + 1] - xg[i])
-        ty = (y - yg[j]) / (yg[j + 1] - yg[j])
+        i, tx = self._cell(xg, x)
+        j, ty = self._cell(yg, y)
         row0, row1 = tab[i], tab[i + 1]
         a, b, c, d = row0[j], row1[j], row0[j + 1], row1[j + 1]
         v = (a + (b - a) * tx) * (1 - ty) + (c + (d - c) * tx) * ty
@@ -147,8 +152,15 @@ class CalibratedCostModel:
     def _decode_attn(self, held: int, nd: int) -> float:
         # Decode attention is keyed by the mean tokens each cache holds (after eviction), from
         # their exact integer sum `held`: the mean as ndarray.mean computes it (one sum, one
-        # division), without its overhead.
-        return self._grid_at(self._dec_b, self._dec_c, self._dec_tab, float(nd), float(held) / nd)
+        # division), without its overhead. _grid_at's lookup, its first axis (the batch size)
+        # blended once per size: the same operations on the same numbers.
+        row = self._dec_rows.get(nd)
+        if row is None:
+            i, tx = self._cell(self._dec_b, float(nd))
+            row = self._dec_rows[nd] = [a + (b - a) * tx for a, b in zip(self._dec_tab[i], self._dec_tab[i + 1])]
+        j, ty = self._cell(self._dec_c, float(held) / nd)
+        v = row[j] * (1 - ty) + row[j + 1] * ty
+        return v if v > 0.0 else 0.0
 
     def _held_sum(self, prompt: np.ndarray, ctx: np.ndarray) -> int:
         return int_sum(self._held(prompt, ctx))
