@@ -70,7 +70,8 @@ class Replica:
     # first. Where a request holds ceil(context / block_size) blocks (_cross), the plan takes
     # its growth from _cnt, the columns counted by context modulo block_size as of lazy step
     # _cnt_t0 (of _tick, the lazy steps so far), and BLK is left for _flush to recompute
-    # (_blk_stale; _planned: a step planned so, in progress, whose block the columns hold).
+    # (_blk_stale; _blk_behind, the blocks the row is behind in all; _planned: a step planned
+    # so, in progress, whose block the columns hold).
     _lazy = False
     _cross = False
     _lag = 0
@@ -81,6 +82,7 @@ class Replica:
     _cnt: list[int] | None = None
     _cnt_t0 = 0
     _blk_stale = False
+    _blk_behind = 0
     _planned = 0
 
     def __init__(self, env: simpy.Environment, index: int, layout: KVLayout, cost: CostModel,
@@ -314,6 +316,7 @@ class Replica:
                         pool.allocate_anon(grow)
                         self.blocks_used = pool.used
                     self._blk_stale, self._planned = True, 1
+                    self._blk_behind += grow
                     dt = self.cost.decode_step_held(n, self._ctx_sum + n) if by_sum else \
                         self._decode_step(self.D[self.CTX, :n] + (1 + self._lag), self.D[self.PLEN, :n])
                     now = at + dt
@@ -438,13 +441,9 @@ class Replica:
         return self._held_blocks()
 
     def _held_blocks(self) -> int:
-        D, n = self.D, self.n_dec
-        # (lazy blocks: what _flush would write, without writing it; the check runs every
-        # admission and completion)
-        blk = self.layout.decode_blocks_vec(D[self.PLEN, :n], D[self.CTX, :n] + (self._lag + self._planned)) \
-            if self._blk_stale else D[self.BLK, :n]
+        # (lazy blocks: the row plus the growth it is behind, _flush checks the two agree)
         # (tolist and sum: a numpy reduction costs more on tens of elements)
-        return sum(blk.tolist()) + sum(e[3] for e in self.prefilling)
+        return sum(self.D[self.BLK, :self.n_dec].tolist()) + self._blk_behind + sum(e[3] for e in self.prefilling)
 
     # ---- blocks: counted, or real ids in the pool (prefix caching) -------------------
     def _free_blocks(self) -> int:
@@ -649,7 +648,8 @@ class Replica:
         extra_pre = [lay.prefill_blocks(e[1] + t) - e[3] if t else 0 for e, t in zip(pre, takes)] if pre else []
         need = None                                 # None: a lazy plan (the class), its growth counted
         if k == n and self._cross and not self.held and k and (not pre or min(extra_pre) >= 0):
-            total = self._crossers() + (sum(extra_pre) if pre else 0)
+            dec_grow = self._crossers()
+            total = dec_grow + (sum(extra_pre) if pre else 0)
             extra_dec = _EMPTY
             if total > self._free_blocks():         # someone is preempted: the columns are needed
                 need = self._plan_blocks(k)
@@ -705,6 +705,7 @@ class Replica:
         if need is None:
             if k:
                 self._blk_stale, self._planned = True, 1
+                self._blk_behind += dec_grow
         elif k:
             D[self.BLK, :k] = need
         chunks = []
@@ -1228,8 +1229,11 @@ class Replica:
             self._lag, self._gk, self._gv = 0, [], []
         if self._blk_stale:
             D = self.D
+            was = int_sum(D[self.BLK, :n]) + self._blk_behind
             D[self.BLK, :n] = self.layout.decode_blocks_vec(D[self.PLEN, :n], D[self.CTX, :n] + self._planned)
-            self._blk_stale = False
+            # The growth counted by context modulo block_size is what the formula gives.
+            assert int_sum(D[self.BLK, :n]) == was, f"replica {self.index}: lazy blocks {was} != {int_sum(D[self.BLK, :n])}"
+            self._blk_stale, self._blk_behind = False, 0
 
     def _gap_since(self, jt: int) -> float:
         """The largest gap of the lazy steps after lazy step jt (0.0 if none)."""
@@ -1309,7 +1313,11 @@ class Replica:
                 log.itl_max[rid] = _fmax(log.itl_max[rid], mx)
                 ctx = int(D[self.CTX, i]) + lag
                 self._ctx_sum -= ctx
-                blk = self.layout.decode_blocks(int(D[self.PLEN, i]), ctx) if self._blk_stale else int(D[self.BLK, i])
+                blk = int(D[self.BLK, i])
+                if self._blk_stale:
+                    behind = self.layout.decode_blocks(int(D[self.PLEN, i]), ctx) - blk
+                    self._blk_behind -= behind
+                    blk += behind
                 if cnt is not None:
                     cnt[(ctx - (self._tick - self._cnt_t0)) % B] -= 1
                 self._release(rid, blk, ctx, True)
