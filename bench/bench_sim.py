@@ -55,7 +55,9 @@ def main() -> None:
     steps = sum(len(r.steps) for r in run.replicas)
     covered = sum(r.run_steps for r in run.replicas)
     runs = sum(r.runs for r in run.replicas)
-    events = steps - covered + runs + args.requests  # engine events (a run is one) + one arrival each
+    passed = sum(r.passed for r in run.replicas)
+    # engine events (a run is one, a step finished in passing none) + one arrival each
+    events = steps - covered - passed + runs + args.requests
     done = int(np.isfinite(run.log.finish).sum())
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sim_s = float(np.nanmax(run.log.finish))
@@ -65,8 +67,8 @@ def main() -> None:
     print(f"simulation wall   {t2 - t1:.2f} s  ({sim_s:,.0f} simulated s, {steps:,} engine steps)")
     print(f"requests / wall s {args.requests / (t2 - t1):,.0f}")
     print(f"steps / wall s    {steps / (t2 - t1):,.0f}")
-    print(f"skipping          {covered:,} of the steps in {runs:,} runs ({covered / max(runs, 1):.1f} steps per run); "
-          f"{events:,} engine + arrival events")
+    print(f"skipping          {covered:,} of the steps in {runs:,} runs ({covered / max(runs, 1):.1f} steps per run), "
+          f"{passed:,} finished in passing; {events:,} engine + arrival events")
     print(f"peak RSS          {rss_mb:,.0f} MB")
     if phases is not None:
         report_phases(phases, t2 - t1, args.requests)
@@ -78,6 +80,7 @@ def main() -> None:
 # (called from inside it); the rest of the wall is SimPy, arrivals, the step log and metrics.
 PHASES = [
     ("scheduler plan", "replica.Replica", "_plan_v1"),
+    ("scheduler plan", "replica.Replica", "_plan_short"),
     ("scheduler plan", "replica.Replica", "_plan_v0"),
     ("scheduler plan", "replica.Replica", "_plan_lmdeploy"),
     ("  admission", "replica.Replica", "_admit_v1"),

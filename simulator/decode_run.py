@@ -59,6 +59,12 @@ RUN_ELEMENTS = 1 << 15
 # 32 / 40 / 64 steps / never: 9.16, 9.42 / 8.13, 8.61 / 8.40, 8.04 / 7.69, 7.89 / 7.69, 7.71 /
 # 7.96 / 7.77, 7.86 s; 0.226 / - / 0.216, 0.215 / 0.223, 0.223 / 0.226, 0.224 / 0.264 / 0.405.
 MIN_RUN = 32
+# ... on a replica whose most frequent step is Replica.run's short path (vLLM v1 on a layout of
+# ceil(context / block size) blocks: FP16, FP8), often finished without an event: there a run
+# must be longer to pay. bench_sim.py --requests 100000 --rate 3 from 32 / 64 / never: 6.75,
+# 6.40 / 6.37, 6.23 / 6.36, 6.14 s (alternating); the sweep's points from 32 / 64 with one
+# threshold for all: 0.231, 0.233 / 0.264, 0.257 CPU s.
+MIN_RUN_PASSING = 64
 
 
 @dataclass
@@ -88,7 +94,7 @@ class Run:
 def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting: bool, quiet: bool,
              pooled: bool, now: float, horizon_steps: int = 1 << 30, until: float = np.inf,
              slots_full: bool = False, admission_steps: int = 1 << 30,
-             evict_room: int | None = None) -> Run | None:
+             evict_room: int | None = None, min_run: int = MIN_RUN) -> Run | None:
     """The longest exact run from a planned decode-only step (need1: its blocks), or None when
     it would be a single step. used: blocks in use after that plan. quiet: completions change
     nothing outside the replica (open-loop arrivals). horizon_steps: about how many steps
@@ -101,7 +107,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
     the scheduler next tries the queue with what may have changed (LMDeploy's counter).
     evict_room: blocks the run's growth may take before one is evicted from the prefix cache
     (the pool's keyless free blocks), where an eviction may let the queue head in (module
-    docstring); None where it cannot."""
+    docstring); None where it cannot. min_run: the shortest run worth taking (MIN_RUN)."""
     n = len(rid)
     rem = out - gen
     calm = quiet and not waiting
@@ -110,7 +116,7 @@ def plan_run(rid, ctx, gen, out, prompt, need1, layout, cost, used: int, waiting
         horizon_steps, until = 1 << 30, np.inf
     k = min(max(2, RUN_ELEMENTS // n), int(array_max(rem) if calm else array_min(rem)), horizon_steps,
             admission_steps)
-    if k < MIN_RUN:
+    if k < min_run:
         return None
     if frees_admit and (layout.decode_blocks_vec(prompt, ctx + 2) < need1).any():
         return None             # step 2 frees blocks (a group folds, a window moves): see below

@@ -29,7 +29,7 @@ import simpy
 
 from rkvsim.simulator.config import SchedulerConfig
 from rkvsim.simulator.cost_model import CostModel, StepBatch
-from rkvsim.simulator.decode_run import MIN_RUN, Run, plan_run, timeout_at
+from rkvsim.simulator.decode_run import MIN_RUN, MIN_RUN_PASSING, Run, plan_run, timeout_at
 from rkvsim.simulator.kv_memory import KVLayout
 from rkvsim.simulator.lookup import array_min, array_sum, int_sum
 from rkvsim.simulator.prefix_cache import BlockPool, block_keys
@@ -83,6 +83,9 @@ class Replica:
     _cnt_t0 = 0
     _blk_stale = False
     _blk_behind = 0
+    _no_run_before = -math.inf
+    _fast = False
+    min_run = MIN_RUN
     _planned = 0
 
     def __init__(self, env: simpy.Environment, index: int, layout: KVLayout, cost: CostModel,
@@ -146,12 +149,17 @@ class Replica:
         self._lazy = self.policy == "vllm-v1"
         self._cross = self._lazy and layout.ceil_blocks
         self._jt = np.zeros(cap, np.int64)
+        # Replica.run's short path for the most frequent step; the shortest run worth planning
+        # (decode_run.py) is longer where it makes single steps cheap.
+        self._fast = self._cross and (self._by_sum or self._decode_step is not None)
+        self.min_run = MIN_RUN_PASSING if self._fast else MIN_RUN
         self._gk, self._gv = [], []
         self.quiet = False
         self.horizon = None      # has .time_ahead(k): the k-th next arrival anywhere
         self.spread = 1          # replicas sharing the arrivals (a run is cut by a request sent here)
         self._run: Run | None = None
         self.runs = self.run_steps = 0   # runs taken and the steps they covered (bench and tests)
+        self.passed = 0                  # steps finished in passing, without an event (Replica.run)
         self.preempted = 0               # preemptions so far (a plan that preempted starts no run)
         self.process = env.process(self.run())
 
@@ -193,15 +201,25 @@ class Replica:
     def _run_horizon(self, n: int, now: float | None = None) -> int | None:
         """_steps_to_horizon for planning a run from the n decoding columns, or None where plan_run
         would refuse it anyway, before anything is copied: with nobody waiting (the run would not
-        be sealed), an arrival due in fewer than MIN_RUN steps (between arrivals at short gaps this
+        be sealed), an arrival due in fewer than min_run steps (between arrivals at short gaps this
         is most decode steps); where a completion ends the run (someone waits, or completions feed
         the workload), a completion due that soon."""
         horizon = self._steps_to_horizon(now)
-        if not self.waiting and horizon < MIN_RUN:
+        least = self.min_run
+        if not self.waiting and horizon < least:
             return None
-        if (self.waiting or not self.quiet) and self._rem_lb < MIN_RUN and \
-                int(array_min(self.D[self.OUT, :n] - self.D[self.GEN, :n])) - self._lag < MIN_RUN:
+        if (self.waiting or not self.quiet) and self._rem_lb < least and \
+                int(array_min(self.D[self.OUT, :n] - self.D[self.GEN, :n])) - self._lag < least:
             return None
+        return horizon
+
+    def _no_run(self, n: int, at: float) -> int | None:
+        """_run_horizon for the step at `at` where nobody waits; where it is None because the next
+        arrival is too close (on a quiet replica), no run is tried again before that arrival
+        (_no_run_before): which steps try a run changes no number, only the time spent trying."""
+        horizon = self._run_horizon(n, at)
+        if horizon is None and self.quiet and self.horizon is not None:
+            self._no_run_before = self.horizon.time_ahead(self.spread)
         return horizon
 
     def _next_here(self) -> float:
@@ -291,8 +309,8 @@ class Replica:
         plan_step = {"vllm-v1": self._plan_v1, "vllm-v0": self._plan_v0, "lmdeploy": self._plan_lmdeploy}[self.policy]
         log, steps, budget = self.log, self.steps, self.cfg.max_batched_tokens
         by_sum = self._by_sum
-        fast = self._cross and (by_sum or self._decode_step is not None)
-        pool, num_blocks = self.pool, self.layout.num_blocks
+        fast = self._fast
+        num_blocks = self.layout.num_blocks
         # Where a step of that kind ends before anything else in the simulation happens (the
         # event queue's next time) and its completions schedule nothing (quiet), no event can
         # tell it from a step in which the clock moved: it is finished in passing, at `ahead`,
@@ -304,24 +322,16 @@ class Replica:
             at = env.now if ahead is None else ahead
             if fast and n and not self.waiting and not self.prefilling and not self.held and \
                     self._last_at is not None and n <= budget and \
-                    not (self.skip and self._run_horizon(n, at) is not None):
+                    not (self.skip and at >= self._no_run_before and self._no_run(n, at) is not None):
                 # The most frequent step, _plan_v1's and the loop's below with what they would find
-                # decided: every column decodes, nobody waits or prefills, no run is tried; its
-                # blocks (_apply_growth's: counted, growing only) are one allocation.
-                grow = self._crossers()
-                if grow <= num_blocks - self.blocks_used:
-                    if pool is None:
-                        self.blocks_used += grow
-                    elif grow:
-                        pool.allocate_anon(grow)
-                        self.blocks_used = pool.used
-                    self._blk_stale, self._planned = True, 1
-                    self._blk_behind += grow
+                # decided: every column decodes, nobody waits or prefills, no run is tried.
+                if self._plan_short():
                     dt = self.cost.decode_step_held(n, self._ctx_sum + n) if by_sum else \
                         self._decode_step(self.D[self.CTX, :n] + (1 + self._lag), self.D[self.PLEN, :n])
                     now = at + dt
                     if self.quiet and now < env.peek():
                         ahead = now
+                        self.passed += 1
                     else:
                         yield env.timeout(dt) if ahead is None else timeout_at(env, now)
                         ahead = None
@@ -367,7 +377,8 @@ class Replica:
                                dec_need, self.layout, self.cost,
                                self.blocks_used, bool(self.waiting), self.quiet, self.pool is not None, env.now,
                                horizon, self._next_here(),
-                               n >= self.cfg.max_batch_size, self._steps_to_admission(), self._evict_room())
+                               n >= self.cfg.max_batch_size, self._steps_to_admission(), self._evict_room(),
+                               self.min_run)
                 if run is not None:
                     self._run = run
                     while True:
@@ -731,6 +742,23 @@ class Replica:
             self._flush()
         D = self.D
         return self.layout.decode_blocks_vec(D[self.PLEN, :k], D[self.CTX, :k] + (self._lag + 1))
+
+    def _plan_short(self) -> bool:
+        """_plan_v1 of a step in which every column decodes and nobody waits or prefills (lazily:
+        its blocks counted, _crossers), where they fit (else False, and nothing is done): counted
+        requests growing only, so _apply_growth's one allocation."""
+        grow = self._crossers()
+        if grow > self.layout.num_blocks - self.blocks_used:
+            return False
+        pool = self.pool
+        if pool is None:
+            self.blocks_used += grow
+        elif grow:
+            pool.allocate_anon(grow)
+            self.blocks_used = pool.used
+        self._blk_stale, self._planned = True, 1
+        self._blk_behind += grow
+        return True
 
     def _shrink_credit(self, extra_dec: np.ndarray, extra_pre: list, pre: list) -> tuple[np.ndarray, list]:
         """extra_dec and extra_pre with each shrink of a request holding block ids replaced by

@@ -30,8 +30,9 @@ TEST_MIN_RUN = 12
 def _short_runs():
     from rkvsim.simulator import decode_run, replica
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(decode_run, "MIN_RUN", TEST_MIN_RUN)
-        mp.setattr(replica, "MIN_RUN", TEST_MIN_RUN)
+        for mod in (decode_run, replica):
+            mp.setattr(mod, "MIN_RUN", TEST_MIN_RUN)
+            mp.setattr(mod, "MIN_RUN_PASSING", TEST_MIN_RUN)
         yield
 
 
