@@ -84,6 +84,7 @@ class Replica:
     _blk_stale = False
     _blk_behind = 0
     _no_run_before = -math.inf
+    _refused = 0
     _fast = False
     min_run = MIN_RUN
     _planned = 0
@@ -214,12 +215,18 @@ class Replica:
         return horizon
 
     def _no_run(self, n: int, at: float) -> int | None:
-        """_run_horizon for the step at `at` where nobody waits; where it is None because the next
-        arrival is too close (on a quiet replica), no run is tried again before that arrival
-        (_no_run_before): which steps try a run changes no number, only the time spent trying."""
+        """_run_horizon for the step at `at` where nobody waits. Where it is None because the next
+        arrival is too close (on a quiet replica), no run is tried again before that arrival, and
+        after r such refusals in a row not before the 2^(r-1)-th next one, at most the 8th
+        (_no_run_before): which steps try a run changes no number, only the time spent trying,
+        and where arrivals come faster than runs pay, trying at each costs a tenth of the loop."""
         horizon = self._run_horizon(n, at)
         if horizon is None and self.quiet and self.horizon is not None:
-            self._no_run_before = self.horizon.time_ahead(self.spread)
+            self._refused = min(self._refused + 1, 4)
+            h = self.horizon.time_ahead(self.spread << (self._refused - 1))
+            self._no_run_before = h if h != math.inf else self.horizon.time_ahead(self.spread)
+        else:
+            self._refused = 0
         return horizon
 
     def _next_here(self) -> float:
