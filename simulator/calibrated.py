@@ -153,11 +153,11 @@ class CalibratedCostModel:
         # Decode attention is keyed by the mean tokens each cache holds (after eviction), from
         # their exact integer sum `held`: the mean as ndarray.mean computes it (one sum, one
         # division), without its overhead. _grid_at's lookup, its first axis (the batch size)
-        # blended once per size: the same operations on the same numbers.
+        # taken from the blended table (__init__), a row per size as a list.
         row = self._dec_rows.get(nd)
         if row is None:
-            i, tx = self._cell(self._dec_b, float(nd))
-            row = self._dec_rows[nd] = [a + (b - a) * tx for a, b in zip(self._dec_tab[i], self._dec_tab[i + 1])]
+            w = len(self._dec_c)
+            row = self._dec_rows[nd] = self._blend(np.arange(nd * w, (nd + 1) * w)).tolist()
         j, ty = self._cell(self._dec_c, float(held) / nd)
         v = row[j] * (1 - ty) + row[j + 1] * ty
         return v if v > 0.0 else 0.0

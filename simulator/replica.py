@@ -314,10 +314,7 @@ class Replica:
     def run(self):
         env = self.env
         plan_step = {"vllm-v1": self._plan_v1, "vllm-v0": self._plan_v0, "lmdeploy": self._plan_lmdeploy}[self.policy]
-        log, steps, budget = self.log, self.steps, self.cfg.max_batched_tokens
-        by_sum = self._by_sum
-        fast = self._fast
-        num_blocks = self.layout.num_blocks
+        budget, fast = self.cfg.max_batched_tokens, self._fast
         # Where a step of that kind ends before anything else in the simulation happens (the
         # event queue's next time) and its completions schedule nothing (quiet), no event can
         # tell it from a step in which the clock moved: it is finished in passing, at `ahead`,
@@ -333,8 +330,7 @@ class Replica:
                 # The most frequent step, _plan_v1's and the loop's below with what they would find
                 # decided: every column decodes, nobody waits or prefills, no run is tried.
                 if self._plan_short():
-                    dt = self.cost.decode_step_held(n, self._ctx_sum + n) if by_sum else \
-                        self._decode_step(self.D[self.CTX, :n] + (1 + self._lag), self.D[self.PLEN, :n])
+                    dt = self._step_time((), n)
                     now = at + dt
                     if self.quiet and now < env.peek():
                         ahead = now
@@ -344,10 +340,7 @@ class Replica:
                         ahead = None
                         assert env.now == now, "a step ended off its time"
                     self._finish_decode_step(n, None, now)
-                    assert self.n_dec == n or self._ledger() == self.blocks_used, \
-                        f"replica {self.index}: blocks_used {self.blocks_used} != blocks held {self._ledger()}"
-                    assert 0 <= self.blocks_used <= num_blocks, f"replica {self.index}: {self.blocks_used} blocks used"
-                    steps.add(now, dt, n, self.blocks_used / num_blocks, 0)
+                    self._log_step(now, dt, n, 0, self.n_dec != n)
                     continue
             if ahead is not None:
                 yield timeout_at(env, ahead)
@@ -400,31 +393,10 @@ class Replica:
                     self.runs += 1
                     self.run_steps += run.end
                     continue
-            if chunks:                                   # each chunk: tokens, tokens before it, prompt done
-                new = [t for _e, t in chunks]
-                past = [e[1] for e, _t in chunks]
-                done = [e[1] + t >= e[2] for e, t in chunks]
-            if self._by_sum and (chunks or n):           # no array of contexts to build
-                # The first n columns decode (all of them, or a v1 budget's front), a token more each.
-                held = (self._ctx_sum if n == self.n_dec else int_sum(D[self.CTX, :n])) + n if n else 0
-                dt = self.cost.mixed_step_held(new, past, sum(done), n, held) if chunks else \
-                    self.cost.decode_step_held(n, held)
-            elif chunks and self._mixed_step is not None:    # no StepBatch to build either
-                dt = self._mixed_step(new, past, sum(done), D[self.CTX, :n] + (1 + self._lag) if n else _EMPTY,
-                                      D[self.PLEN, :n] if n else _EMPTY)
-            elif chunks or not n or self._decode_step is None:
-                dt = self.cost.step_time(StepBatch(
-                    prefill_new=np.array(new, np.int64) if chunks else _EMPTY,
-                    prefill_past=np.array(past, np.int64) if chunks else _EMPTY,
-                    prefill_done=np.array(done, bool) if chunks else None,
-                    decode_ctx=D[self.CTX, :n] + (1 + self._lag) if n else _EMPTY,
-                    decode_prompt=D[self.PLEN, :n] if n else _EMPTY,
-                ))
-            else:                                        # decode-only: no StepBatch to build
-                dt = self._decode_step(D[self.CTX, :n] + (1 + self._lag), D[self.PLEN, :n])
+            dt = self._step_time(chunks, n)
             yield env.timeout(dt)
             now = env.now
-            new_tokens = sum(new) if chunks else 0
+            new_tokens = sum(t for _e, t in chunks)
             self.log.prefill_tokens += new_tokens
             n_before = self.n_dec
             if n:
@@ -433,11 +405,40 @@ class Replica:
                 entry[1] += chunk
             if chunks:
                 self._finish_prefills(now)
-            # The block ledger balances whenever a request joined, left or moved on.
-            assert not (chunks or self.n_dec != n_before) or self._ledger() == self.blocks_used, \
-                f"replica {self.index}: blocks_used {self.blocks_used} != blocks held {self._ledger()}"
-            assert 0 <= self.blocks_used <= self.layout.num_blocks, f"replica {self.index}: {self.blocks_used} blocks used"
-            self.steps.add(now, dt, n + len(chunks), self.kv_fraction, new_tokens)
+            self._log_step(now, dt, n + len(chunks), new_tokens, bool(chunks) or self.n_dec != n_before)
+
+    def _step_time(self, chunks: list, n: int) -> float:
+        """Seconds of a step of prefill `chunks` [(entry, tokens)] beside the first n decodes."""
+        D = self.D
+        if chunks:                                       # each chunk: tokens, tokens before it, prompt done
+            new = [t for _e, t in chunks]
+            past = [e[1] for e, _t in chunks]
+            done = [e[1] + t >= e[2] for e, t in chunks]
+        if self._by_sum and (chunks or n):               # no array of contexts to build
+            # The first n columns decode (all of them, or a v1 budget's front), a token more each.
+            held = (self._ctx_sum if n == self.n_dec else int_sum(D[self.CTX, :n])) + n if n else 0
+            return self.cost.mixed_step_held(new, past, sum(done), n, held) if chunks else \
+                self.cost.decode_step_held(n, held)
+        if chunks and self._mixed_step is not None:      # no StepBatch to build either
+            return self._mixed_step(new, past, sum(done), D[self.CTX, :n] + (1 + self._lag) if n else _EMPTY,
+                                    D[self.PLEN, :n] if n else _EMPTY)
+        if chunks or not n or self._decode_step is None:
+            return self.cost.step_time(StepBatch(
+                prefill_new=np.array(new, np.int64) if chunks else _EMPTY,
+                prefill_past=np.array(past, np.int64) if chunks else _EMPTY,
+                prefill_done=np.array(done, bool) if chunks else None,
+                decode_ctx=D[self.CTX, :n] + (1 + self._lag) if n else _EMPTY,
+                decode_prompt=D[self.PLEN, :n] if n else _EMPTY,
+            ))
+        return self._decode_step(D[self.CTX, :n] + (1 + self._lag), D[self.PLEN, :n])   # no StepBatch either
+
+    def _log_step(self, now: float, dt: float, batch: int, new_tokens: int, moved: bool) -> None:
+        """Checks and the step log after a step; moved: a request joined, left or moved on (then
+        the block ledger must balance)."""
+        assert not moved or self._ledger() == self.blocks_used, \
+            f"replica {self.index}: blocks_used {self.blocks_used} != blocks held {self._ledger()}"
+        assert 0 <= self.blocks_used <= self.layout.num_blocks, f"replica {self.index}: {self.blocks_used} blocks used"
+        self.steps.add(now, dt, batch, self.kv_fraction, new_tokens)
 
     def _reject_head(self) -> None:
         rid = self.waiting.popleft()
@@ -524,7 +525,7 @@ class Replica:
             self.blocks_used += total
             return
         if not self.held and (not self.layout.decode_shrinks or not len(extra_dec) or array_min(extra_dec) >= 0) \
-                and all(x > 0 for x, _rid in extra_pre):
+                and (not extra_pre or all(x > 0 for x, _rid in extra_pre)):
             # Counted requests growing only: one allocation of the total is all the pool sees.
             if total:
                 self.pool.allocate_anon(total)
@@ -722,8 +723,7 @@ class Replica:
                            None if victims or self.held else total)
         if need is None:
             if k:
-                self._blk_stale, self._planned = True, 1
-                self._blk_behind += dec_grow
+                self._planned_lazily(dec_grow)
         elif k:
             D[self.BLK, :k] = need
         chunks = []
@@ -755,17 +755,16 @@ class Replica:
         its blocks counted, _crossers), where they fit (else False, and nothing is done): counted
         requests growing only, so _apply_growth's one allocation."""
         grow = self._crossers()
-        if grow > self.layout.num_blocks - self.blocks_used:
+        if grow > self._free_blocks():
             return False
-        pool = self.pool
-        if pool is None:
-            self.blocks_used += grow
-        elif grow:
-            pool.allocate_anon(grow)
-            self.blocks_used = pool.used
+        self._apply_growth(_EMPTY, [], grow)
+        self._planned_lazily(grow)
+        return True
+
+    def _planned_lazily(self, grow: int) -> None:
+        """The decodes were planned a step (taking `grow` blocks) without writing BLK (_flush)."""
         self._blk_stale, self._planned = True, 1
         self._blk_behind += grow
-        return True
 
     def _shrink_credit(self, extra_dec: np.ndarray, extra_pre: list, pre: list) -> tuple[np.ndarray, list]:
         """extra_dec and extra_pre with each shrink of a request holding block ids replaced by
@@ -856,8 +855,6 @@ class Replica:
         """Preempt `victims` [(seq, 0 decode | 1 prefill, index)], given tail first: each goes to
         the front of the queue in that order (vLLM pops the tail and prepends each victim), so the
         earliest admitted ends up first."""
-        D, F = self.D, self.F
-        self._cnt = None
         for _seq, kind, i in victims:
             if kind == 0:
                 self._requeue_decode(i)
@@ -867,11 +864,31 @@ class Replica:
         if drop_pre:
             self.prefilling = [e for j, e in enumerate(self.prefilling) if j not in drop_pre]
         if drop_dec.any():
-            keep = ~drop_dec
-            m, n = int(keep.sum()), self.n_dec
-            D[:, :m] = D[:, :n][:, keep]
-            F[:, :m] = F[:, :n][:, keep]
-            self.n_dec = m
+            self._drop_columns(drop_dec)
+
+    def _drop_columns(self, drop: np.ndarray, gone: list[int] | None = None) -> int:
+        """Remove the decode columns marked in `drop` (over the first len(drop); `gone`: their
+        indices, if known), the others kept in order with their lazy join steps; returns how many
+        are left."""
+        D, F, jt, total = self.D, self.F, self._jt, self.n_dec
+        if gone is None:
+            gone = drop.nonzero()[0].tolist()
+        if len(gone) == 1:                               # (most often: one shift of the columns after it)
+            i, m = gone[0], total - 1
+            D[:, i:m] = D[:, i + 1:total]
+            F[:, i:m] = F[:, i + 1:total]
+            if self._lag:
+                jt[i:m] = jt[i + 1:total]
+        else:
+            keep = np.ones(total, bool)
+            keep[:len(drop)] = ~drop
+            m = int_sum(keep)
+            D[:, :m] = D[:, :total][:, keep]
+            F[:, :m] = F[:, :total][:, keep]
+            if self._lag:
+                jt[:m] = jt[:total][keep]
+        self.n_dec = m
+        return m
 
     def _front(self, mask: np.ndarray) -> None:
         """Reorder the decode columns so those in `mask` come first (order kept within each part)."""
@@ -996,7 +1013,6 @@ class Replica:
 
     def _preempt_last(self) -> None:
         assert self.n_dec > 0, f"replica {self.index}: preempted from an empty batch"
-        self._cnt = None
         self._requeue_decode(self.n_dec - 1)
         self.n_dec -= 1
 
@@ -1010,6 +1026,7 @@ class Replica:
         log.itl_max[rid] = _fmax(log.itl_max[rid], F[self.ITLMAX, i])
         ctx = int(D[self.CTX, i])
         self._ctx_sum -= ctx
+        self._cnt = None                                 # (its column leaves: the counts start over)
         self._requeue(rid, int(D[self.BLK, i]), ctx)
 
     def _requeue(self, rid: int, blocks: int, ctx: int) -> None:
@@ -1070,11 +1087,7 @@ class Replica:
                 log.itl_max[rid] = _fmax(log.itl_max[rid], F[self.ITLMAX, i])
                 # (blocks: counted ones come from the run's sums below, the pool's were released in order)
                 self._complete(rid, int(D[self.GEN, i]), float(run.t[rem[i] - 1]))
-            keep = ~done
-            k = int_sum(keep)
-            D[:, :k] = D[:, :m][:, keep]
-            F[:, :k] = F[:, :m][:, keep]
-            self.n_dec = k
+            self._drop_columns(done)
             run.alive[cols[done]] = False
         m = self.n_dec
         self._last_at = float(t[-1])                     # (those left decoded through step b)
@@ -1358,22 +1371,7 @@ class Replica:
                 self._release(rid, blk, ctx, True)
                 self._complete(rid, int(D[self.GEN, i]) + lag, now)
             assert self._lag == lag and self.n_dec == total, "a completion changed the columns it reads"
-            if len(gone) == 1:                           # (most often: one shift of the columns after it)
-                i = gone[0]
-                m = total - 1
-                D[:, i:m] = D[:, i + 1:total]
-                F[:, i:m] = F[:, i + 1:total]
-                if lag:
-                    self._jt[i:m] = self._jt[i + 1:total]
-            else:
-                keep = np.ones(total, bool)
-                keep[:n] = ~done
-                m = int_sum(keep)
-                D[:, :m] = D[:, :total][:, keep]
-                F[:, :m] = F[:, :total][:, keep]
-                if lag:
-                    self._jt[:m] = self._jt[:total][keep]
-            self.n_dec = m
+            m = self._drop_columns(done, gone)
             if not m:
                 self._flush()                            # (nothing to write: the lazy state starts over)
                 self._rem_lb = 1 << 30

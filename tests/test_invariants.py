@@ -135,8 +135,6 @@ def test_the_shared_token_time_and_the_bound_on_tokens_left_hold_at_every_step(m
 
 
 def test_a_repeated_gap_bins_as_its_copies():
-    import numpy as np
-
     from rkvsim.simulator.records import RequestLog
     a, b = RequestLog(np.zeros(1), np.zeros(1)), RequestLog(np.zeros(1), np.zeros(1))
     gaps = [0.0123, 1e-6, 0.5, 0.0123, 3.0e4]
